@@ -1,0 +1,88 @@
+/**
+ * What every CLI command shares: global options (--plugin, --debug), opening specs with
+ * the open options, and turning errors into one line on stderr with the right exit code
+ * (2 for what the user typed wrong, 1 for I/O failures).
+ */
+import * as path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import type { Command } from 'commander';
+import { BlockError, SpecError, isBlockError } from '../errors';
+import { Opener, type OpenOptions } from '../open';
+import type { Provider } from '../provider';
+
+export class UsageError extends Error {}
+
+export interface GlobalOptions {
+  plugin?: string[];
+  debug?: boolean;
+}
+
+export function globalOptions(command: Command): GlobalOptions {
+  return command.optsWithGlobals() as GlobalOptions;
+}
+
+/** Loads each `--plugin MODULE` (a path or a package name); it registers its providers on load. */
+export async function loadPlugins(modules: string[]): Promise<void> {
+  for (const name of modules) {
+    const isPath = name.startsWith('.') || path.isAbsolute(name) || /\.[cm]?js$/.test(name);
+    const target = isPath ? pathToFileURL(path.resolve(name)).href : name;
+    try {
+      await import(target);
+    } catch (e) {
+      const reason = (e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' ? 'module not found' : (e as Error).message.split('\n')[0];
+      throw new SpecError('EINVAL', `cannot load plugin '${name}': ${reason}`, true, { cause: e });
+    }
+  }
+}
+
+/** Options shared by commands that open a disk: --read-only, --filter. */
+export interface OpenCliOptions {
+  readOnly?: boolean;
+  filter?: string[];
+  maxChainDepth?: string;
+}
+
+export function addOpenOptions(command: Command): Command {
+  return command
+    .option('--filter <name[,key=value...]>', 'put a filter on top (repeatable)', collect, [])
+    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16');
+}
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
+  const depth = Number(options.maxChainDepth ?? 16);
+  if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
+  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, ...extra });
+}
+
+export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {
+  const provider = await openerFor(options, extra).open(spec);
+  try {
+    return await fn(provider);
+  } finally {
+    await provider.close();
+  }
+}
+
+/** Exit code for an error: 2 for usage, 1 for everything else. */
+export function exitCodeFor(e: unknown): number {
+  if (e instanceof UsageError) return 2;
+  if (e instanceof SpecError && e.usage) return 2;
+  return 1;
+}
+
+export function describeError(e: unknown): string {
+  if (isBlockError(e)) return `${(e as BlockError).message} [${(e as BlockError).code}]`;
+  if (e instanceof Error) return e.message;
+  return String(e);
+}
+
+/** Reports an error as one line (a stack trace too with --debug) and sets the exit code. */
+export function reportError(e: unknown, debug: boolean): void {
+  process.stderr.write(`tapkit: ${describeError(e)}\n`);
+  if (debug && e instanceof Error && e.stack) process.stderr.write(`${e.stack}\n`);
+  process.exitCode = exitCodeFor(e);
+}

@@ -1,0 +1,3 @@
+/** Importing this module registers every built-in provider. */
+import './memory';
+import './raw';

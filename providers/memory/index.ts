@@ -1,0 +1,143 @@
+/**
+ * memory: a sparse RAM disk. `memory:1T` opens at once; only written chunks cost memory.
+ * Trim and zero give whole chunks back; extents report unwritten chunks as holes.
+ * Option `limit=SIZE` caps the RAM used: a write that would pass it fails with ENOSPC.
+ */
+import { BlockError } from '../../core/errors';
+import { OpenRequest } from '../../core/open-request';
+import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
+import { provider } from '../../core/registry';
+import { parseSize } from '../../core/size';
+
+/** Allocation unit. 64 KiB keeps the chunk map small for large disks and copies cheap. */
+const CHUNK = 64 * 1024;
+
+@provider({
+  name: 'memory',
+  kind: 'source',
+  description: 'sparse RAM disk (memory:SIZE, option limit=SIZE)',
+  options: ['limit'],
+})
+export class MemoryProvider implements Provider {
+  readonly name = 'memory';
+  private readonly size: number;
+  private readonly limit: number;
+  private readonly chunks = new Map<number, Buffer>();
+
+  constructor(request: OpenRequest) {
+    if (request.arg === '') throw new BlockError('EINVAL', `memory needs a size (memory:1G) in spec '${request.spec}'`);
+    this.size = parseSize(request.arg, `memory size in spec '${request.spec}'`);
+    this.limit = request.options.limit !== undefined ? parseSize(request.options.limit, 'memory limit') : Infinity;
+  }
+
+  info(): DiskInfo {
+    return { size: this.size, logicalBlockSize: 1, physicalBlockSize: 4096, readOnly: false };
+  }
+
+  capabilities(): Capabilities {
+    return { write: true, flush: true, fua: true, trim: true, zero: true, extents: true, multiConn: true, concurrent: true };
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    this.forEachPiece(offset, buf.length, (index, within, length, done) => {
+      const chunk = this.chunks.get(index);
+      const target = buf.subarray(done, done + length);
+      if (chunk) target.set(chunk.subarray(within, within + length));
+      else target.fill(0);
+    });
+  }
+
+  async write(buf: Uint8Array, offset: number, _options: WriteOptions): Promise<void> {
+    // Check the limit before touching anything, so a refused write changes nothing.
+    let fresh = 0;
+    this.forEachPiece(offset, buf.length, (index) => {
+      if (!this.chunks.has(index)) fresh++;
+    });
+    if (fresh > 0 && (this.chunks.size + fresh) * CHUNK > this.limit) {
+      throw new BlockError('ENOSPC', `memory disk is over its limit of ${this.limit} bytes`);
+    }
+    this.forEachPiece(offset, buf.length, (index, within, length, done) => {
+      let chunk = this.chunks.get(index);
+      if (!chunk) {
+        chunk = Buffer.alloc(Math.min(CHUNK, this.size - index * CHUNK));
+        this.chunks.set(index, chunk);
+      }
+      chunk.set(buf.subarray(done, done + length), within);
+    });
+  }
+
+  async flush(): Promise<void> {}
+
+  async trim(offset: number, length: number): Promise<void> {
+    this.release(offset, length);
+  }
+
+  async zero(offset: number, length: number, _options: ZeroOptions): Promise<void> {
+    // Zeroed memory is indistinguishable from a hole, so zero always releases.
+    this.release(offset, length);
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    const runs: Extent[] = [];
+    const push = (start: number, end: number, type: Extent['type']) => {
+      const last = runs[runs.length - 1];
+      if (last && last.type === type && last.offset + last.length === start) last.length += end - start;
+      else runs.push({ offset: start, length: end - start, type });
+    };
+    const end = offset + length;
+    let cursor = offset;
+    for (const index of this.allocatedIndexesIn(offset, end)) {
+      const chunkStart = index * CHUNK;
+      if (chunkStart > cursor) push(cursor, chunkStart, 'hole');
+      const stop = Math.min(end, chunkStart + CHUNK);
+      push(Math.max(cursor, chunkStart), stop, 'data');
+      cursor = stop;
+    }
+    if (cursor < end) push(cursor, end, 'hole');
+    return runs;
+  }
+
+  async allocatedBytes(): Promise<number> {
+    let total = 0;
+    for (const chunk of this.chunks.values()) total += chunk.length;
+    return total;
+  }
+
+  async close(): Promise<void> {
+    this.chunks.clear();
+  }
+
+  /** Frees whole chunks inside the range and clears the partial ones at its edges. */
+  private release(offset: number, length: number): void {
+    this.forEachPiece(offset, length, (index, within, pieceLength) => {
+      const chunk = this.chunks.get(index);
+      if (!chunk) return;
+      if (within === 0 && pieceLength === chunk.length) this.chunks.delete(index);
+      else chunk.fill(0, within, within + pieceLength);
+    });
+  }
+
+  /** Sorted indexes of allocated chunks overlapping [start, end), without walking a huge empty range. */
+  private allocatedIndexesIn(start: number, end: number): number[] {
+    const first = Math.floor(start / CHUNK);
+    const last = Math.floor((end - 1) / CHUNK);
+    if (last - first + 1 <= this.chunks.size) {
+      const out: number[] = [];
+      for (let i = first; i <= last; i++) if (this.chunks.has(i)) out.push(i);
+      return out;
+    }
+    return [...this.chunks.keys()].filter((i) => i >= first && i <= last).sort((a, b) => a - b);
+  }
+
+  private forEachPiece(offset: number, length: number, fn: (index: number, within: number, length: number, done: number) => void): void {
+    let done = 0;
+    while (done < length) {
+      const position = offset + done;
+      const index = Math.floor(position / CHUNK);
+      const within = position - index * CHUNK;
+      const n = Math.min(CHUNK - within, length - done);
+      fn(index, within, n, done);
+      done += n;
+    }
+  }
+}

@@ -1,0 +1,194 @@
+/**
+ * raw: a regular file or a block device, byte for byte.
+ *
+ * flush = fdatasync; FUA = fdatasync after the write; trim and zero punch holes
+ * (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE; BLKDISCARD, BLKZEROOUT on devices);
+ * extents from SEEK_DATA/SEEK_HOLE; a block device's size from BLKGETSIZE64.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { BlockError, fromSystemError } from '../../core/errors';
+import { OpenRequest } from '../../core/open-request';
+import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
+import { provider } from '../../core/registry';
+import * as libc from '../../native/libc';
+
+@provider({
+  name: 'raw',
+  kind: 'source',
+  description: 'a regular file or block device, byte for byte (raw:PATH, or a bare path)',
+})
+export class RawProvider implements Provider {
+  readonly name = 'raw';
+  readonly location: string;
+  private handle!: fs.promises.FileHandle;
+  private size = 0;
+  private isBlockDevice = false;
+  private sectorSizes = { logical: 1, physical: 4096 };
+  /** Set when the file system refuses a fallocate mode, so later calls skip straight to the fallback. */
+  private noPunchHole = false;
+  private noZeroRange = false;
+
+  constructor(private readonly request: OpenRequest) {
+    if (request.arg === '') throw new BlockError('EINVAL', `raw needs a path (raw:/path/to/disk) in spec '${request.spec}'`);
+    this.location = path.resolve(request.arg);
+  }
+
+  async open(): Promise<void> {
+    const where = `'${this.request.arg}' (spec '${this.request.spec}')`;
+    let stat: fs.Stats;
+    try {
+      stat = await fs.promises.stat(this.location);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new BlockError('ENOENT', `no such file ${where}`);
+      if (code === 'EACCES') throw new BlockError('EACCES', `permission denied for ${where}`);
+      throw fromSystemError(e, `cannot open ${where}`);
+    }
+    if (stat.isDirectory()) throw new BlockError('EISDIR', `${where} is a directory, not a disk`);
+    if (!stat.isFile() && !stat.isBlockDevice()) throw new BlockError('EINVAL', `${where} is neither a regular file nor a block device`);
+    try {
+      this.handle = await fs.promises.open(this.location, this.request.readOnly ? 'r' : 'r+');
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EACCES' || code === 'EPERM') throw new BlockError('EACCES', `permission denied opening ${where}${this.request.readOnly ? '' : ' for writing (try --read-only)'}`);
+      if (code === 'EROFS') throw new BlockError('EROFS', `${where} is on a read-only file system (try --read-only)`);
+      throw fromSystemError(e, `cannot open ${where}`);
+    }
+    try {
+      if (stat.isBlockDevice()) {
+        this.isBlockDevice = true;
+        this.size = libc.blockDeviceSize(this.handle.fd);
+        this.sectorSizes = libc.blockDeviceSectorSizes(this.handle.fd);
+      } else {
+        this.size = stat.size;
+      }
+    } catch (e) {
+      await this.handle.close();
+      throw e;
+    }
+  }
+
+  info(): DiskInfo {
+    return { size: this.size, logicalBlockSize: this.sectorSizes.logical, physicalBlockSize: this.sectorSizes.physical, readOnly: this.request.readOnly };
+  }
+
+  capabilities(): Capabilities {
+    const write = !this.request.readOnly;
+    return { write, flush: true, fua: write, trim: write, zero: write, extents: !this.isBlockDevice, multiConn: true, concurrent: true };
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await this.io(() => this.handle.read(buf, done, buf.length - done, offset + done), 'read', offset);
+      if (bytesRead === 0) {
+        // The file shrank under us: what is gone reads as zeros, as past a file's end.
+        buf.fill(0, done);
+        return;
+      }
+      done += bytesRead;
+    }
+  }
+
+  async write(buf: Uint8Array, offset: number, options: WriteOptions): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesWritten } = await this.io(() => this.handle.write(buf, done, buf.length - done, offset + done), 'write', offset);
+      done += bytesWritten;
+    }
+    if (options.fua) await this.flush();
+  }
+
+  async flush(): Promise<void> {
+    await this.io(() => this.handle.datasync(), 'fdatasync', 0);
+  }
+
+  async trim(offset: number, length: number, options: WriteOptions): Promise<void> {
+    // Trim is advisory: where the file system or device cannot discard, nothing happens.
+    try {
+      if (this.isBlockDevice) libc.blockDeviceDiscard(this.handle.fd, offset, length);
+      else if (!this.noPunchHole) libc.fallocate(this.handle.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
+    } catch (e) {
+      if ((e as BlockError).code !== 'EOPNOTSUPP') throw e;
+      if (!this.isBlockDevice) this.noPunchHole = true;
+    }
+    if (options.fua) await this.flush();
+  }
+
+  async zero(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    if (await this.zeroNatively(offset, length, !!options.mayTrim)) {
+      if (options.fua) await this.flush();
+      return;
+    }
+    if (options.fast) throw new BlockError('EOPNOTSUPP', `raw: ${this.location} cannot zero quickly`);
+    const zeros = new Uint8Array(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += zeros.length) {
+      await this.write(zeros.subarray(0, Math.min(zeros.length, length - done)), offset + done, {});
+    }
+    if (options.fua) await this.flush();
+  }
+
+  /** Tries the cheap ways to zero; false when none is available here. */
+  private async zeroNatively(offset: number, length: number, mayTrim: boolean): Promise<boolean> {
+    const attempt = (fn: () => void, unsupported: () => void): boolean => {
+      try {
+        fn();
+        return true;
+      } catch (e) {
+        if ((e as BlockError).code !== 'EOPNOTSUPP') throw e;
+        unsupported();
+        return false;
+      }
+    };
+    if (this.isBlockDevice) return attempt(() => libc.blockDeviceZeroOut(this.handle.fd, offset, length), () => {});
+    if (mayTrim && !this.noPunchHole) {
+      if (attempt(() => libc.fallocate(this.handle.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length), () => (this.noPunchHole = true))) return true;
+    }
+    if (!this.noZeroRange) {
+      if (attempt(() => libc.fallocate(this.handle.fd, libc.FALLOC_FL_ZERO_RANGE | libc.FALLOC_FL_KEEP_SIZE, offset, length), () => (this.noZeroRange = true))) return true;
+    }
+    return false;
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    const end = offset + length;
+    const runs: Extent[] = [];
+    let cursor = offset;
+    while (cursor < end) {
+      const dataStart = libc.seekData(this.handle.fd, cursor, libc.SEEK_DATA);
+      if (dataStart < 0 || dataStart >= end) {
+        runs.push({ offset: cursor, length: end - cursor, type: 'hole' });
+        break;
+      }
+      if (dataStart > cursor) runs.push({ offset: cursor, length: dataStart - cursor, type: 'hole' });
+      const holeStart = libc.seekData(this.handle.fd, dataStart, libc.SEEK_HOLE);
+      const dataEnd = Math.min(end, holeStart < 0 ? end : holeStart);
+      runs.push({ offset: dataStart, length: dataEnd - dataStart, type: 'data' });
+      cursor = dataEnd;
+    }
+    return runs;
+  }
+
+  async allocatedBytes(): Promise<number | undefined> {
+    if (this.isBlockDevice) return undefined;
+    const stat = await this.handle.stat();
+    return stat.blocks * 512;
+  }
+
+  describe(): Record<string, unknown> {
+    return { path: this.location, type: this.isBlockDevice ? 'block device' : 'file' };
+  }
+
+  async close(): Promise<void> {
+    await this.handle?.close();
+  }
+
+  private async io<T>(fn: () => Promise<T>, what: string, offset: number): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      throw fromSystemError(e, `raw: ${what} at ${offset} in ${this.location}`);
+    }
+  }
+}
