@@ -26,8 +26,8 @@ export class MemoryProvider implements Provider {
 
   constructor(request: OpenRequest) {
     if (request.arg === '') throw new BlockError('EINVAL', `memory needs a size (memory:1G) in spec '${request.spec}'`);
-    this.size = parseSize(request.arg, `memory size in spec '${request.spec}'`);
-    this.limit = request.options.limit !== undefined ? parseSize(request.options.limit, 'memory limit') : Infinity;
+    this.size = parseSize(request.arg, 'memory size', request.spec);
+    this.limit = request.options.limit !== undefined ? parseSize(request.options.limit, 'memory limit', request.spec) : Infinity;
   }
 
   info(): DiskInfo {
