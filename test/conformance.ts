@@ -328,7 +328,7 @@ export function runConformance(test: Test, target: ConformanceTarget): void {
   });
 
   // Serial: descriptors opened by other tests running at the same time would blur the count.
-    test.serial(title('close releases every file descriptor and later requests are refused'), closeTest(target));
+  test.serial(title('close releases every file descriptor and later requests are refused'), closeTest(target));
 }
 
 function closeTest(target: ConformanceTarget) {

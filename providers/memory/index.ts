@@ -3,7 +3,7 @@
  * Trim and zero give whole chunks back; extents report unwritten chunks as holes.
  * Option `limit=SIZE` caps the RAM used: a write that would pass it fails with ENOSPC.
  */
-import { BlockError } from '../../core/errors';
+import { BlockError, SpecError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
 import { provider } from '../../core/registry';
@@ -26,7 +26,7 @@ export class MemoryProvider implements Provider {
   private readonly chunks = new Map<number, Buffer>();
 
   constructor(request: OpenRequest) {
-    if (request.arg === '') throw new BlockError('EINVAL', `memory needs a size (memory:1G) in spec '${request.spec}'`);
+    if (request.arg === '') throw new SpecError('EINVAL', `memory needs a size (memory:1G) in spec '${request.spec}'`, true);
     this.size = parseSize(request.arg, 'memory size', request.spec);
     this.readOnly = request.readOnly;
     this.limit = request.options.limit !== undefined ? parseSize(request.options.limit, 'memory limit', request.spec) : Infinity;

@@ -7,7 +7,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, fromSystemError } from '../../core/errors';
+import { BlockError, SpecError, fromSystemError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
 import { provider } from '../../core/registry';
@@ -30,7 +30,7 @@ export class RawProvider implements Provider {
   private noZeroRange = false;
 
   constructor(private readonly request: OpenRequest) {
-    if (request.arg === '') throw new BlockError('EINVAL', `raw needs a path (raw:/path/to/disk) in spec '${request.spec}'`);
+    if (request.arg === '') throw new SpecError('EINVAL', `raw needs a path (raw:/path/to/disk) in spec '${request.spec}'`, true);
     this.location = path.resolve(request.arg);
   }
 
