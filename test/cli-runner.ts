@@ -14,7 +14,7 @@ export interface CliResult {
 
 export interface CliOptions {
   cwd?: string;
-  /** Runs the command as another user (e.g. `['setpriv', '--reuid=65534', ...]`). */
+  /** A command the CLI runs under (e.g. `['setpriv', ...]` to drop privileges). */
   prefix?: string[];
   timeoutMs?: number;
 }

@@ -17,12 +17,19 @@ const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 const PATTERN_PLUGIN = path.join(ROOT, 'dist', 'examples', 'pattern.js');
 const XOR_PLUGIN = path.join(ROOT, 'dist', 'examples', 'xor.js');
-/** Runs a command as the unprivileged user `nobody`: root ignores file permissions. */
-const AS_NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+/**
+ * Runs a command as root without the capabilities that let root ignore file permissions
+ * (the tests run as root, and chmod alone stops nobody). Unlike switching to another user,
+ * this needs no access to the repository for that user.
+ */
+const WITHOUT_DAC = ['setpriv', '--bounding-set=-dac_override,-dac_read_search'];
+/** A file root can no longer read once WITHOUT_DAC drops its capabilities: another owner's, mode 600. */
+function makePrivate(file: string): void {
+  fs.chownSync(file, 65534, 65534);
+  fs.chmodSync(file, 0o600);
+}
 
-// World-readable, so `nobody` can reach the files the permission tests put here.
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-cli-'));
-fs.chmodSync(dir, 0o755);
 test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
 let files = 0;
 
@@ -163,12 +170,13 @@ test('bad input: one line naming the problem and the spec, exit 2 for usage, 1 f
 
 test('bad input: a file and a plugin that the user may not read', async (t) => {
   const secret = sparseFile(MiB);
-  fs.chmodSync(secret, 0o600);
-  const result = await runCli(['info', secret], { prefix: AS_NOBODY });
+  makePrivate(secret);
+  const result = await runCli(['info', secret], { prefix: WITHOUT_DAC });
   oneLineError(t, result, 1, new RegExp(`permission denied .*'${secret}'`));
   const plugin = path.join(dir, 'private-plugin.js');
-  fs.writeFileSync(plugin, 'module.exports = {};\n', { mode: 0o600 });
-  const pluginResult = await runCli(['--plugin', plugin, 'providers'], { prefix: AS_NOBODY });
+  fs.writeFileSync(plugin, 'module.exports = {};\n');
+  makePrivate(plugin);
+  const pluginResult = await runCli(['--plugin', plugin, 'providers'], { prefix: WITHOUT_DAC });
   oneLineError(t, pluginResult, 2, /cannot load plugin '.*private-plugin\.js': EACCES: permission denied/);
   const broken = path.join(dir, 'broken-plugin.js');
   fs.writeFileSync(broken, 'throw new Error("broken on purpose");\n');
