@@ -83,7 +83,8 @@ export function fromSystemError(e: unknown, context: string): BlockError {
  * an unexplained crash in an export.
  */
 export function asBlockError(e: unknown, providerName: string): BlockError {
-  if (e instanceof BlockError) return e;
+  // A BlockError from another copy of tapkit (a plugin's own dependency) keeps its code and message.
+  if (e instanceof BlockError || isBlockError(e)) return e as BlockError;
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   if (typeof code === 'string' && code in ERRNO) return fromSystemError(e, providerName);
   const message = e instanceof Error ? e.message : String(e);

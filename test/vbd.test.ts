@@ -371,3 +371,19 @@ test('an untyped throw becomes EIO naming the provider, and the VBD keeps servin
   t.is(buf[0], 6, 'the next read works');
   t.is(vbd.stats().operations.read.errors, 3);
 });
+
+test('a BlockError from another copy of tapkit keeps its code and message', async (t) => {
+  const p = new Recorder();
+  const vbd = new Vbd(p);
+  // What a plugin bundling its own tapkit throws: the same shape, another class.
+  class ForeignBlockError extends Error {
+    override readonly name = 'BlockError';
+    constructor(readonly code: string, message: string) {
+      super(message);
+    }
+  }
+  p.failNextRead = new ForeignBlockError('ENOSPC', 'out of room elsewhere');
+  const error = await t.throwsAsync(vbd.read(new Uint8Array(1), 0));
+  t.is((error as unknown as { code: string }).code, 'ENOSPC');
+  t.is(error!.message, 'out of room elsewhere');
+});
