@@ -22,14 +22,13 @@ export function buildProgram(): Command {
     .version(require('../../../package.json').version)
     .option('--plugin <module>', 'load a provider module (repeatable)', collect, [])
     .option('--debug', 'print stack traces with errors')
-    .showHelpAfterError()
     .exitOverride();
   program.hook('preAction', async (_this, action) => {
     await loadPlugins(globalOptions(action).plugin ?? []);
   });
   for (const command of COMMANDS) command.register(program);
   // Subcommands report usage errors through the same path as the program.
-  for (const sub of program.commands) sub.exitOverride().showHelpAfterError();
+  for (const sub of program.commands) sub.exitOverride();
   return program;
 }
 
