@@ -240,6 +240,8 @@ export class Transmission {
       case Cmd.TRIM: {
         const refused = this.checkWritable();
         if (refused) return this.replyError(request, refused[0], refused[1]);
+        // The VBD says ENOSPC past the end (right for writes); NBD wants EINVAL for TRIM.
+        if (request.offset + request.length > this.size) return this.replyError(request, NBD_EINVAL, `trim range is past the end (size ${this.size})`);
         await vbd.trim(request.offset, request.length, { fua });
         return this.replyOk(request);
       }
