@@ -246,7 +246,7 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
     }
     this.socket.end();
     // A client that never reads must not hold the connection open forever.
-    setTimeout(() => this.socket.destroy(), 10_000).unref();
+    setTimeout(() => this.socket.destroy(), 5_000).unref();
   }
 
   /** Drops the connection at once. */

@@ -114,8 +114,11 @@ export class NbdServer {
    */
   close(): Promise<void> {
     this.closing ??= (async () => {
-      await Promise.all(this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve()))));
+      // net.Server.close() calls back only once every connection is gone: stop accepting,
+      // then shut the connections down, then wait for both.
+      const listenersClosed = this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
       await Promise.all([...this.connections].map((c) => c.shutdown()));
+      await Promise.all(listenersClosed);
     })();
     return this.closing;
   }
