@@ -120,9 +120,15 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
       secure.once('close', () => reject(new Error('closed during the TLS handshake')));
       secure.once('secure', () => {
         secure.removeListener('error', fail);
-        // A hand-made TLSSocket does not enforce rejectUnauthorized itself.
-        if (settings.requireClientCert && !secure.authorized) reject(new Error(`client certificate refused: ${secure.authorizationError}`));
-        else resolve();
+        // A TLSSocket made by hand (not by tls.Server) never sets `authorized`: ask OpenSSL
+        // for the verification result and insist on a certificate being there at all.
+        if (settings.requireClientCert) {
+          const verifyError = (secure as unknown as { ssl?: { verifyError?: () => Error | null } }).ssl?.verifyError?.();
+          const certificate = secure.getPeerCertificate();
+          if (verifyError) return reject(new Error(`client certificate refused: ${verifyError.message}`));
+          if (!certificate || Object.keys(certificate).length === 0) return reject(new Error('client sent no certificate'));
+        }
+        resolve();
       });
     });
   }
