@@ -79,11 +79,12 @@ export interface ServeOptions {
   readyUri?: (uris: string[]) => string;
   /** Skip the nbdinfo probe (the caller checks readiness its own way). */
   noProbe?: boolean;
+  env?: NodeJS.ProcessEnv;
 }
 
 /** Starts `tapkit serve ARGS`, waits for its URIs and for nbdinfo to reach it. */
 export async function serve(t: ExecutionContext, args: string[], options: ServeOptions = {}): Promise<Served> {
-  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
   let out = '';
   let err = '';
   child.stdout!.on('data', (d) => (out += d));
