@@ -12,7 +12,7 @@
  */
 import { BlockError, asBlockError } from './errors';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from './provider';
-import { VbdStats, type Operation, type VbdStatsSnapshot } from './stats';
+import { LatencyHistogram, VbdStats, type Operation, type VbdStatsSnapshot } from './stats';
 
 export interface VbdOptions {
   /** Serve read-only even if the provider can write. */
@@ -96,6 +96,11 @@ export class Vbd {
 
   stats(): VbdStatsSnapshot {
     return this.counters.snapshot(this.inFlight, this.held.length, this.paused);
+  }
+
+  /** The latency histogram of one operation (for metrics exposition). */
+  histogram(op: Operation): LatencyHistogram {
+    return this.counters.histogram(op);
   }
 
   // ---- the operations -------------------------------------------------------------

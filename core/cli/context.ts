@@ -40,12 +40,18 @@ export interface OpenCliOptions {
   readOnly?: boolean;
   filter?: string[];
   maxChainDepth?: string;
+  allowBacking?: string[];
+  /** commander turns --no-backing into backing: false. */
+  backing?: string[] | false;
 }
 
 export function addOpenOptions(command: Command): Command {
   return command
     .option('--filter <name[,key=value...]>', 'put a filter on top (repeatable)', collect, [])
-    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16');
+    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16')
+    .option('--allow-backing <dir|url-prefix>', 'let backing files come from this tree or URL prefix too (repeatable)', collect, [])
+    .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
+    .option('--no-backing', 'refuse every backing file and parent');
 }
 
 export function collect(value: string, previous: string[]): string[] {
@@ -55,7 +61,12 @@ export function collect(value: string, previous: string[]): string[] {
 export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
   const depth = Number(options.maxChainDepth ?? 16);
   if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, ...extra });
+  const backing = {
+    allow: (options.allowBacking ?? []).map((a) => (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(a) ? a : path.resolve(a))),
+    noBacking: options.backing === false,
+    explicit: options.backing === false ? [] : options.backing ?? [],
+  };
+  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, backing, ...extra });
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {

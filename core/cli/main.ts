@@ -10,9 +10,11 @@ import { collect, globalOptions, loadPlugins, reportError, UsageError } from './
 import * as providers from './commands/providers';
 import * as info from './commands/info';
 import * as convert from './commands/convert';
+import * as daemon from './commands/daemon';
+import * as ctl from './commands/ctl';
 
 /** Every command module, in the order `tapkit --help` lists them. */
-const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert];
+const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert, daemon, ctl];
 
 export function buildProgram(): Command {
   const program = new Command('tapkit')
