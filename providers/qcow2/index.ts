@@ -80,13 +80,14 @@ export class Qcow2Provider implements Provider {
   async open(): Promise<void> {
     this.imageSize = this.lower.info().size;
     const first = await this.readImage(0, Math.min(this.imageSize, 2 ** MAX_CLUSTER_BITS));
-    const header = parseHeader(first, this.imageSize);
+    const header = this.located(() => parseHeader(first, this.imageSize));
     this.header = header;
     const extendedL2 = hasBit(header.incompatibleFeatures, INCOMPAT.extendedL2);
     const externalData = hasBit(header.incompatibleFeatures, INCOMPAT.externalDataFile);
 
     if (header.nbSnapshots > 0) {
-      this.snapshots = await readSnapshotTable((o, n) => this.readImage(o, n), header.snapshotsOffset, header.nbSnapshots, this.imageSize);
+      const table = readSnapshotTable((o, n) => this.readImage(o, n), header.snapshotsOffset, header.nbSnapshots, this.imageSize);
+      this.snapshots = await table.catch((e: unknown) => this.located(() => { throw e; }));
     }
 
     // The active disk, or a snapshot asked for by name (or id).
@@ -126,6 +127,18 @@ export class Qcow2Provider implements Provider {
     this.decompressed = new PromiseLru(Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / header.clusterSize)));
     const layers = [this.lower, this.backing, this.dataFile].filter((p): p is Provider => !!p);
     this.concurrent = layers.every((p) => p.capabilities().concurrent);
+  }
+
+  /** Runs a parser whose messages start with 'qcow2: ', putting the image's location after it. */
+  private located<T>(parse: () => T): T {
+    try {
+      return parse();
+    } catch (e) {
+      if (e instanceof BlockError && e.message.startsWith('qcow2: ') && !e.message.startsWith(`qcow2: ${this.where}`)) {
+        e.message = `qcow2: ${this.where}: ${e.message.slice(7)}`;
+      }
+      throw e;
+    }
   }
 
   private async openDataFile(): Promise<void> {
