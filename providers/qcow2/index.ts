@@ -105,8 +105,10 @@ export class Qcow2Provider implements Provider {
       l1Offset = snap.l1TableOffset;
       l1Size = snap.l1Size;
       this.diskSize = snap.diskSize ?? header.size;
-      checkL1Fits(l1Size, this.diskSize, header.clusterBits, extendedL2, 'snapshot_l1_size');
-      checkTable('snapshot_l1_table_offset', l1Offset, l1Size * 8, header.clusterSize, this.imageSize);
+      this.located(() => {
+        checkL1Fits(l1Size, this.diskSize, header.clusterBits, extendedL2, 'snapshot_l1_size');
+        checkTable('snapshot_l1_table_offset', l1Offset, l1Size * 8, header.clusterSize, this.imageSize);
+      });
     }
     const l1 = l1Size > 0 ? await this.readImage(l1Offset, l1Size * 8) : new Uint8Array(0);
 
