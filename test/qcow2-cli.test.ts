@@ -7,7 +7,7 @@ import test from 'ava';
 import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { mixedContent, qemuImg, qemuIo, qemuRaw, tempDir } from './helpers/qemu-images';
+import { createEncrypted, mixedContent, qemuImg, qemuIo, qemuRaw, tempDir } from './helpers/qemu-images';
 
 const CLI = path.join(__dirname, '..', 'core', 'cli', 'main.js');
 
@@ -57,7 +57,7 @@ test('tapkit info refuses an encrypted image with one clear line', async (t) => 
   const dir = tempDir();
   dirs.push(dir);
   const image = path.join(dir, 'enc.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=pw', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', image, '1M']);
+  createEncrypted(image, 'luks');
   const result = await tapkit(['info', image]);
   t.is(result.code, 1);
   t.regex(result.stderr, /enc\.qcow2: encrypted image \(LUKS\) is not supported/);

@@ -9,7 +9,7 @@ import fc from 'fast-check';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError, CorruptImageError, isBlockError, type ErrnoName } from '../core';
-import { headerFields, mixedContent, openVbd, qemuImg, qemuIo, readAll, readU64, tempDir, writeBytes, writeU64 } from './helpers/qemu-images';
+import { createEncrypted, headerFields, mixedContent, openVbd, qemuImg, qemuIo, readAll, readU64, tempDir, writeBytes, writeU64 } from './helpers/qemu-images';
 
 let dir: string;
 const images: Record<string, string> = {};
@@ -107,9 +107,9 @@ function firstL2(image: string): number {
 }
 
 test('encrypted images (AES and LUKS) are refused', async (t) => {
-  for (const format of ['aes', 'luks']) {
+  for (const format of ['aes', 'luks'] as const) {
     const image = path.join(dir, `enc-${format}.qcow2`);
-    qemuImg(['create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=s3cr3t', '-o', `encrypt.format=${format},encrypt.key-secret=sec0`, image, '1M']);
+    createEncrypted(image, format);
     await assertRefusedAtOpen(t, image, format === 'aes' ? /encrypted image \(legacy AES-CBC\)/ : /encrypted image \(LUKS\)/, 'EOPNOTSUPP');
   }
 });

@@ -121,7 +121,7 @@ export class Qcow2Provider implements Provider {
     }
 
     this.map = new ClusterMap(
-      { clusterBits: header.clusterBits, version: header.version, extendedL2, externalData, imageSize: this.imageSize, location: this.where },
+      { clusterBits: header.clusterBits, extendedL2, externalData, imageSize: this.imageSize, location: this.where },
       l1,
       (o, n) => this.readImage(o, n),
       Math.floor(this.l2CacheBytes / header.clusterSize),

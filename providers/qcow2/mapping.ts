@@ -27,7 +27,6 @@ export interface Run {
 
 export interface MapGeometry {
   clusterBits: number;
-  version: 2 | 3;
   extendedL2: boolean;
   /** An external data file holds the data clusters (host offset 0 is then legal). */
   externalData: boolean;
@@ -151,7 +150,8 @@ export class ClusterMap {
       return { kind: 'unallocated' };
     }
 
-    if (this.geometry.version === 3 && (lo & 1)) return { kind: 'zero' };
+    // The zero flag is a v3 feature, but qemu honours it in any version: so do we.
+    if (lo & 1) return { kind: 'zero' };
     if (host === 0 && !(this.geometry.externalData && hi & 0x80000000)) return { kind: 'unallocated' };
     return { kind: 'data', host: host + (guest % this.clusterSize) };
   }
