@@ -61,8 +61,9 @@ export class SpecError extends BlockError {
 /** Raised by a format parser that finds an image malformed. Names the offending field. */
 export class CorruptImageError extends BlockError {
   readonly field: string;
-  constructor(field: string, message: string) {
-    super('EINVAL', message);
+  /** `code`: EINVAL when an image is refused at open, EIO when a read meets the damage. */
+  constructor(field: string, message: string, code: ErrnoName = 'EINVAL') {
+    super(code, message);
     this.field = field;
   }
 }
