@@ -238,3 +238,38 @@ test.serial('SIGTERM unmounts cleanly: the server detaches its loop device, flus
   gone(t, served);
   t.deepEqual(fs.readFileSync(image).subarray(0, data.length), data);
 });
+
+test.serial('a stopped (hung) server does not hang tapkit unmount: it aborts the connection and cleans up', async (t) => {
+  const served = await serve(t, 'memory:64M', ['--loop']);
+  t.teardown(() => {
+    if (served.proc.exitCode === null) served.proc.kill('SIGCONT');
+  });
+  served.proc.kill('SIGSTOP');
+  const unmounted = await tapkit(['unmount', served.mountpoint], 90_000);
+  t.is(unmounted.signal, null, 'tapkit unmount finished by itself');
+  t.is(unmounted.code, 0, unmounted.stderr);
+  t.regex(unmounted.stderr, /aborting the FUSE connection/);
+  gone(t, served);
+  // Once it runs again, the server finds its connection gone and leaves.
+  served.proc.kill('SIGCONT');
+  const exit = await Promise.race([served.exit, new Promise<'hung'>((r) => setTimeout(() => r('hung'), 30_000))]);
+  t.not(exit, 'hung');
+});
+
+test.serial('tapkit unmount refuses while a file system is mounted on the loop device, and succeeds after', async (t) => {
+  const dir = tempDir('fuse-busy-');
+  const served = await serve(t, 'memory:64M', ['--loop'], dir);
+  await must(t, 'mkfs.ext4', ['-q', '-F', served.device!], 120_000);
+  const ext4 = await mountExt4(t, served.device!, dir);
+  fs.writeFileSync(path.join(ext4.path, 'kept'), 'still here');
+  const refused = await tapkit(['unmount', served.mountpoint]);
+  t.is(refused.code, 1);
+  t.regex(refused.stderr, /still in use/);
+  t.true(isMounted(served.mountpoint), 'the FUSE mount stays');
+  t.is(fs.readFileSync(path.join(ext4.path, 'kept'), 'utf8'), 'still here', 'the file system keeps working');
+  await ext4.unmount();
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  gone(t, served);
+  t.is((await served.exit).code, 0);
+});

@@ -58,13 +58,9 @@ async function serve(spec: string, mountpointArg: string, options: MountCliOptio
   // provider's own file I/O. Must be set before the pool starts (on first use).
   process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
   const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
-  let mountpoint: string;
-  try {
-    mountpoint = fs.realpathSync(path.resolve(mountpointArg));
-  } catch {
-    throw new UsageError(`mount point ${mountpointArg} does not exist`);
-  }
+  const mountpoint = resolveMountpoint(mountpointArg);
   if (findMount(mountpoint)?.fstype === FUSE_FSTYPE) throw new UsageError(`${mountpoint} is already a tapkit mount (tapkit unmount ${mountpoint})`);
+  if (!fs.existsSync(mountpoint)) throw new UsageError(`mount point ${mountpointArg} does not exist`);
 
   const vbd = new Vbd(await openerFor(options).open(spec), { name: spec, readOnly: !!options.readOnly });
   let exported: FuseExport;
@@ -142,11 +138,7 @@ async function serve(spec: string, mountpointArg: string, options: MountCliOptio
 
 async function unmount(mountpointArg: string): Promise<void> {
   const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
-  // realpath stats the mount, which fails on a dead one: fall back to the path as given.
-  let mountpoint = path.resolve(mountpointArg);
-  try {
-    mountpoint = fs.realpathSync(mountpoint);
-  } catch {}
+  const mountpoint = resolveMountpoint(mountpointArg);
   const entry = findMount(mountpoint);
   if (!entry || entry.fstype !== FUSE_FSTYPE) {
     const leftover = readState(mountpoint);
@@ -177,6 +169,19 @@ async function unmount(mountpointArg: string): Promise<void> {
   }
   if (server) await waitForExit(server.pid, 10_000);
   else removeState(mountpoint);
+}
+
+/**
+ * The absolute mount point with its parent's symlinks resolved. Only the parent: a stat of
+ * a mount itself fails when its server is dead and waits forever when it is stopped.
+ */
+function resolveMountpoint(arg: string): string {
+  const absolute = path.resolve(arg);
+  try {
+    return path.join(fs.realpathSync(path.dirname(absolute)), path.basename(absolute));
+  } catch {
+    return absolute;
+  }
 }
 
 function alive(pid: number): boolean {
