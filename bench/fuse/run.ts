@@ -33,11 +33,14 @@ interface Workload {
   bs: number;
 }
 
-const WORKLOADS: Workload[] = [
+const ALL_WORKLOADS: Workload[] = [
   { id: 'seqread', bs: 1 << 20, args: ['--rw=read', '--bs=1M', '--iodepth=8', '--ioengine=libaio'] },
   { id: 'rr32', bs: 4096, args: ['--rw=randread', '--bs=4k', '--iodepth=32', '--ioengine=libaio'] },
   { id: 'rr1', bs: 4096, args: ['--rw=randread', '--bs=4k', '--iodepth=1', '--ioengine=psync'] },
 ];
+
+/** `ONLY=seqread,rr32` runs a subset. */
+const WORKLOADS = process.env.ONLY ? ALL_WORKLOADS.filter((w) => process.env.ONLY!.split(',').includes(w.id)) : ALL_WORKLOADS;
 
 interface Server {
   name: string;

@@ -49,6 +49,9 @@ export class DevFuseChannel {
     }
   }
 
+  /** write(2) copies the reply into the kernel before it returns. */
+  readonly copiesReplies = true;
+
   /** Sends one reply. A reply to a request the kernel dropped (interrupted, aborted) is ignored. */
   send(reply: Buffer): void {
     try {

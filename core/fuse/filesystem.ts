@@ -25,6 +25,8 @@ export const FILE_ID = 2;
 /** Where replies go: the /dev/fuse channel, or a test's array. */
 export interface ReplySink {
   send(reply: Buffer): void;
+  /** True when `send` is done with the buffer once it returns (so it may be reused). */
+  readonly copiesReplies?: boolean;
 }
 
 export interface OneFileOptions {
@@ -55,6 +57,9 @@ const DT_DIR = 4;
 const DT_REG = 8;
 /** LSEEK scans extents in windows this large, so a huge sparse disk is not mapped in one call. */
 const EXTENT_WINDOW = 1 << 30;
+/** READ replies at least this large come from a pool (see replyBuffer). */
+const LARGE_REPLY = 64 * 1024;
+const MAX_POOLED_REPLIES = 32;
 
 export class OneFileFs {
   /** Negotiated protocol minor; 0 until INIT. */
@@ -69,6 +74,7 @@ export class OneFileFs {
   private fileAttr: { mode: number; uid: number; gid: number; atime: number; mtime: number; ctime: number };
   private rootAttr: { mode: number; uid: number; gid: number; atime: number; mtime: number; ctime: number };
   private initWaiters: Array<() => void> = [];
+  private readonly largeReplies: Buffer[] = [];
 
   constructor(
     private readonly vbd: Vbd,
@@ -125,7 +131,10 @@ export class OneFileFs {
     result.then(
       (reply) => {
         finish();
-        if (reply) this.sink.send(reply);
+        if (reply) {
+          this.sink.send(reply);
+          if (header.opcode === P.Opcode.READ) this.recycle(reply);
+        }
       },
       (e) => {
         finish();
@@ -281,9 +290,32 @@ export class OneFileFs {
     const size = this.vbd.info().size;
     const n = r.offset >= size ? 0 : Math.min(r.size, size - r.offset);
     // The reply buffer is the VBD's target: the data lands where it is sent from.
-    const reply = Buffer.allocUnsafe(P.OUT_HEADER_SIZE + n);
-    if (n > 0) await this.vbd.read(reply.subarray(P.OUT_HEADER_SIZE), r.offset);
+    const reply = this.replyBuffer(P.OUT_HEADER_SIZE + n);
+    try {
+      if (n > 0) await this.vbd.read(reply.subarray(P.OUT_HEADER_SIZE), r.offset);
+    } catch (e) {
+      this.recycle(reply);
+      throw e;
+    }
     return P.writeOutHeader(reply, h.unique, 0);
+  }
+
+  /**
+   * A buffer for a READ reply. Large ones are reused when the sink copies replies at once:
+   * a fresh megabyte from malloc is a new mapping, page faults on every touch and an
+   * munmap afterwards, which costs more than the data copy itself.
+   */
+  private replyBuffer(size: number): Buffer {
+    if (size < LARGE_REPLY || !this.sink.copiesReplies) return Buffer.allocUnsafe(size);
+    const full = this.largeReplies.pop() ?? Buffer.allocUnsafe(P.OUT_HEADER_SIZE + this.options.maxWrite);
+    return full.subarray(0, size);
+  }
+
+  /** Takes back a large reply buffer once the sink is done with it. */
+  private recycle(reply: Buffer): void {
+    if (reply.length < LARGE_REPLY || !this.sink.copiesReplies) return;
+    const full = Buffer.from(reply.buffer, reply.byteOffset, P.OUT_HEADER_SIZE + this.options.maxWrite);
+    if (full.byteOffset === 0 && full.buffer.byteLength === full.length && this.largeReplies.length < MAX_POOLED_REPLIES) this.largeReplies.push(full);
   }
 
   private async write(h: P.InHeader, msg: Buffer): Promise<Buffer> {
