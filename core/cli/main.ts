@@ -13,6 +13,7 @@ import * as convert from './commands/convert';
 import * as daemon from './commands/daemon';
 import * as ctl from './commands/ctl';
 import * as serve from './commands/serve';
+import * as mount from './commands/mount';
 
 /** Every command module, in the order `tapkit --help` lists them. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -20,6 +21,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   info,
   convert,
   serve,
+  mount,
   daemon,
   ctl,
 ];
