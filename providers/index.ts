@@ -1,3 +1,5 @@
 /** Importing this module registers every built-in provider. */
 import './memory';
 import './raw';
+import './http';
+import './cache';
