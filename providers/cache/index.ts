@@ -50,6 +50,8 @@ export class CacheFilter implements Provider {
   private readonly entries = new Map<number, Entry>();
   private readonly freeSlots: number[] = [];
   private readonly busySlots = new Set<number>();
+  /** Blocks being written to the store after their fill; close waits for them. */
+  private readonly storing = new Set<Promise<void>>();
   /** Lower reads in progress, by block: a second miss for the block waits for the first. */
   private readonly pending = new Map<number, Promise<Uint8Array>>();
   /** Bumped when the cache is emptied: fills started before do not insert. */
@@ -224,7 +226,7 @@ export class CacheFilter implements Provider {
       blockData.catch(() => {});
       this.pending.set(block, blockData);
     }
-    void data.then(
+    const storing = data.then(
       async (bytes) => {
         const fresh = generation === this.generation && writeSeq === this.writeSeq && !writing;
         for (let block = first; block <= last; block++) {
@@ -237,6 +239,8 @@ export class CacheFilter implements Provider {
         for (let block = first; block <= last; block++) this.pending.delete(block);
       },
     ).catch((e) => this.request.warn(`cache: could not store blocks ${first}-${last}: ${(e as Error).message}`));
+    this.storing.add(storing);
+    void storing.finally(() => this.storing.delete(storing));
   }
 
   private async insert(block: number, bytes: Uint8Array): Promise<void> {
@@ -361,6 +365,7 @@ export class CacheFilter implements Provider {
   async close(): Promise<void> {
     try {
       if (this.store) {
+        await Promise.allSettled([...this.storing]);
         if (this.persist) await this.saveIndex().catch((e) => this.request.warn(`cache: could not save ${this.indexPath}: ${(e as Error).message}`));
         await this.store.close();
       }
