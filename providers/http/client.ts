@@ -9,7 +9,7 @@
  */
 import * as fs from 'node:fs';
 import * as tls from 'node:tls';
-import { Pool } from 'undici';
+import { Pool, type Dispatcher } from 'undici';
 import type { IncomingHttpHeaders } from 'undici/types/header';
 import { BlockError } from '../../core/errors';
 import { SourceChangedError } from '../../core/changed';
@@ -53,12 +53,22 @@ class Retryable extends Error {
   }
 }
 
+/**
+ * What to do with a response body, decided when its headers arrive: copy it into a
+ * buffer, read and drop it (small error bodies, redirects), or abort the request.
+ */
+type BodyPlan = { into: Uint8Array } | 'drop' | 'abort';
+
 interface Response {
   statusCode: number;
   headers: IncomingHttpHeaders;
-  body: NodeJS.ReadableStream & { dump(opts?: { limit: number }): Promise<void>; destroy(err?: Error): void };
   url: URL;
+  /** Body bytes copied into the plan's buffer. */
+  received: number;
 }
+
+/** Error bodies longer than this are not read: the connection is dropped instead. */
+const DROP_LIMIT = 64 * 1024;
 
 const MAX_REDIRECTS = 10;
 const BACKOFF_BASE_MS = 200;
@@ -129,6 +139,8 @@ function describeValidator(v: Validator): string {
 export class HttpClient {
   private readonly pools = new Map<string, Pool>();
   private readonly closing = new AbortController();
+  /** Stops every exchange in flight (on close). */
+  private readonly active = new Set<() => void>();
   private readonly ca: string[] | undefined;
 
   constructor(private readonly options: ClientOptions) {
@@ -149,39 +161,42 @@ export class HttpClient {
    */
   async readRange(url: URL, target: Uint8Array, offset: number, validator: Validator): Promise<void> {
     const end = offset + target.length - 1;
+    const asked = (headers: IncomingHttpHeaders) => {
+      const range = parseContentRange(header(headers, 'content-range'));
+      return range !== undefined && range.start === offset && range.end === end;
+    };
     await this.withRetries(`GET ${redactUrl(url)} bytes ${offset}-${end}`, async () => {
-      const res = await this.request(url, 'GET', { range: `bytes=${offset}-${end}`, ...this.conditionalHeaders(validator) });
+      const res = await this.request(url, 'GET', { range: `bytes=${offset}-${end}`, ...this.conditionalHeaders(validator) }, (status, headers) => {
+        if (status === 206) return asked(headers) && !this.versionDiffers(headers, validator) ? { into: target } : 'abort';
+        // A 200 is the whole object coming: stop it.
+        return status === 200 ? 'abort' : 'drop';
+      });
       const where = redactUrl(res.url);
+      if (res.statusCode === 206 || res.statusCode === 200) this.checkSameVersion(res, validator);
       if (res.statusCode === 206) {
-        this.checkSameVersion(res, validator);
-        const range = parseContentRange(header(res.headers, 'content-range'));
-        if (!range || range.start !== offset || range.end !== end) {
-          res.body.destroy();
+        if (!asked(res.headers)) {
           throw new BlockError('EIO', `${where} answered range ${header(res.headers, 'content-range') ?? '(none)'} to a request for bytes ${offset}-${end}`);
         }
-        await this.readBodyInto(res, target, where);
+        if (res.received !== target.length) throw new Retryable(`body ended after ${res.received} of ${target.length} bytes`);
         return;
       }
       if (res.statusCode === 200) {
-        // The whole object is coming: stop it, and say why it came.
-        res.body.destroy();
-        this.checkSameVersion(res, validator);
         throw new BlockError('EIO', `${where} ignored the Range header (answered 200 with the whole object); only servers with range requests are supported`);
       }
-      await this.failFor(res, validator, true);
+      this.failFor(res, validator, true);
     });
   }
 
   async close(): Promise<void> {
     this.closing.abort();
+    for (const stop of [...this.active]) stop();
     const pools = [...this.pools.values()];
     this.pools.clear();
     await Promise.all(pools.map((p) => p.destroy().catch(() => {})));
   }
 
   private async headOnce(url: URL): Promise<ObjectInfo | undefined> {
-    const res = await this.request(url, 'HEAD', {});
-    await res.body.dump().catch(() => {});
+    const res = await this.request(url, 'HEAD', {}, () => 'drop');
     const where = redactUrl(res.url);
     if (res.statusCode >= 200 && res.statusCode < 300) {
       if (header(res.headers, 'accept-ranges')?.toLowerCase() === 'none') {
@@ -203,32 +218,28 @@ export class HttpClient {
   }
 
   private async rangeProbeOnce(url: URL): Promise<ObjectInfo> {
-    const res = await this.request(url, 'GET', { range: 'bytes=0-0' });
+    const res = await this.request(url, 'GET', { range: 'bytes=0-0' }, (status) => (status === 200 ? 'abort' : 'drop'));
     const where = redactUrl(res.url);
     const info = (size: number): ObjectInfo => ({ url: res.url, size, validator: validatorOf(res.headers), server: header(res.headers, 'server') });
     if (res.statusCode === 206) {
       const range = parseContentRange(header(res.headers, 'content-range'));
-      await res.body.dump().catch(() => {});
       if (range?.total === undefined) throw new BlockError('EIO', `${where} answered a range request without the object's size (Content-Range: ${header(res.headers, 'content-range') ?? 'none'})`);
       return info(range.total);
     }
     if (res.statusCode === 416) {
       // Only an empty object has no byte 0.
-      await res.body.dump().catch(() => {});
       const range = parseContentRange(header(res.headers, 'content-range'));
       if (range?.total === 0) return info(0);
       throw new BlockError('EIO', `${where} refused the range bytes=0-0 (HTTP 416)`);
     }
     if (res.statusCode === 200) {
-      res.body.destroy();
       throw new BlockError('EOPNOTSUPP', `${where} ignores range requests (answered 200 with the whole object to bytes=0-0); it cannot be read as a disk without downloading it whole`);
     }
     return this.failFor(res, {}, false);
   }
 
   /** Turns a non-success status into the right error. Never returns. */
-  private async failFor(res: Response, validator: Validator, opened: boolean): Promise<never> {
-    await res.body.dump().catch(() => {});
+  private failFor(res: Response, validator: Validator, opened: boolean): never {
     const where = redactUrl(res.url);
     const status = res.statusCode;
     if (status >= 500 || status === 429 || status === 408) throw new Retryable(`HTTP ${status}`, retryAfterMs(res.headers));
@@ -248,40 +259,29 @@ export class HttpClient {
     return {};
   }
 
+  private versionDiffers(headers: IncomingHttpHeaders, opened: Validator): boolean {
+    const now = validatorOf(headers);
+    return !!((opened.etag && now.etag && opened.etag !== now.etag) || (!opened.etag && opened.lastModified && now.lastModified && opened.lastModified !== now.lastModified));
+  }
+
   /** Also checks what the response says, for servers that ignore conditional headers. */
   private checkSameVersion(res: Response, opened: Validator): void {
-    const now = validatorOf(res.headers);
-    const differs = (opened.etag && now.etag && opened.etag !== now.etag) || (!opened.etag && opened.lastModified && now.lastModified && opened.lastModified !== now.lastModified);
-    if (differs) {
-      res.body.destroy();
+    if (this.versionDiffers(res.headers, opened)) {
+      const now = validatorOf(res.headers);
       throw new SourceChangedError(`${redactUrl(res.url)} changed since it was opened (opened at ${describeValidator(opened)}, now ${describeValidator(now)}); reopen it to read the new version`);
     }
   }
 
-  private async readBodyInto(res: Response, target: Uint8Array, where: string): Promise<void> {
-    let filled = 0;
-    for await (const chunk of res.body as AsyncIterable<Buffer>) {
-      if (filled + chunk.length > target.length) {
-        res.body.destroy();
-        throw new BlockError('EIO', `${where} sent more bytes than the range asked for`);
-      }
-      target.set(chunk, filled);
-      filled += chunk.length;
-    }
-    if (filled !== target.length) throw new Retryable(`body ended after ${filled} of ${target.length} bytes`);
-  }
-
   /** One request, redirects followed; the response's `url` is the final one. */
-  private async request(start: URL, method: 'GET' | 'HEAD', extra: Record<string, string>): Promise<Response> {
+  private async request(start: URL, method: 'GET' | 'HEAD', extra: Record<string, string>, plan: (status: number, headers: IncomingHttpHeaders) => BodyPlan): Promise<Response> {
     let url = start;
     let headers = this.headersFor(url, extra);
+    const isRedirect = (status: number, h: IncomingHttpHeaders) => [301, 302, 303, 307, 308].includes(status) && !!header(h, 'location');
     for (let hop = 0; ; hop++) {
-      const res = await this.send(url, method, headers);
-      const location = header(res.headers, 'location');
-      if (![301, 302, 303, 307, 308].includes(res.statusCode) || !location) return res;
-      await res.body.dump().catch(() => {});
+      const res = await this.send(url, method, headers, (status, h) => (isRedirect(status, h) ? 'drop' : plan(status, h)));
+      if (!isRedirect(res.statusCode, res.headers)) return res;
       if (hop >= MAX_REDIRECTS) throw new BlockError('ELOOP', `${redactUrl(start)}: more than ${MAX_REDIRECTS} redirects`);
-      const next = new URL(location, url);
+      const next = new URL(header(res.headers, 'location')!, url);
       if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new BlockError('EINVAL', `${redactUrl(url)} redirects to a ${next.protocol} URL`);
       if (next.origin !== url.origin) {
         // Credentials meant for one host are not handed to the next (as curl does).
@@ -304,24 +304,78 @@ export class HttpClient {
     return headers;
   }
 
-  /** One attempt, bounded by the timeout from connect to the body's last byte. */
-  private async send(url: URL, method: 'GET' | 'HEAD', headers: Record<string, string>): Promise<Response> {
-    if (this.closing.signal.aborted) throw new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`);
-    const timeout = AbortSignal.timeout(this.options.timeoutMs);
-    const signal = AbortSignal.any([timeout, this.closing.signal]);
-    try {
-      const res = await this.pool(url).request({
-        path: requestPath(url),
-        method,
-        headers,
-        signal,
-        headersTimeout: this.options.timeoutMs,
-        bodyTimeout: this.options.timeoutMs,
-      });
-      return { statusCode: res.statusCode, headers: res.headers, body: res.body as unknown as Response['body'], url };
-    } catch (e) {
-      throw this.classify(e, url, timeout.aborted);
-    }
+  /**
+   * One exchange, bounded by the timeout from connect to the body's last byte. The body
+   * goes straight into the plan's buffer as it arrives (no stream in between).
+   */
+  private send(url: URL, method: 'GET' | 'HEAD', headers: Record<string, string>, plan: (status: number, headers: IncomingHttpHeaders) => BodyPlan): Promise<Response> {
+    if (this.closing.signal.aborted) return Promise.reject(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
+    return new Promise<Response>((resolve, reject) => {
+      let response: Response | undefined;
+      let body: BodyPlan = 'drop';
+      let dropped = 0;
+      /** Set when we end the exchange ourselves: the error undici reports then is expected. */
+      let endedByUs: Error | undefined;
+      let timedOut = false;
+      let controller: Dispatcher.DispatchController | undefined;
+      const finish = (error?: unknown) => {
+        clearTimeout(timer);
+        this.active.delete(onClose);
+        if (error === undefined) resolve(response!);
+        else reject(this.classify(error, url, timedOut));
+      };
+      const stop = (reason: Error) => {
+        endedByUs ??= reason;
+        controller?.abort(reason);
+      };
+      const onClose = () => stop(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
+      const timer = setTimeout(() => {
+        timedOut = true;
+        controller?.abort(new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true));
+      }, this.options.timeoutMs);
+      this.active.add(onClose);
+      const handler: Dispatcher.DispatchHandler = {
+        onRequestStart: (c) => {
+          controller = c;
+          if (timedOut) c.abort(new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true));
+        },
+        onResponseStart: (_c, statusCode, responseHeaders) => {
+          if (statusCode < 200) return; // 1xx: the real answer follows
+          response = { statusCode, headers: responseHeaders, url, received: 0 };
+          body = plan(statusCode, responseHeaders);
+          if (body === 'abort') stop(new Error('body not wanted'));
+        },
+        onResponseData: (_c, chunk) => {
+          if (endedByUs || !response) return;
+          if (body === 'drop' || body === 'abort') {
+            dropped += chunk.length;
+            if (dropped > DROP_LIMIT) stop(new Error('error body too long'));
+            return;
+          }
+          if (response.received + chunk.length > body.into.length) {
+            stop(new BlockError('EIO', `${redactUrl(url)} sent more bytes than the range asked for`));
+            endedByUs = undefined;
+            return;
+          }
+          body.into.set(chunk, response.received);
+          response.received += chunk.length;
+        },
+        onResponseEnd: () => finish(),
+        onResponseError: (_c, error) => {
+          // Our own stop after the headers arrived: the response is complete enough.
+          if (endedByUs && response) finish();
+          else finish(error);
+        },
+      };
+      try {
+        this.pool(url).dispatch(
+          { origin: url.origin, path: requestPath(url), method, headers, headersTimeout: this.options.timeoutMs, bodyTimeout: this.options.timeoutMs },
+          handler,
+        );
+      } catch (e) {
+        finish(e);
+      }
+    });
   }
 
   /** A thrown connection error as Retryable, or as a final BlockError. */

@@ -2,9 +2,9 @@
  * Turns the reads a disk receives into range requests:
  *  - at most `maxInFlight` requests at once; reads waiting for a slot that touch end to
  *    end are merged into one request (up to `maxRequest` bytes);
- *  - a run of sequential reads starts readahead: the next `readahead` bytes are fetched
- *    in chunks before they are asked for, and reads inside fetched chunks are copied
- *    from them.
+ *  - a run of small sequential reads starts readahead: the next `readahead` bytes are
+ *    fetched in chunks before they are asked for, and reads inside fetched chunks are
+ *    copied from them (reads of half a chunk or more go straight to the server).
  * It knows nothing of HTTP: `fetch(target, offset)` fills a buffer.
  */
 
@@ -22,6 +22,8 @@ export interface ReaderOptions {
 interface Job {
   offset: number;
   target: Uint8Array;
+  /** Readahead chunks are already large: they are fetched alone, straight into their buffer. */
+  alone: boolean;
   resolve(): void;
   reject(e: unknown): void;
 }
@@ -57,7 +59,8 @@ export class RangeReader {
       const sequential = this.lastEnd >= 0 && offset >= this.lastEnd - this.chunkSize && offset <= this.lastEnd + this.chunkSize;
       this.sequentialRun = sequential ? this.sequentialRun + 1 : 0;
       this.lastEnd = end;
-      if (this.sequentialRun >= SEQUENTIAL_RUN) {
+      // Large reads are already efficient requests: readahead would only add a copy.
+      if (this.sequentialRun >= SEQUENTIAL_RUN && buf.length < this.chunkSize / 2) {
         this.dropChunksBefore(offset - this.chunkSize);
         this.ensureChunks(offset, Math.min(this.options.size, end + this.options.readahead));
       }
@@ -73,9 +76,9 @@ export class RangeReader {
     this.lastEnd = -1;
   }
 
-  private enqueue(target: Uint8Array, offset: number): Promise<void> {
+  private enqueue(target: Uint8Array, offset: number, alone = false): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ offset, target, resolve, reject });
+      this.queue.push({ offset, target, alone, resolve, reject });
       this.schedulePump();
     });
   }
@@ -106,11 +109,11 @@ export class RangeReader {
     const first = this.queue.shift()!;
     const batch = [first];
     let end = first.offset + first.target.length;
-    for (let found = true; found; ) {
+    for (let found = !first.alone; found; ) {
       found = false;
       for (let i = 0; i < this.queue.length; i++) {
         const job = this.queue[i];
-        if (job.offset === end && end + job.target.length - first.offset <= this.options.maxRequest) {
+        if (!job.alone && job.offset === end && end + job.target.length - first.offset <= this.options.maxRequest) {
           batch.push(job);
           end += job.target.length;
           this.queue.splice(i, 1);
@@ -130,7 +133,8 @@ export class RangeReader {
       } else {
         const start = batch[0].offset;
         const last = batch[batch.length - 1];
-        const merged = new Uint8Array(last.offset + last.target.length - start);
+        // Every byte is overwritten by the fetch: no need to zero it first.
+        const merged = Buffer.allocUnsafe(last.offset + last.target.length - start);
         await this.fetch(merged, start);
         for (const job of batch) job.target.set(merged.subarray(job.offset - start, job.offset - start + job.target.length));
       }
@@ -146,8 +150,8 @@ export class RangeReader {
     for (let index = first; index <= last; index++) {
       if (this.chunks.has(index)) continue;
       const offset = index * this.chunkSize;
-      const buf = new Uint8Array(Math.min(this.chunkSize, this.options.size - offset));
-      const chunk: Chunk = { index, buf, ready: this.enqueue(buf, offset) };
+      const buf = Buffer.allocUnsafe(Math.min(this.chunkSize, this.options.size - offset));
+      const chunk: Chunk = { index, buf, ready: this.enqueue(buf, offset, true) };
       // A failed chunk is forgotten; the read that needed it reports the error.
       chunk.ready.catch(() => {
         if (this.chunks.get(index) === chunk) this.chunks.delete(index);
