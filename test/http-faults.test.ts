@@ -14,7 +14,9 @@ import * as path from 'node:path';
 import { isSourceChanged } from '../core/changed';
 import type { BlockError } from '../core/errors';
 import { openSpec } from '../core/open';
-import type { Provider } from '../core/provider';
+import { OpenRequest } from '../core/open-request';
+import type { Capabilities, DiskInfo, Provider } from '../core/provider';
+import { provider } from '../core/registry';
 import { FaultServer } from './helpers/fault-server';
 
 const SECRET = 's3cretPW';
@@ -39,6 +41,40 @@ async function readAt(p: Provider, offset: number, length: number): Promise<Buff
 }
 
 const data = crypto.randomBytes(1 << 20);
+
+/**
+ * A minimal test format standing in for qcow2/VHD: its container is the text
+ * `LINK <name>`, and its disk is the backing file it names (opened through openBacking,
+ * so resolved against the image's URL exactly as a real format's backing file is).
+ */
+@provider({ name: 'test-http-link', kind: 'format', description: 'test only: a link to a backing file' })
+class LinkFormat implements Provider {
+  readonly name = 'test-http-link';
+  backing!: Provider;
+  constructor(private readonly request: OpenRequest) {}
+  get lower(): Provider {
+    return this.request.lower!;
+  }
+  async open(): Promise<void> {
+    const text = Buffer.alloc(this.lower.info().size);
+    await this.lower.read(text, 0);
+    this.backing = await this.request.openBacking(text.toString().replace(/^LINK /, '').trim());
+  }
+  info(): DiskInfo {
+    return { ...this.backing.info(), readOnly: true };
+  }
+  capabilities(): Capabilities {
+    return this.backing.capabilities();
+  }
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    return this.backing.read(buf, offset);
+  }
+  async close(): Promise<void> {
+    await this.backing?.close();
+    await this.lower.close();
+  }
+}
+void LinkFormat;
 
 test('dropped connections are retried and the read succeeds', async (t) => {
   const server = await serve(t, data);
@@ -260,4 +296,18 @@ test('a certificate the client does not trust is refused; ca= makes it trusted',
   const p = await open(t, `http,ca=${cert}:${server.base}/disk.img`);
   t.deepEqual(await readAt(p, 100, 1000), data.subarray(100, 1100));
   await t.throwsAsync(openSpec(`http,ca=${dir}/none.pem:${server.base}/disk.img`, { readOnly: true }), { message: /cannot read the CA file/ });
+});
+
+test('a backing file named relative to an http image is read from the same server, with its credentials and headers', async (t) => {
+  const server = await serve(t, data);
+  server.put('/images/top.link', Buffer.from('LINK base.img\n'));
+  server.put('/images/base.img', data);
+  server.faults.basicAuth = `user:${SECRET}`;
+  const withCreds = server.base.replace('://', `://user:${SECRET}@`);
+  const p = await open(t, `test-http-link:http,readahead=0,header=X-Tenant%3A 7:${withCreds}/images/top.link`);
+  t.is(p.info().size, data.length);
+  t.deepEqual(await readAt(p, 12345, 5000), data.subarray(12345, 17345));
+  t.true(server.log.some((r) => r.path === '/images/base.img' && r.method === 'GET' && r.authorization !== undefined));
+  t.false(JSON.stringify(p.backing!.describe!()).includes(SECRET));
+  t.is(p.backing!.location, `${server.base}/images/base.img`);
 });

@@ -398,7 +398,7 @@ export class HttpClient {
   private async withRetries<T>(what: string, attempt: () => Promise<T>): Promise<T> {
     for (let tries = 1; ; tries++) {
       try {
-        return await this.wrapBody(attempt);
+        return await attempt();
       } catch (e) {
         if (!(e instanceof Retryable)) throw e;
         if (tries > this.options.retries) {
@@ -407,20 +407,6 @@ export class HttpClient {
         const backoff = Math.min(BACKOFF_BASE_MS * 2 ** (tries - 1), BACKOFF_MAX_MS) * (0.5 + Math.random() / 2);
         await this.sleep(Math.max(backoff, e.retryAfterMs ?? 0), what);
       }
-    }
-  }
-
-  /** Errors thrown while streaming a body come from undici untyped: classify them too. */
-  private async wrapBody<T>(attempt: () => Promise<T>): Promise<T> {
-    try {
-      return await attempt();
-    } catch (e) {
-      if (e instanceof BlockError || e instanceof Retryable) throw e;
-      const err = e as NodeJS.ErrnoException;
-      const code = err?.code ?? '';
-      if (err?.name === 'TimeoutError' || code.includes('TIMEOUT')) throw new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
-      if (this.closing.signal.aborted) throw new BlockError('ESHUTDOWN', 'the disk is closing');
-      throw new Retryable(`connection failed while reading (${code || err?.name || 'error'})`);
     }
   }
 
