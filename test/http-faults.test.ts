@@ -17,6 +17,7 @@ import { openSpec } from '../core/open';
 import { OpenRequest } from '../core/open-request';
 import type { Capabilities, DiskInfo, Provider } from '../core/provider';
 import { provider } from '../core/registry';
+import { Vbd } from '../core/vbd';
 import { FaultServer } from './helpers/fault-server';
 
 const SECRET = 's3cretPW';
@@ -247,6 +248,7 @@ test('credentials in the URL are used but never printed', async (t) => {
   messages.push((await t.throwsAsync(readAt(p, 8192, 10)))!.message);
   messages.push((await t.throwsAsync(openSpec(`http:${withCreds}/missing`, { readOnly: true })))!.message);
   messages.push((await t.throwsAsync(openSpec(`http,timeout=x:${withCreds}/disk.img`, { readOnly: true })))!.message);
+  messages.push((await t.throwsAsync(openSpec(`http,colour=red:${withCreds}/disk.img`, { readOnly: true })))!.message);
   // Through the CLI too: one line on stderr.
   // (asynchronously: the server answering it runs in this process)
   const cli = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
@@ -257,6 +259,11 @@ test('credentials in the URL are used but never printed', async (t) => {
   t.is(cli.code, 1, cli.stderr);
   t.regex(cli.stderr, /not found/);
   messages.push(cli.stderr);
+  const info = await new Promise<{ stdout: string; stderr: string }>((resolve) => {
+    execFile(process.execPath, [path.join(__dirname, '../core/cli/main.js'), 'info', `${withCreds}/disk.img`], { encoding: 'utf8', timeout: 30_000 }, (_e, stdout, stderr) => resolve({ stdout, stderr }));
+  });
+  t.regex(info.stdout, /spec: +http:\/\/127\.0\.0\.1/);
+  messages.push(info.stdout, info.stderr);
   for (const m of messages) {
     t.false(m.includes(SECRET), m);
     t.false(m.includes('user:'), m);
@@ -278,7 +285,7 @@ test('writes are refused with EROFS', async (t) => {
   const p = await open(t, `http:${server.base}/disk.img`);
   t.false(p.capabilities().write);
   t.true(p.info().readOnly);
-  const e = await t.throwsAsync<BlockError>(p.write!(Buffer.alloc(512), 0, {}));
+  const e = await t.throwsAsync<BlockError>(new Vbd(p).write(Buffer.alloc(512), 0, {}));
   t.is(e!.code, 'EROFS');
   t.deepEqual(await p.extents!(0, data.length), [{ offset: 0, length: data.length, type: 'data' }]);
 });

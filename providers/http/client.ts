@@ -331,7 +331,10 @@ export class HttpClient {
       const onClose = () => stop(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
       const timer = setTimeout(() => {
         timedOut = true;
-        controller?.abort(new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true));
+        const reason = new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
+        // Not started yet (still queued for a connection): give up now; it is aborted when it starts.
+        if (controller) controller.abort(reason);
+        else finish(reason);
       }, this.options.timeoutMs);
       this.active.add(onClose);
       const handler: Dispatcher.DispatchHandler = {

@@ -2,9 +2,10 @@
  * http: a read-only disk whose bytes are an object on a web server or object store,
  * read with range requests (`http://…`, `https://…`, `http,timeout=10:https://…`,
  * `qcow2:https://…`). See README.md for options, consistency and fault handling.
+ * It has no write, trim or zero: the VBD answers them with EROFS.
  */
 import * as fs from 'node:fs';
-import { BlockError, SpecError } from '../../core/errors';
+import { SpecError } from '../../core/errors';
 import { isSourceChanged } from '../../core/changed';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider } from '../../core/provider';
@@ -164,18 +165,6 @@ export class HttpProvider implements Provider {
       }
       throw e;
     }
-  }
-
-  async write(): Promise<void> {
-    throw new BlockError('EROFS', `http: ${this.location} is read-only`);
-  }
-
-  async trim(): Promise<void> {
-    throw new BlockError('EROFS', `http: ${this.location} is read-only`);
-  }
-
-  async zero(): Promise<void> {
-    throw new BlockError('EROFS', `http: ${this.location} is read-only`);
   }
 
   /** A web object has no allocation map: every byte is data. */

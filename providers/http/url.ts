@@ -3,24 +3,7 @@
  * redacted form for everything printed (errors, logs, `location`, `describe()`).
  */
 
-/** Query parameters whose values are secrets (presigned URLs, tokens). */
-const SECRET_QUERY = /sig|signature|token|credential|secret|password|passwd|key|auth/i;
-
-/** The URL with userinfo removed and secret query values replaced, safe to print. */
-export function redactUrl(url: URL | string): string {
-  let u: URL;
-  try {
-    u = new URL(String(url));
-  } catch {
-    return '<malformed URL>';
-  }
-  u.username = '';
-  u.password = '';
-  for (const key of [...u.searchParams.keys()]) {
-    if (SECRET_QUERY.test(key)) u.searchParams.set(key, 'REDACTED');
-  }
-  return u.href;
-}
+export { redactUrl } from '../../core/redact';
 
 /** `scheme://host:port`, the key of a connection pool. */
 export function originOf(u: URL): string {

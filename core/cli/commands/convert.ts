@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import type { Command } from 'commander';
 import { copyVbd } from '../../copy';
 import { Opener } from '../../open';
+import { redactSpec } from '../../redact';
 import { Vbd } from '../../vbd';
 import { addOpenOptions, openerFor, UsageError, type OpenCliOptions } from '../context';
 import { progressBar } from '../progress';
@@ -19,7 +20,7 @@ export function register(program: Command): void {
     .option('--progress', 'show a progress bar on a terminal')
     .action(async (src: string, dst: string, options: OpenCliOptions & { outputFormat: string; progress?: boolean }) => {
       if (options.outputFormat !== 'raw') throw new UsageError(`unsupported output format '${options.outputFormat}' (supported: raw)`);
-      const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: src });
+      const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: redactSpec(src) });
       try {
         const targetIsDevice = fs.existsSync(dst) && fs.statSync(dst).isBlockDevice();
         if (!targetIsDevice) {
