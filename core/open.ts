@@ -12,6 +12,7 @@ import { registry, type Registry, type RegisteredProvider } from './registry';
 import { parseFilterArg, parseSpec } from './spec';
 import { BackingPolicy, type BackingPolicyOptions } from './backing-policy';
 export { resolveBacking } from './resolve';
+import { redactSpec } from './redact';
 
 export interface OpenOptions {
   readOnly?: boolean;
@@ -71,7 +72,7 @@ export class Opener {
     const entry = this.registry.get(name);
     if (!entry) {
       const known = this.registry.list().map((e) => e.declaration.name).join(', ');
-      throw new SpecError('EINVAL', `unknown provider '${name}' in spec '${spec}' (known: ${known}; write ./${spec} for a file)`, true);
+      throw new SpecError('EINVAL', `unknown provider '${name}' in spec '${redactSpec(spec)}' (known: ${known}; write ./${redactSpec(spec)} for a file)`, true);
     }
     return entry;
   }
@@ -139,7 +140,7 @@ export class Opener {
       const allowed = entry.declaration.options ?? [];
       for (const key of Object.keys(options)) {
         if (!allowed.includes(key)) {
-          throw new SpecError('EINVAL', `provider '${name}' has no option '${key}' (in spec '${spec}'${allowed.length ? `; options: ${allowed.join(', ')}` : ''})`, true);
+          throw new SpecError('EINVAL', `provider '${name}' has no option '${key}' (in spec '${redactSpec(spec)}'${allowed.length ? `; options: ${allowed.join(', ')}` : ''})`, true);
         }
       }
       // Backing names resolve against the image's location, known once the instance exists.

@@ -2,3 +2,5 @@
 import './memory';
 import './raw';
 import './qcow2';
+import './http';
+import './cache';
