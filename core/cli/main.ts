@@ -10,9 +10,10 @@ import { collect, globalOptions, loadPlugins, reportError, UsageError } from './
 import * as providers from './commands/providers';
 import * as info from './commands/info';
 import * as convert from './commands/convert';
+import * as xen from './commands/xen';
 
 /** Every command module, in the order `tapkit --help` lists them. */
-const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert];
+const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert, xen];
 
 export function buildProgram(): Command {
   const program = new Command('tapkit')
