@@ -763,6 +763,23 @@ static void scenario_overrun(void)
     wait_backend_state(XenbusStateClosed);
 }
 
+/* A read-only vbd: info says so, writes and discards are refused, reads succeed. */
+static void scenario_readonly(void)
+{
+    struct queue *Q = &queues[0];
+    if (!(xs_get_long(be, "info", 0) & VDISK_READONLY)) fail("info lacks VDISK_READONLY");
+    if (xs_get_long(be, "feature-discard", 0) != 0) fail("a read-only vbd offers discard");
+    unsigned page = alloc_pages(2);
+    fill(page, 0, 1, seed);
+    struct seg w = { grant(page, 1), 0, 7 }, r = { grant(page + 1, 0), 0, 7 };
+    uint64_t wid = put_rw(Q, BLKIF_OP_WRITE, 0, &w, 1);
+    uint64_t rid = put_rw(Q, BLKIF_OP_READ, 0, &r, 1);
+    push(Q);
+    expect(wid, BLKIF_RSP_ERROR, BLKIF_OP_WRITE, "write to a read-only vbd");
+    expect(rid, BLKIF_RSP_OKAY, BLKIF_OP_READ, "read of a read-only vbd");
+    printf("ok readonly\n");
+}
+
 static double seconds_since(struct timespec *t0)
 {
     struct timespec t;
@@ -907,6 +924,7 @@ int main(int argc, char **argv)
     else if (!strcmp(scenario, "queues")) scenario_queues();
     else if (!strcmp(scenario, "hostile")) scenario_hostile();
     else if (!strcmp(scenario, "bench")) scenario_bench();
+    else if (!strcmp(scenario, "readonly")) scenario_readonly();
     else if (!strcmp(scenario, "overrun")) {
         scenario_overrun();
         /* The backend serves again after Closed and Initialising. */
