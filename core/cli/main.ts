@@ -14,6 +14,7 @@ import * as daemon from './commands/daemon';
 import * as ctl from './commands/ctl';
 import * as serve from './commands/serve';
 import * as mount from './commands/mount';
+import * as xen from './commands/xen';
 
 /** Every command module, in the order `tapkit --help` lists them. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -22,6 +23,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   convert,
   serve,
   mount,
+  xen,
   daemon,
   ctl,
 ];
