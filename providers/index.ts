@@ -4,3 +4,4 @@ import './raw';
 import './qcow2';
 import './http';
 import './cache';
+import './vhd';

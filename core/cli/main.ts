@@ -15,6 +15,7 @@ import * as ctl from './commands/ctl';
 import * as serve from './commands/serve';
 import * as mount from './commands/mount';
 import * as xen from './commands/xen';
+import * as vhd from './commands/vhd';
 
 /** Every command module, in the order `tapkit --help` lists them. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -24,6 +25,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   serve,
   mount,
   xen,
+  vhd,
   daemon,
   ctl,
 ];
