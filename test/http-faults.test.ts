@@ -19,6 +19,9 @@ import type { Capabilities, DiskInfo, Provider } from '../core/provider';
 import { provider } from '../core/registry';
 import { Vbd } from '../core/vbd';
 import { FaultServer } from './helpers/fault-server';
+import * as fc from 'fast-check';
+import { parseContentRange } from '../providers/http/client';
+import { parseHeaderOption } from '../providers/http/url';
 
 const SECRET = 's3cretPW';
 
@@ -319,4 +322,38 @@ test('a backing file named relative to an http image is read from the same serve
   t.true(server.log.some((r) => r.path === '/images/base.img' && r.method === 'GET' && r.authorization !== undefined));
   t.false(JSON.stringify(p.backing!.describe!()).includes(SECRET));
   t.is(p.backing!.location, `${server.base}/images/base.img`);
+});
+
+test('a server that answers another range than asked is an EIO, never wrong bytes', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+  server.faults.lieAboutRange = true;
+  const e = await t.throwsAsync<BlockError>(readAt(p, 4096, 4096));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /answered range bytes 4097-8192\/\d+ to a request for bytes 4096-8191/);
+  server.faults.lieAboutRange = false;
+  t.deepEqual(await readAt(p, 4096, 4096), data.subarray(4096, 8192));
+});
+
+test('Content-Range and header parsing never throw on hostile text', (t) => {
+  fc.assert(
+    fc.property(fc.string({ maxLength: 80 }), (text) => {
+      const r = parseContentRange(text);
+      if (r) for (const v of [r.start, r.end, r.total]) if (v !== undefined) t.true(Number.isSafeInteger(v) || v > 2 ** 53);
+    }),
+  );
+  fc.assert(
+    fc.property(fc.string({ maxLength: 80 }), (text) => {
+      try {
+        const headers = parseHeaderOption(text);
+        for (const name of Object.keys(headers)) t.regex(name, /^[!#$%&'*+.^_`|~0-9a-z-]+$/);
+      } catch (e) {
+        // Refusals never echo the value (it may be a secret).
+        t.false((e as Error).message.includes(text) && text.length > 3);
+      }
+    }),
+  );
+  t.deepEqual(parseContentRange('bytes 0-9/100'), { start: 0, end: 9, total: 100 });
+  t.deepEqual(parseContentRange('bytes */0'), { start: undefined, end: undefined, total: 0 });
+  t.is(parseContentRange('bytes 0-9'), undefined);
 });
