@@ -35,6 +35,7 @@ export interface LoggedRequest {
   range?: string;
   ifMatch?: string;
   authorization?: string;
+  headers: http.IncomingHttpHeaders;
 }
 
 export class FaultServer {
@@ -75,7 +76,7 @@ export class FaultServer {
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const path = (req.url ?? '/').split('?')[0];
-    this.log.push({ method: req.method ?? '', path, range: req.headers.range, ifMatch: req.headers['if-match'] as string | undefined, authorization: req.headers.authorization });
+    this.log.push({ method: req.method ?? '', path, range: req.headers.range, ifMatch: req.headers['if-match'] as string | undefined, authorization: req.headers.authorization, headers: req.headers });
     const f = this.faults;
     if (f.drop > 0) {
       f.drop--;
