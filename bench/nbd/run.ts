@@ -125,7 +125,11 @@ function stopServer(): void {
   }
   child.kill('SIGKILL');
 }
-process.on('exit', stopServer);
+process.on('exit', () => {
+  stopServer();
+  // Also on an interrupted run: a gigabyte of tmpfs must not outlive the bench.
+  if (process.env.KEEP_DATA !== '1') fs.rmSync(DATA_DIR, { recursive: true, force: true });
+});
 for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(130));
 
 function must(cmd: string[], timeoutSeconds: number): string {
