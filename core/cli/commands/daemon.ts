@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { runDaemon } from '../../daemon/daemon';
 // Contributes the `snapshot` control operation (live VHD snapshots).
 import '../../daemon/snapshot';
+import '../../nbd/daemon-export'; // registers the nbd export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
 
