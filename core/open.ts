@@ -5,12 +5,13 @@
  * `OpenRequest.openBacking`, resolved against the image's location and bounded in depth,
  * with cycles refused.
  */
-import * as path from 'node:path';
 import { BlockError, SpecError, asBlockError, isBlockError } from './errors';
 import type { Provider } from './provider';
 import { OpenRequest, type BackingOptions } from './open-request';
 import { registry, type Registry, type RegisteredProvider } from './registry';
 import { parseFilterArg, parseSpec } from './spec';
+import { BackingPolicy, type BackingPolicyOptions } from './backing-policy';
+export { resolveBacking } from './resolve';
 
 export interface OpenOptions {
   readOnly?: boolean;
@@ -21,12 +22,16 @@ export interface OpenOptions {
   /** Where warnings go (default: stderr). */
   warn?: (message: string) => void;
   registry?: Registry;
+  /** Where backing files may be opened from (core/backing-policy.ts). */
+  backing?: BackingPolicyOptions;
 }
 
 interface ChainState {
   depth: number;
   /** Locations already open in this chain, to refuse cycles. */
   seen: string[];
+  /** The location of the image the user named: the backing policy's anchor. Shared by the whole chain. */
+  root: { location?: string };
 }
 
 const PROBE_BYTES = 65536;
@@ -37,8 +42,10 @@ export class Opener {
   private readonly registry: Registry;
   private readonly maxChainDepth: number;
   private readonly warn: (message: string) => void;
+  private readonly policy: BackingPolicy;
 
   constructor(private readonly options: OpenOptions = {}) {
+    this.policy = new BackingPolicy(options.backing);
     this.registry = options.registry ?? registry();
     this.maxChainDepth = options.maxChainDepth ?? 16;
     this.warn = options.warn ?? ((m) => process.stderr.write(`tapkit: warning: ${m}\n`));
@@ -46,7 +53,8 @@ export class Opener {
 
   /** Opens a full spec with the options' filters on top. */
   async open(spec: string): Promise<Provider> {
-    let top = await this.openSpec(spec, !!this.options.readOnly, { depth: 0, seen: [] }, true);
+    const chain: ChainState = { depth: 0, seen: [], root: {} };
+    let top = await this.openSpec(spec, !!this.options.readOnly, chain, true);
     for (const filter of this.options.filters ?? []) {
       const { name, options } = parseFilterArg(filter);
       const entry = this.lookup(name, `--filter ${filter}`);
@@ -54,7 +62,7 @@ export class Opener {
         await top.close().catch(() => {});
         throw new SpecError('EINVAL', `'${name}' is a ${entry.declaration.kind}, not a filter (in --filter ${filter})`, true);
       }
-      top = await this.construct(entry, `${filter}:${spec}`, '', options, top, !!this.options.readOnly, { depth: 0, seen: [] });
+      top = await this.construct(entry, `${filter}:${spec}`, '', options, top, !!this.options.readOnly, chain);
     }
     return top;
   }
@@ -140,9 +148,11 @@ export class Opener {
       const request = new OpenRequest(spec, arg, Object.freeze({ ...options }), lower, readOnly, (backingName, backingOptions) => {
         const location = locationOf();
         const seen = location ? [...chain.seen, location] : chain.seen;
-        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen });
+        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root });
       }, this.warn);
       instance = entry.construct(request);
+      // The first located source of the top chain anchors the backing policy.
+      if (chain.depth === 0 && chain.root.location === undefined && instance.location) chain.root.location = instance.location;
       const hook = (instance as { open?: () => Promise<void> }).open;
       if (typeof hook === 'function') await hook.call(instance);
       return instance;
@@ -155,26 +165,18 @@ export class Opener {
 
   private async openBacking(name: string, options: BackingOptions, location: string | undefined, childSpec: string, chain: ChainState): Promise<Provider> {
     if (chain.depth + 1 > this.maxChainDepth) {
-      throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit maxChainDepth) at '${name}' named by '${childSpec}'`);
+      throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit --max-chain-depth) at '${name}' named by '${childSpec}'`);
     }
-    const resolved = resolveBacking(name, location, childSpec);
-    if (chain.seen.includes(resolved)) {
+    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec);
+    if (chain.seen.includes(decision.target)) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);
     }
-    const spec = options.format ? `${options.format}:${resolved}` : resolved;
-    // Named formats are opened over their source; unnamed ones are probed.
-    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen };
+    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root };
+    // The user's own spec is opened as written; a name from an image gets its named format, or is probed.
+    if (decision.explicit) return this.openSpec(decision.target, true, next, true);
+    const spec = options.format ? `${options.format}:${decision.target}` : decision.target;
     return this.openSpec(spec, true, next, !options.format);
   }
-}
-
-/** Resolves a backing name against the location of the image that names it. */
-export function resolveBacking(name: string, location: string | undefined, childSpec: string): string {
-  if (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(name)) return name;
-  if (location && /^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(location)) return new URL(name, location).href;
-  if (path.isAbsolute(name)) return path.normalize(name);
-  if (!location) throw new BlockError('EINVAL', `cannot resolve the relative backing name '${name}': '${childSpec}' has no location`);
-  return path.resolve(path.dirname(location), name);
 }
 
 /** Convenience: open a spec with default options. */

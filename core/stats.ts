@@ -9,14 +9,22 @@ const BUCKETS = 32;
 export class LatencyHistogram {
   readonly counts = new Array<number>(BUCKETS).fill(0);
   total = 0;
+  /** Sum of all recorded latencies in µs (for Prometheus' _sum). */
+  sum = 0;
 
   record(micros: number): void {
+    this.sum += micros;
     const bucket = micros < 1 ? 0 : Math.min(BUCKETS - 1, Math.floor(Math.log2(micros)) + 1);
     this.counts[bucket]++;
     this.total++;
   }
 
   /** Upper bound (µs) of the bucket holding the p-th percentile (0 < p ≤ 100), or 0 when empty. */
+  /** Upper bound in µs of bucket i (Infinity for the last). */
+  static bound(i: number): number {
+    return i === BUCKETS - 1 ? Infinity : 2 ** i;
+  }
+
   percentile(p: number): number {
     if (this.total === 0) return 0;
     const rank = Math.ceil((p / 100) * this.total);

@@ -1,3 +1,4 @@
 /** Importing this module registers every built-in provider. */
 import './memory';
 import './raw';
+import './qcow2';

@@ -4,6 +4,7 @@
  * (2 for what the user typed wrong, 1 for I/O failures).
  */
 import * as path from 'node:path';
+import { createRequire } from 'node:module';
 import { pathToFileURL } from 'node:url';
 import type { Command } from 'commander';
 import { BlockError, SpecError, isBlockError } from '../errors';
@@ -24,14 +25,26 @@ export function globalOptions(command: Command): GlobalOptions {
 /** Loads each `--plugin MODULE` (a path or a package name); it registers its providers on load. */
 export async function loadPlugins(modules: string[]): Promise<void> {
   for (const name of modules) {
-    const isPath = name.startsWith('.') || path.isAbsolute(name) || /\.[cm]?js$/.test(name);
-    const target = isPath ? pathToFileURL(path.resolve(name)).href : name;
     try {
-      await import(target);
+      await import(pluginTarget(name));
     } catch (e) {
-      const reason = (e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' ? 'module not found' : (e as Error).message.split('\n')[0];
+      const reason = (e instanceof Error ? e.message.split('\n')[0] : String(e)).replace(/ imported from \S+$/, '');
       throw new SpecError('EINVAL', `cannot load plugin '${name}': ${reason}`, true, { cause: e });
     }
+  }
+}
+
+/**
+ * A path (`./mine.js`, `/abs/mine.js`, `mine.js`) loads that file; a package name is
+ * resolved from the current directory (the user's project), then from tapkit's own.
+ */
+function pluginTarget(name: string): string {
+  const isPath = name.startsWith('.') || path.isAbsolute(name) || /\.[cm]?js$/.test(name);
+  if (isPath) return pathToFileURL(path.resolve(name)).href;
+  try {
+    return pathToFileURL(createRequire(path.join(process.cwd(), 'package.json')).resolve(name)).href;
+  } catch {
+    return name;
   }
 }
 
@@ -40,12 +53,18 @@ export interface OpenCliOptions {
   readOnly?: boolean;
   filter?: string[];
   maxChainDepth?: string;
+  allowBacking?: string[];
+  /** commander turns --no-backing into backing: false. */
+  backing?: string[] | false;
 }
 
 export function addOpenOptions(command: Command): Command {
   return command
     .option('--filter <name[,key=value...]>', 'put a filter on top (repeatable)', collect, [])
-    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16');
+    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16')
+    .option('--allow-backing <dir|url-prefix>', 'let backing files come from this tree or URL prefix too (repeatable)', collect, [])
+    .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
+    .option('--no-backing', 'refuse every backing file and parent');
 }
 
 export function collect(value: string, previous: string[]): string[] {
@@ -55,7 +74,12 @@ export function collect(value: string, previous: string[]): string[] {
 export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
   const depth = Number(options.maxChainDepth ?? 16);
   if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, ...extra });
+  const backing = {
+    allow: (options.allowBacking ?? []).map((a) => (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(a) ? a : path.resolve(a))),
+    noBacking: options.backing === false,
+    explicit: options.backing === false ? [] : options.backing ?? [],
+  };
+  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, backing, ...extra });
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {
@@ -83,6 +107,11 @@ export function describeError(e: unknown): string {
 /** Reports an error as one line (a stack trace too with --debug) and sets the exit code. */
 export function reportError(e: unknown, debug: boolean): void {
   process.stderr.write(`tapkit: ${describeError(e)}\n`);
-  if (debug && e instanceof Error && e.stack) process.stderr.write(`${e.stack}\n`);
+  if (debug) {
+    for (let cause: unknown = e; cause instanceof Error; cause = cause.cause) {
+      if (cause !== e) process.stderr.write('caused by: ');
+      process.stderr.write(`${cause.stack ?? cause.message}\n`);
+    }
+  }
   process.exitCode = exitCodeFor(e);
 }

@@ -10,10 +10,21 @@ import { collect, globalOptions, loadPlugins, reportError, UsageError } from './
 import * as providers from './commands/providers';
 import * as info from './commands/info';
 import * as convert from './commands/convert';
+import * as daemon from './commands/daemon';
+import * as ctl from './commands/ctl';
+import * as serve from './commands/serve';
 import * as mount from './commands/mount';
 
 /** Every command module, in the order `tapkit --help` lists them. */
-const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert, mount];
+const COMMANDS: Array<{ register(program: Command): void }> = [
+  providers,
+  info,
+  convert,
+  serve,
+  mount,
+  daemon,
+  ctl,
+];
 
 export function buildProgram(): Command {
   const program = new Command('tapkit')
@@ -21,14 +32,13 @@ export function buildProgram(): Command {
     .version(require('../../../package.json').version)
     .option('--plugin <module>', 'load a provider module (repeatable)', collect, [])
     .option('--debug', 'print stack traces with errors')
-    .showHelpAfterError()
     .exitOverride();
   program.hook('preAction', async (_this, action) => {
     await loadPlugins(globalOptions(action).plugin ?? []);
   });
   for (const command of COMMANDS) command.register(program);
   // Subcommands report usage errors through the same path as the program.
-  for (const sub of program.commands) sub.exitOverride().showHelpAfterError();
+  for (const sub of program.commands) sub.exitOverride();
   return program;
 }
 

@@ -1,0 +1,24 @@
+/** `tapkit daemon [--config FILE] [--control PATH] [--metrics HOST:PORT]`: the long-running service. */
+import type { Command } from 'commander';
+import { runDaemon } from '../../daemon/daemon';
+import { isLevel, Logger } from '../../daemon/log';
+import { UsageError } from '../context';
+
+export function register(program: Command): void {
+  program
+    .command('daemon')
+    .description('host many devices and their exports in one process, managed with `tapkit ctl`')
+    .option('--config <file>', 'JSON configuration: devices to start, limits (SIGHUP reloads it)')
+    .option('--control <path>', 'control socket (default /run/tapkit/control.sock)')
+    .option('--metrics <host:port>', 'serve Prometheus metrics on this loopback address')
+    .option('--log-level <level>', 'debug, info, warn or error', 'info')
+    .action(async (options: { config?: string; control?: string; metrics?: string; logLevel: string }) => {
+      if (!isLevel(options.logLevel)) throw new UsageError(`--log-level must be debug, info, warn or error (got '${options.logLevel}')`);
+      await runDaemon({
+        configFile: options.config,
+        control: options.control,
+        metrics: options.metrics,
+        log: new Logger(process.stderr, options.logLevel),
+      });
+    });
+}
