@@ -185,6 +185,9 @@ export class Opener {
     const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root, memory: chain.memory };
     // The user's own spec is opened as written; a name from an image gets its named format, or is probed.
     if (decision.explicit) return this.openSpec(decision.target, true, next, true);
+    // A named source format (`raw`) means "these bytes as they are": the target's own source,
+    // unprobed (`raw:http://...` would make a URL a local path).
+    if (options.format && this.registry.get(options.format)?.declaration.kind === 'source') return this.openSpec(decision.target, true, next, false);
     const spec = options.format ? `${options.format}:${decision.target}` : decision.target;
     return this.openSpec(spec, true, next, !options.format);
   }
