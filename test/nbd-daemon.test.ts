@@ -73,8 +73,13 @@ test('a config device on a Unix socket and a ctl device on TCP, reached by qemu 
   const check = await must(t, 'qemu-io', ['-f', 'raw', '-c', 'read -P 0x77 5000000 4096', '-c', 'read -P 0 4999999 1', tcpUri]);
   t.notRegex(check, /Pattern verification failed/);
 
-  // The export's counters and the device's operations show up in stats.
-  const stats = await daemon.ok<DeviceStats>({ op: 'stats', device: 'scratch' });
+  // The export's counters and the device's operations show up in stats (the server may see
+  // the last client's close a moment after the client exited).
+  let stats = await daemon.ok<DeviceStats>({ op: 'stats', device: 'scratch' });
+  for (let i = 0; i < 100 && (stats.exports[0].stats as { connections: number }).connections > 0; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    stats = await daemon.ok<DeviceStats>({ op: 'stats', device: 'scratch' });
+  }
   t.like(stats.exports[0], { kind: 'nbd', target: tcpUri });
   t.like(stats.exports[0].stats as object, { connections: 0 });
   t.true((stats.exports[0].stats as { accepted: number }).accepted >= 3);
@@ -123,6 +128,9 @@ test('bad nbd export arguments fail the create and leave nothing behind', async 
   const bad = await ctl(daemon.control, 'create', 'memory:1M', '--export', 'nbd:nowhere');
   t.is(bad.code, 1);
   t.regex(bad.stderr, /nbd export: 'nowhere' is neither a socket path/);
+  const relative = await ctl(daemon.control, 'create', 'memory:1M', '--export', 'nbd:unix:relative.sock');
+  t.is(relative.code, 1);
+  t.regex(relative.stderr, /must be absolute/);
 
   // A socket someone else serves is not stolen; the half-made device is closed.
   const socket = path.join(dir, 'taken.sock');
