@@ -168,13 +168,16 @@ export class Opener {
     if (chain.depth + 1 > this.maxChainDepth) {
       throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit --max-chain-depth) at '${name}' named by '${childSpec}'`);
     }
-    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec);
+    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec, options.role);
     if (chain.seen.includes(decision.target)) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);
     }
     const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root };
     // The user's own spec is opened as written; a name from an image gets its named format, or is probed.
     if (decision.explicit) return this.openSpec(decision.target, true, next, true);
+    // 'raw' names no container: the target's own bytes from whatever source it is (a file, a
+    // URL), never probed. (`raw:URL` would hand the URL to the file source as a path.)
+    if (options.format === 'raw') return this.openSpec(decision.target, true, next, false);
     const spec = options.format ? `${options.format}:${decision.target}` : decision.target;
     return this.openSpec(spec, true, next, !options.format);
   }

@@ -149,7 +149,7 @@ export class Qcow2Provider implements Provider {
     if (hasBit(this.header.autoclearFeatures, AUTOCLEAR.rawExternalData) && this.header.backingFile !== undefined) {
       throw new CorruptImageError('autoclear_features', `qcow2: ${this.where} has a raw external data file and a backing file, which cannot go together`);
     }
-    this.dataFile = await this.request.openBacking(name, { format: 'raw' });
+    this.dataFile = await this.request.openBacking(name, { format: 'raw', role: 'data-file' });
   }
 
   private async openBackingFile(name: string): Promise<void> {
