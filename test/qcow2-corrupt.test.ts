@@ -6,6 +6,7 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import fc from 'fast-check';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError, CorruptImageError, isBlockError, type ErrnoName } from '../core';
@@ -229,6 +230,62 @@ test.serial('an extended L2 entry marked both allocated and zero fails the read'
   const l2 = firstL2(image);
   writeU64(image, l2 + 8, (1n << 32n) | 1n);
   await assertReadFails(t, image, /both allocated and zero/);
+});
+
+/** `qemu-img check`'s verdict: its exit code (2: corruptions found) and the corruption count. */
+function qemuCheck(image: string): { code: number | null; corruptions: number } {
+  const r = spawnSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', timeout: 60_000 });
+  let corruptions = 0;
+  try {
+    corruptions = (JSON.parse(r.stdout) as { corruptions?: number }).corruptions ?? 0;
+  } catch {
+    // No JSON: the image did not even open; the exit code says so.
+  }
+  return { code: r.status, corruptions };
+}
+
+/** What qemu-io gives for a read of the first bytes: 'eio', or the bytes it returned. */
+function qemuIoRead(image: string, offset = 0): 'eio' | 'zeros' | 'data' {
+  const r = spawnSync('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -v ${offset} 16`, image], { encoding: 'utf8', timeout: 60_000 });
+  if (/Input\/output error/.test(r.stdout + r.stderr)) return 'eio';
+  return /^[0-9a-f]{8}: +00( 00){15} /m.test(r.stdout) ? 'zeros' : 'data';
+}
+
+test.serial('damage qemu-img check finds is refused too, including L1/L2 pointers past the end that qemu-io reads as zeros', async (t) => {
+  // The first compressed cluster of the 'compressed' image (64 KiB clusters).
+  let compressedIndex = 0;
+  const l2c = firstL2(images.compressed);
+  while (compressedIndex < 16 && (readU64(images.compressed, l2c + compressedIndex * 8) & (1n << 62n)) === 0n) compressedIndex++;
+  t.true(compressedIndex < 16, 'the compressed image has a compressed cluster');
+  const cases: Array<{ what: string; from: string; damage: (image: string) => void; qemuIo: 'eio' | 'zeros'; ours: RegExp; at?: number }> = [
+    { what: 'L1 entry past the end', from: 'plain', damage: (i) => writeU64(i, headerFields(i).l1Offset, (1n << 63n) | (1n << 40n)), qemuIo: 'zeros', ours: /L1 entry 0 .* past the end/ },
+    { what: 'L1 entry misaligned', from: 'plain', damage: (i) => writeU64(i, headerFields(i).l1Offset, readU64(i, headerFields(i).l1Offset) + 512n), qemuIo: 'eio', ours: /L1 entry 0 .* not aligned/ },
+    { what: 'L2 entry past the end', from: 'plain', damage: (i) => writeU64(i, firstL2(i), (1n << 63n) | (1n << 36n)), qemuIo: 'zeros', ours: /guest offset 0 maps to .* past the end/ },
+    { what: 'L2 entry misaligned', from: 'plain', damage: (i) => writeU64(i, firstL2(i), readU64(i, firstL2(i)) + 4096n), qemuIo: 'eio', ours: /L2 entry 0 .* not aligned/ },
+    { what: 'subclusters both allocated and zero', from: 'extl2', damage: (i) => writeU64(i, firstL2(i) + 8, (1n << 32n) | 1n), qemuIo: 'eio', ours: /both allocated and zero/ },
+    {
+      what: 'compressed data past the end',
+      from: 'compressed',
+      damage: (i) => {
+        const at = firstL2(i) + compressedIndex * 8;
+        const offsetMask = (1n << 54n) - 1n;
+        writeU64(i, at, (readU64(i, at) & ~offsetMask) | (1n << 40n));
+      },
+      qemuIo: 'eio',
+      ours: /compressed data at 1099511627776 .* past the end/,
+      at: compressedIndex * 65536,
+    },
+  ];
+  for (const c of cases) {
+    const image = copyOf(c.from);
+    t.is(qemuCheck(image).code, 0, `${c.what}: the undamaged copy passes qemu-img check`);
+    c.damage(image);
+    const verdict = qemuCheck(image);
+    t.is(verdict.code, 2, `${c.what}: qemu-img check reports corruption`);
+    t.true(verdict.corruptions > 0, `${c.what}: qemu-img check counts corruptions`);
+    t.is(qemuIoRead(image, c.at), c.qemuIo, `${c.what}: qemu-io reads ${c.qemuIo === 'eio' ? 'fail' : 'silent zeros'}`);
+    await assertReadFails(t, image, c.ours);
+  }
 });
 
 test.serial('truncated files are refused at open or fail the read, never read as zeros', async (t) => {
