@@ -217,6 +217,24 @@ test('an external data file is confined like a backing file, but --no-backing an
   t.is(p.backing?.location, base);
 });
 
+test('a chain twelve qcow2 images deep reads as qemu does; a chain deeper than the limit is refused naming it', async (t) => {
+  const dir = workDir();
+  let previous = 'base.raw';
+  fs.writeFileSync(path.join(dir, previous), Buffer.alloc(2 * MiB, 0x01));
+  for (let level = 1; level <= 12; level++) {
+    const name = `level-${level}.qcow2`;
+    // Alternating formats of the layers themselves: v2 and v3, 4 KiB and 64 KiB clusters.
+    const options = level % 2 ? 'compat=0.10,cluster_size=4k' : 'compat=1.1,cluster_size=64k';
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, '-b', previous, '-F', previous.endsWith('.raw') ? 'raw' : 'qcow2', path.join(dir, name), '2M']);
+    qemuIo(path.join(dir, name), [`write -P ${level + 16} ${level * 100}k ${level * 4}k`, `write -z ${level * 150}k 4k`]);
+    previous = name;
+  }
+  const top = path.join(dir, previous);
+  const p = await assertReads(t, top, qemuRaw(top));
+  t.is(chainOf(p).length, 13, 'twelve qcow2 layers and the raw base');
+  await assertRefused(t, top, 'ELOOP', /backing chain deeper than 8 \(limit --max-chain-depth\)/, { maxChainDepth: 8 });
+});
+
 function tapkit(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     execFile(process.execPath, [CLI, ...args], { timeout: 120_000, encoding: 'utf8' }, (error, stdout, stderr) => {
