@@ -163,6 +163,42 @@ test.serial('header fields out of range are refused, naming the field', async (t
   }
 });
 
+test.serial('hostile L1 sizes: the limit bounds what is allocated, and a larger claim is refused before any allocation', async (t) => {
+  const MiB = 1024 * 1024;
+  // At the limit: 4 Mi entries (32 MiB), inside a file made long enough (sparse).
+  const atLimit = copyOf('plain');
+  const { l1Offset } = headerFields(atLimit);
+  setU32(atLimit, 36, 4 * MiB);
+  fs.truncateSync(atLimit, l1Offset + 32 * MiB);
+  const before = process.memoryUsage().arrayBuffers;
+  const vbd = await bounded(openVbd(`qcow2:${atLimit}`), 'open');
+  const grown = process.memoryUsage().arrayBuffers - before;
+  try {
+    t.true(grown <= 40 * MiB, `an L1 at the 32 MiB limit costs about 32 MiB (grew ${(grown / MiB).toFixed(1)} MiB)`);
+    const head = Buffer.alloc(64 * 1024);
+    await vbd.read(head, 0);
+    t.true(head.every((b) => b === 0x11), 'and the image still reads');
+  } finally {
+    await vbd.close();
+  }
+  // Beyond it, up to the largest u32: refused by the limit, whatever the file's size.
+  for (const entries of [4 * MiB + 1, 0xffffffff]) {
+    const hostile = copyOf('plain');
+    setU32(hostile, 36, entries);
+    const start = process.memoryUsage().arrayBuffers;
+    await assertRefusedAtOpen(t, hostile, /larger than the 32 MiB limit/);
+    const used = process.memoryUsage().arrayBuffers - start;
+    t.true(used < 8 * MiB, `${entries} entries refused without allocating them (grew ${(used / MiB).toFixed(1)} MiB)`);
+  }
+  // A snapshot claiming a huge L1 is refused when the snapshot table is read.
+  const snap = path.join(dir, 'hostile-snap.qcow2');
+  qemuImg(['create', '-q', '-f', 'qcow2', snap, '1M']);
+  qemuImg(['snapshot', '-c', 's1', snap]);
+  const snapshotsOffset = Number(readU64(snap, 64));
+  setU32(snap, snapshotsOffset + 8, 0x7fffffff);
+  await assertRefusedAtOpen(t, snap, /snapshot 0 has an L1 table of 2147483647 entries/);
+});
+
 test.serial('a header extension that overruns its area is refused', async (t) => {
   const image = copyOf('plain');
   const bytes = fs.readFileSync(image);
