@@ -185,7 +185,7 @@ export class Opener {
     if (chain.depth + 1 > this.maxChainDepth) {
       throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit chain-depth; raise it with --max-chain-depth N) at '${name}' named by '${childSpec}'`);
     }
-    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec);
+    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec, options.role);
     // Judged on the real file, so a name that reaches the same image through a symlink is a loop too.
     if (chain.seen.includes(chainIdentity(decision.target))) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);
