@@ -190,3 +190,20 @@ test.serial('SIGKILL of the daemon: users of the mount get errors, and tapkit un
   t.is(unmounted.code, 0, unmounted.stderr);
   gone(t, mnt);
 });
+
+test.serial('the daemon sizes the thread pool before plugins load, so a plugin does not shrink the room for mounts', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-plugin-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const plugin = path.join(__dirname, '..', 'examples', 'pattern.js');
+  const daemon = await startDaemon(['--plugin', plugin]);
+  t.teardown(async () => {
+    await daemon.stop();
+    await cleanupMount(mnt, daemon.child, Promise.resolve());
+  });
+  await daemon.ok({ op: 'create', spec: 'pattern:16M', readOnly: true, exports: [`fuse:${mnt}`] });
+  const read = await run('dd', [`if=${path.join(mnt, 'disk')}`, 'of=/dev/null', 'bs=1M', 'status=none'], 30_000);
+  t.is(read.code, 0, read.stderr);
+  // libuv starts every pool thread at once: the daemon's threads number more than 128.
+  t.true(fs.readdirSync(`/proc/${daemon.child.pid}/task`).length > 128);
+});

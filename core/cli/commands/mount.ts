@@ -30,6 +30,12 @@ interface MountCliOptions extends OpenCliOptions {
 }
 
 export function register(program: Command): void {
+  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
+  // provider's own file I/O. Set before the program's preAction hook (plugins loaded as
+  // ES modules start the pool), since the pool's size is fixed when it starts.
+  program.hook('preSubcommand', (_program, sub) => {
+    if (sub.name() === 'mount') process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
+  });
   addOpenOptions(
     program
       .command('mount')
@@ -51,9 +57,6 @@ export function register(program: Command): void {
 }
 
 async function serve(spec: string, mountpointArg: string, options: MountCliOptions): Promise<void> {
-  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
-  // provider's own file I/O. Must be set before the pool starts (on first use).
-  process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
   const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
   const mountpoint = resolveMountpoint(mountpointArg);
   if (findMount(mountpoint)?.fstype === FUSE_FSTYPE) throw new UsageError(`${mountpoint} is already a tapkit mount (tapkit unmount ${mountpoint})`);
