@@ -2,3 +2,6 @@
 import './memory';
 import './raw';
 import './qcow2';
+import './http';
+import './cache';
+import './vhd';

@@ -14,6 +14,8 @@ import * as daemon from './commands/daemon';
 import * as ctl from './commands/ctl';
 import * as serve from './commands/serve';
 import * as mount from './commands/mount';
+import * as xen from './commands/xen';
+import * as vhd from './commands/vhd';
 
 /** Every command module, in the order `tapkit --help` lists them. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -22,6 +24,8 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   convert,
   serve,
   mount,
+  xen,
+  vhd,
   daemon,
   ctl,
 ];

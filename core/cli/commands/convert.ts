@@ -5,6 +5,7 @@ import { copyVbd } from '../../copy';
 import { BlockError, fromSystemError } from '../../errors';
 import type { Provider } from '../../provider';
 import { Opener } from '../../open';
+import { redactSpec } from '../../redact';
 import { Vbd } from '../../vbd';
 import { addOpenOptions, openerFor, UsageError, type OpenCliOptions } from '../context';
 import { progressBar } from '../progress';
@@ -21,7 +22,7 @@ export function register(program: Command): void {
     .option('--progress', 'show a progress bar on a terminal')
     .action(async (src: string, dst: string, options: OpenCliOptions & { outputFormat: string; progress?: boolean }) => {
       if (options.outputFormat !== 'raw') throw new UsageError(`unsupported output format '${options.outputFormat}' (supported: raw)`);
-      const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: src });
+      const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: redactSpec(src) });
       try {
         const existing = statOrUndefined(dst);
         if (existing && readsFrom(source.top, existing)) {

@@ -1,6 +1,9 @@
 /** `tapkit daemon [--config FILE] [--control PATH] [--metrics HOST:PORT]`: the long-running service. */
 import type { Command } from 'commander';
 import { runDaemon } from '../../daemon/daemon';
+// Contributes the `snapshot` control operation (live VHD snapshots).
+import '../../daemon/snapshot';
+import '../../nbd/daemon-export'; // registers the nbd export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
 import '../../fuse/daemon-export';
