@@ -46,7 +46,7 @@ function qemuImage(name: string, qemuFormat: string, specName: string): ImageCas
 const CASES: ImageCase[] = [
   { name: 'memory', create: async () => `memory:${DISK}` },
   qemuImage('raw', 'raw', 'raw'),
-  // qemuImage('vhd', 'vpc', 'vhd'),  ← once providers/vhd has landed
+  qemuImage('vhd', 'vpc', 'vhd'),
 ];
 
 function gone(t: ExecutionContext, served: Served): void {

@@ -4,9 +4,9 @@ import { runDaemon } from '../../daemon/daemon';
 // Contributes the `snapshot` control operation (live VHD snapshots).
 import '../../daemon/snapshot';
 import '../../nbd/daemon-export'; // registers the nbd export kind
+import '../../fuse/daemon-export'; // registers the fuse export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
-import '../../fuse/daemon-export';
 
 /** Threads for the libuv pool: FUSE mounts keep reads of /dev/fuse waiting on it (core/fuse/export.ts). */
 const DAEMON_THREADPOOL = 128;
