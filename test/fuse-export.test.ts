@@ -19,8 +19,8 @@ const DISK = '256M';
 
 interface ImageCase {
   name: string;
-  /** Makes the image (with the real tool) and returns the spec tapkit mounts. */
-  create(t: ExecutionContext, dir: string): Promise<string>;
+  /** Makes the image (with the real tool); returns the spec tapkit mounts and its size. */
+  create(t: ExecutionContext, dir: string): Promise<{ spec: string; size: number }>;
   /** For images that outlive the server: the image's content as a raw file, by qemu-img. */
   qemuToRaw?(t: ExecutionContext, dir: string): Promise<string>;
 }
@@ -32,7 +32,9 @@ function qemuImage(name: string, qemuFormat: string, specName: string): ImageCas
     name,
     create: async (t, dir) => {
       await must(t, 'qemu-img', ['create', '-q', '-f', qemuFormat, image(dir), DISK]);
-      return `${specName}:${image(dir)}`;
+      // The virtual size as qemu sees it (VHD rounds up to its CHS geometry).
+      const info = JSON.parse(await must(t, 'qemu-img', ['info', '--output=json', '-f', qemuFormat, image(dir)])) as { 'virtual-size': number };
+      return { spec: `${specName}:${image(dir)}`, size: info['virtual-size'] };
     },
     qemuToRaw: async (t, dir) => {
       const out = path.join(dir, `${name}-qemu.raw`);
@@ -44,7 +46,7 @@ function qemuImage(name: string, qemuFormat: string, specName: string): ImageCas
 
 /** Every disk the ext4 round trip runs on. Another format is one more line here. */
 const CASES: ImageCase[] = [
-  { name: 'memory', create: async () => `memory:${DISK}` },
+  { name: 'memory', create: async () => ({ spec: `memory:${DISK}`, size: 256 * 2 ** 20 }) },
   qemuImage('raw', 'raw', 'raw'),
   qemuImage('vhd', 'vpc', 'vhd'),
 ];
@@ -57,11 +59,12 @@ function gone(t: ExecutionContext, served: Served): void {
 for (const c of CASES) {
   test.serial(`${c.name}: ext4 on the loop device survives write, remount, fsck, unmount and reopen`, async (t) => {
     const dir = tempDir(t, `fuse-${c.name}-`);
-    const spec = await c.create(t, dir);
+    const { spec, size } = await c.create(t, dir);
     const served = await serve(t, spec, ['--loop'], dir);
     t.true(served.file.endsWith('/mnt/disk'));
     t.regex(served.device!, /^\/dev\/loop\d+$/);
-    t.is(fs.statSync(served.file).size, 256 * 2 ** 20);
+    t.is(fs.statSync(served.file).size, size);
+    t.is(fs.readFileSync(`/sys/block/${path.basename(served.device!)}/loop/dio`, 'utf8').trim(), '1', 'the loop device does direct I/O on the file');
 
     await must(t, 'mkfs.ext4', ['-q', '-F', served.device!], 180_000);
     const ext4 = await mountExt4(t, served.device!, dir);
