@@ -280,3 +280,18 @@ test.serial('tapkit unmount refuses while a file system is mounted on the loop d
   gone(t, served);
   t.is((await served.exit).code, 0);
 });
+
+test.serial("a provider's error reaches the writer through the kernel as its errno (ENOSPC), and the mount keeps serving", async (t) => {
+  const dir = tempDir(t, 'fuse-enospc-');
+  const served = await serve(t, 'memory,limit=1M:16M', [], dir);
+  const dd = await run('dd', ['if=/dev/urandom', `of=${served.file}`, 'bs=64k', 'count=64', 'conv=notrunc,fsync', 'status=none'], 60_000);
+  t.not(dd.code, 0);
+  t.regex(dd.stderr, /No space left on device/);
+  // Reading is still fine, and so is writing over what is already allocated.
+  const again = await run('dd', ['if=/dev/zero', `of=${served.file}`, 'bs=64k', 'count=4', 'conv=notrunc,fsync', 'status=none'], 60_000);
+  t.is(again.code, 0, again.stderr);
+  t.is(fs.readFileSync(served.file).length, 16 * 2 ** 20);
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  t.is((await served.exit).code, 0, served.stderr());
+});
