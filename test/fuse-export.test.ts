@@ -295,3 +295,24 @@ test.serial("a provider's error reaches the writer through the kernel as its err
   t.is(unmounted.code, 0, unmounted.stderr);
   t.is((await served.exit).code, 0, served.stderr());
 });
+
+test.serial('--allow-other lets another user read the file (permissions still apply); without it the kernel refuses them', async (t) => {
+  const asNobody = (args: string[]) => run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', ...args], 30_000);
+  for (const allowOther of [false, true]) {
+    const dir = tempDir(t, 'fuse-other-');
+    fs.chmodSync(dir, 0o755); // let the other user reach the mount point
+    const served = await serve(t, 'memory:4M', allowOther ? ['--allow-other'] : [], dir);
+    const read = await asNobody(['dd', `if=${served.file}`, 'of=/dev/null', 'bs=4k', 'count=1', 'status=none']);
+    const write = await asNobody(['dd', 'if=/dev/zero', `of=${served.file}`, 'bs=4k', 'count=1', 'conv=notrunc', 'status=none']);
+    if (allowOther) {
+      t.is(read.code, 0, `read as nobody: ${read.stderr}`);
+      t.not(write.code, 0, 'the file is 0644 and owned by root');
+    } else {
+      t.not(read.code, 0, 'without allow_other only the mounting user gets in');
+      t.not(write.code, 0);
+    }
+    t.regex(allowOther ? write.stderr : read.stderr, /Permission denied/);
+    const unmounted = await tapkit(['unmount', served.mountpoint]);
+    t.is(unmounted.code, 0, unmounted.stderr);
+  }
+});
