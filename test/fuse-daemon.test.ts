@@ -74,6 +74,14 @@ test.serial('ctl create --export fuse:MNT,loop: writes through the loop device a
   t.deepEqual(loopsBackedBy({ under: mnt }).map((l) => l.device), [fuse.device]);
   t.regex((await ctl(daemon, 'list')).stdout, new RegExp(`fuse:${fuse.target} \\(${fuse.device}\\)`));
 
+  // examples/daemon/block-tapkit picks the loop device out of `ctl list --json` with an
+  // inline node program; run that very program on this daemon's answer.
+  const script = fs.readFileSync(path.join(__dirname, '..', '..', 'examples', 'daemon', 'block-tapkit'), 'utf8');
+  const picker = /node -e '([\s\S]*?)' "\$id"/.exec(script);
+  t.truthy(picker, 'block-tapkit still has its node -e picker');
+  const picked = await must(t, 'bash', ['-c', `"$1" ${CLI} ctl --control "$2" list --json | "$1" -e "$3" "$4"`, 'pick', process.execPath, daemon.control, picker![1], id], 30_000);
+  t.is(picked, fuse.device!, 'block-tapkit would hand this loop device to blkback');
+
   // One MiB through the loop device (direct I/O, past the page cache), one through the file.
   const viaLoop = randomBytes(MiB);
   const viaFile = randomBytes(MiB);
