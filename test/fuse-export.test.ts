@@ -316,3 +316,16 @@ test.serial('--allow-other lets another user read the file (permissions still ap
     t.is(unmounted.code, 0, unmounted.stderr);
   }
 });
+
+test.serial('with a plugin loaded, tapkit mount still has threads for its readers and the file reads', async (t) => {
+  // Loading a plugin (an ES module import) starts libuv's pool; tapkit mount must have
+  // sized it first, or its 8 waiting reads of /dev/fuse would take every thread.
+  const plugin = path.join(__dirname, '..', 'examples', 'pattern.js');
+  const served = await serve(t, 'pattern:16M', ['--read-only', '--plugin', plugin]);
+  const read = await run('dd', [`if=${served.file}`, 'of=/dev/null', 'bs=1M', 'status=none'], 30_000);
+  t.is(read.signal, null, 'the read did not hang');
+  t.is(read.code, 0, read.stderr);
+  t.true(fs.readdirSync(`/proc/${served.proc.pid}/task`).length > 16);
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+});
