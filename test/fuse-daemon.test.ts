@@ -130,6 +130,15 @@ test.serial('a bad fuse export fails the create and leaves no device, mount or l
   const missing = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${path.join(dir, 'nope')},loop`);
   t.is(missing.code, 1);
   t.regex(missing.stderr, /nope/);
+  // A mount point this daemon already serves is refused without touching it (a stat of
+  // its own mount would wait on itself), and the first device keeps serving.
+  const first = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt}`);
+  t.is(first.code, 0, first.stderr);
+  const twice = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt}`);
+  t.is(twice.code, 1);
+  t.regex(twice.stderr, /already a FUSE mount/);
+  t.is(fs.statSync(path.join(mnt, 'disk')).size, 8 * MiB);
+  t.is((await ctl(daemon, 'destroy', first.stdout.trim())).code, 0);
   // The second export fails after the first mounted: the first is taken down again.
   const second = path.join(dir, 'second');
   const half = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt},loop`, '--export', `fuse:${second}`);
