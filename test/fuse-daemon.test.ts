@@ -224,3 +224,22 @@ test.serial('the daemon sizes the thread pool before plugins load, so a plugin d
   // libuv starts every pool thread at once: the daemon's threads number more than 128.
   t.true(fs.readdirSync(`/proc/${daemon.child.pid}/task`).length > 128);
 });
+
+test.serial('destroying a paused device unmounts at once; what was written before the pause is in the image', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-paused-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const image = path.join(dir, 'disk.raw');
+  fs.writeFileSync(image, Buffer.alloc(4 * MiB));
+  const daemon = await daemonFor(t, [mnt]);
+  const { id } = await daemon.ok<DeviceSummary>({ op: 'create', spec: `raw:${image}`, exports: [`fuse:${mnt},loop`] });
+  const [device] = await daemon.ok<DeviceSummary[]>({ op: 'list' });
+  const data = randomBytes(MiB);
+  fs.writeFileSync(device.exports[0].device!, data);
+  await daemon.ok({ op: 'pause', device: id });
+  const destroyed = await ctl(daemon, 'destroy', id);
+  t.is(destroyed.code, 0, destroyed.stderr);
+  t.notRegex(daemon.log(), /flush before unmount failed/, 'the export did not wait on a flush the pause holds');
+  gone(t, mnt);
+  t.deepEqual(fs.readFileSync(image).subarray(0, MiB), data);
+});
