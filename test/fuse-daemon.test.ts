@@ -221,6 +221,10 @@ test.serial('the daemon sizes the thread pool before plugins load, so a plugin d
   await daemon.ok({ op: 'create', spec: 'pattern:16M', readOnly: true, exports: [`fuse:${mnt}`] });
   const read = await run('dd', [`if=${path.join(mnt, 'disk')}`, 'of=/dev/null', 'bs=1M', 'status=none'], 30_000);
   t.is(read.code, 0, read.stderr);
+  // A read-only device makes a read-only mount.
+  const write = await run('dd', ['if=/dev/zero', `of=${path.join(mnt, 'disk')}`, 'bs=4k', 'count=1', 'conv=notrunc', 'status=none'], 30_000);
+  t.not(write.code, 0);
+  t.regex(write.stderr, /Read-only file system/);
   // libuv starts every pool thread at once: the daemon's threads number more than 128.
   t.true(fs.readdirSync(`/proc/${daemon.child.pid}/task`).length > 128);
 });

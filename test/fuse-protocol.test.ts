@@ -306,3 +306,29 @@ test('requests are served concurrently: a slow READ does not hold back the next,
   t.is(one.error, 0);
   t.true(one.body.every((b) => b === 0xaa));
 });
+
+test('INTERRUPT of a request still running gets no reply, and the request is answered normally when it finishes', async (t) => {
+  const provider = new GatedProvider();
+  const replies: Reply[] = [];
+  const fs = new OneFileFs(new Vbd(provider), { send: (r) => replies.push(decodeReply(Buffer.from(r))) }, { name: 'disk', readOnly: true, uid: 0, gid: 0, maxWrite: 1 << 20 });
+  fs.dispatch(request(P.Opcode.INIT, 0, initBody(7, 41, 128 * 1024, 0xffffffff)).msg);
+  await fs.initialized();
+  const read = request(P.Opcode.READ, FILE_ID, ioBody(1, 4096, 4096));
+  fs.dispatch(read.msg);
+  await new Promise((r) => setImmediate(r));
+  t.is(provider.pending.length, 1);
+  const interrupt = Buffer.alloc(8);
+  interrupt.writeBigUInt64LE(read.unique, 0);
+  const before = replies.length;
+  fs.dispatch(request(P.Opcode.INTERRUPT, 0, interrupt).msg);
+  await new Promise((r) => setImmediate(r));
+  t.is(replies.length, before, 'neither the INTERRUPT nor the READ answered yet');
+  provider.pending[0].finish(0x5a);
+  await fs.idle();
+  await new Promise((r) => setImmediate(r));
+  const answers = replies.slice(before);
+  t.is(answers.length, 1);
+  t.is(answers[0].unique, read.unique);
+  t.is(answers[0].error, 0);
+  t.true(answers[0].body.every((b) => b === 0x5a));
+});
