@@ -247,3 +247,24 @@ test.serial('destroying a paused device unmounts at once; what was written befor
   gone(t, mnt);
   t.deepEqual(fs.readFileSync(image).subarray(0, MiB), data);
 });
+
+test.serial('a mount unmounted behind the daemon\'s back is reported (stats, log) and the device still destroys cleanly', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-umount-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const daemon = await daemonFor(t, [mnt]);
+  const { id } = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:8M', exports: [`fuse:${mnt}`] });
+  t.like((await daemon.ok<DeviceStats>({ op: 'stats', device: id })).exports[0].stats, { mounted: true });
+  await must(t, 'umount', [mnt], 30_000);
+  let stats: DeviceStats | undefined;
+  for (let i = 0; i < 100; i++) {
+    stats = await daemon.ok<DeviceStats>({ op: 'stats', device: id });
+    if (stats.exports[0].stats?.mounted === false) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  t.like(stats!.exports[0].stats, { mounted: false });
+  t.regex(daemon.log(), /the FUSE mount went away/);
+  const destroyed = await ctl(daemon, 'destroy', id);
+  t.is(destroyed.code, 0, destroyed.stderr);
+  t.false(isMounted(mnt));
+});
