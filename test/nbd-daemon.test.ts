@@ -74,7 +74,12 @@ test('a config device on a Unix socket and a ctl device on TCP, reached by qemu 
   t.notRegex(check, /Pattern verification failed/);
 
   // The export's counters and the device's operations show up in stats.
-  const stats = await daemon.ok<DeviceStats>({ op: 'stats', device: 'scratch' });
+  // qemu-io has exited, but the server may not have seen its connection close yet: wait (bounded).
+  let stats = await daemon.ok<DeviceStats>({ op: 'stats', device: 'scratch' });
+  for (let tries = 0; (stats.exports[0].stats as { connections: number }).connections !== 0 && tries < 100; tries++) {
+    await new Promise((r) => setTimeout(r, 100));
+    stats = await daemon.ok<DeviceStats>({ op: 'stats', device: 'scratch' });
+  }
   t.like(stats.exports[0], { kind: 'nbd', target: tcpUri });
   t.like(stats.exports[0].stats as object, { connections: 0 });
   t.true((stats.exports[0].stats as { accepted: number }).accepted >= 3);
