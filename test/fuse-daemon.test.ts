@@ -11,7 +11,7 @@ import { CLI, startDaemon, type RunningDaemon } from './helpers/daemon';
 import type { DeviceStats, DeviceSummary } from '../core/daemon/devices';
 import { loopsBackedBy } from '../core/fuse/loop';
 import { parseFuseArgument } from '../core/fuse/daemon-export';
-import { cleanupMount, isMounted, must, run, sha256, tapkit, tempDir } from './fuse-helpers';
+import { cleanupMount, isMounted, mountExt4, must, run, sha256, tapkit, tempDir } from './fuse-helpers';
 
 const MiB = 2 ** 20;
 
@@ -267,4 +267,28 @@ test.serial('a mount unmounted behind the daemon\'s back is reported (stats, log
   const destroyed = await ctl(daemon, 'destroy', id);
   t.is(destroyed.code, 0, destroyed.stderr);
   t.false(isMounted(mnt));
+});
+
+test.serial('destroy while a file system on the loop device is mounted: aborted, not hung; tapkit unmount cleans up after', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-busy-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const daemon = await daemonFor(t, [mnt]);
+  const { id } = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:64M', exports: [`fuse:${mnt},loop`] });
+  const loop = (await daemon.ok<DeviceSummary[]>({ op: 'list' }))[0].exports[0].device!;
+  await must(t, 'mkfs.ext4', ['-q', '-F', loop], 120_000);
+  const ext4 = await mountExt4(t, loop, dir);
+  const destroyed = await ctl(daemon, 'destroy', id);
+  t.is(destroyed.code, 0, 'the device is gone from the daemon either way');
+  t.regex(daemon.log(), /still in use; aborting its FUSE connection/);
+  t.deepEqual(await daemon.ok({ op: 'list' }), []);
+  // The file system's I/O now fails instead of waiting on a server that left.
+  const write = await run('dd', ['if=/dev/zero', `of=${path.join(ext4.path, 'late')}`, 'bs=64k', 'count=16', 'oflag=direct', 'status=none'], 60_000);
+  t.is(write.signal, null, 'dd did not hang');
+  t.not(write.code, 0);
+  await run('umount', ['-l', ext4.path], 30_000);
+  const unmounted = await tapkit(['unmount', mnt], 90_000);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  gone(t, mnt);
+  t.true((await daemon.call({ op: 'ping' })).ok);
 });
