@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { runDaemon } from '../../daemon/daemon';
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
+import '../../ring/export'; // the `xen` export kind
 
 export function register(program: Command): void {
   program
