@@ -1,7 +1,7 @@
 /**
  * blkif ring benchmark: the sim ring driven by the C frontend (test/xen/frontend.c, its
  * `bench` scenario) against the same workload over tapkit's NBD export driven by fio's
- * nbd engine, both on a memory VBD.
+ * nbd engine, both on a filled memory VBD.
  *
  *   npm run build && node dist/bench/xen/run.js
  *   REPS=5 COUNT_4K=300000 COUNT_1M=6000 node dist/bench/xen/run.js
@@ -13,11 +13,10 @@
  * CPU per request, and the CPU used by everything else during the cell ("others").
  *
  * Caveats printed with the results: the two clients differ (a C program on the ring,
- * fio+libnbd on NBD); the memory VBD is not filled (both paths read the same zeros); the
- * ring client counts requests, fio runs for RUNTIME seconds.
+ * fio+libnbd on NBD); the ring client counts requests, fio runs for RUNTIME seconds.
  *
  * Environment: REPS (3), RUNTIME (8, fio seconds), COUNT_4K (200000), COUNT_1M (4000),
- * PIN (1), OUT (results directory). Not a test: nothing here asserts speed.
+ * PIN (1), OUT (results directory), SIZE_MIB (512, the memory VBD), TMPFS (/dev/shm). Not a test: nothing here asserts speed.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -32,7 +31,14 @@ const COUNT_1M = Number(process.env.COUNT_1M ?? 4000);
 const OUT = process.env.OUT ?? fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-xenbench-'));
 const REPO = path.resolve(__dirname, '../../..');
 const CLI = path.join(REPO, 'dist/core/cli/main.js');
-const SPEC = 'memory:1G';
+const SIZE_MIB = Number(process.env.SIZE_MIB ?? 512);
+const IMAGE = path.join(process.env.TMPFS ?? '/dev/shm', `tapkit-xenbench-${process.pid}.img`);
+/**
+ * A memory VBD, filled (untimed) before each measurement: through the ring by the C
+ * frontend's `fill` scenario, through NBD by nbdcopy from a file of random bytes on tmpfs
+ * (a memory VBD never written would let NBD answer reads as holes, moving no data).
+ */
+const SPEC = `memory:${SIZE_MIB}M`;
 const DOMID = 5;
 const DEVID = 51712;
 
@@ -77,6 +83,7 @@ function alive(pid: number): boolean {
 }
 process.on('exit', () => {
   for (const c of [...children]) stop(c);
+  fs.rmSync(IMAGE, { force: true });
 });
 for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(130));
 
@@ -139,6 +146,8 @@ function ringSample(frontend: string, w: Workload): Sample {
   try {
     waitFor('tapkit xen serve', () => fs.existsSync(path.join(dir, 'evtchn.sock')));
     execFileSync(process.execPath, [CLI, 'xen', 'attach', '--platform', `sim:${dir}`, '--domid', String(DOMID), '--devid', String(DEVID), SPEC]);
+    const env = ['env', `XENSTORED_PATH=${path.join(dir, 'xenstored.sock')}`];
+    execFileSync(env[0], [...env.slice(1), frontend, dir, String(DOMID), String(DEVID), 'fill'], { timeout: 600_000 });
     const args = ['bench', '--bs', String(w.bs), '--qd', String(w.qd), '--count', String(w.count), ...(w.random ? ['--random'] : [])];
     const client = [...clientCpu, 'env', `XENSTORED_PATH=${path.join(dir, 'xenstored.sock')}`, frontend, dir, String(DOMID), String(DEVID), ...args];
     return measure(
@@ -165,9 +174,10 @@ function nbdSample(w: Workload): Sample {
   const uri = `nbd+unix:///?socket=${socket}`;
   try {
     waitFor('tapkit serve', () => spawnSync('nbdinfo', ['--size', uri], { timeout: 5000 }).status === 0);
+    execFileSync('nbdcopy', [IMAGE, uri], { timeout: 600_000 });
     const fio = [
       ...clientCpu, 'fio', '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${w.random ? 'randread' : 'read'}`, `--bs=${w.bs}`, `--iodepth=${w.qd}`,
-      '--thread', '--norandommap', '--randrepeat=0', '--time_based', `--runtime=${RUNTIME}`, '--size=1G', '--output-format=json',
+      '--thread', '--norandommap', '--randrepeat=0', '--time_based', `--runtime=${RUNTIME}`, `--size=${SIZE_MIB}M`, '--output-format=json',
     ];
     let job: { read: { iops: number; bw_bytes: number; total_ios: number } } | undefined;
     const parseJob = (out: string) => (job ??= JSON.parse(out.slice(out.indexOf('{'))).jobs[0]);
@@ -193,6 +203,7 @@ function median(v: number[]): number {
 
 function main(): void {
   const frontend = frontendBinary();
+  execFileSync('dd', ['if=/dev/urandom', `of=${IMAGE}`, 'bs=1M', `count=${SIZE_MIB}`, 'status=none']);
   const results = new Map<string, Sample[]>();
   for (let rep = 0; rep < REPS; rep++) {
     for (const w of WORKLOADS) {
@@ -225,7 +236,7 @@ function main(): void {
       );
     }
   }
-  lines.push('', 'Clients differ: the ring is driven by test/xen/frontend.c (one thread, polls its event socket), NBD by fio + libnbd. The memory VBD is unfilled on both paths.');
+  lines.push('', `Clients differ: the ring is driven by test/xen/frontend.c (one thread, polls its event socket), NBD by fio + libnbd. Both serve ${SPEC}.`);
   const report = lines.join('\n');
   fs.writeFileSync(path.join(OUT, 'results.md'), `${report}\n`);
   process.stdout.write(`${report}\n\nresults in ${OUT}\n`);
