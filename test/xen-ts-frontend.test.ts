@@ -179,6 +179,20 @@ test.serial('ts: two queues with their own rings and channels, persistent grants
   await fe.disconnect();
 });
 
+for (const persistent of [false, true]) {
+  test.serial(`ts: ${persistent ? 'with' : 'without'} persistent grants, a grant revoked after use is ${persistent ? 'still mapped (kept for the connection)' : 'refused (the entry is read at every use)'}`, async (t) => {
+    const { fe } = await setup(t, { persistent });
+    await fe.connect();
+    const page = fe.mem.allocPages(1);
+    const seg = fe.segment(page, false);
+    t.is((await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [seg] })).status, RSP_OKAY);
+    fe.mem.table.bytes.writeUInt16LE(0, seg.gref * 8); // end foreign access
+    const again = await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [seg] });
+    t.is(again.status, persistent ? RSP_OKAY : RSP_ERROR);
+    await fe.disconnect();
+  });
+}
+
 test.serial('ts: refused grants (not granted, another domain, read-only for a READ, out of range, transitive) write nothing; later requests succeed', async (t) => {
   const { sim, fe } = await setup(t);
   await fe.connect();
@@ -308,6 +322,21 @@ test.serial('ts hostile files: missing guest memory, then a grant table too smal
   await fe.waitBackend(XenbusState.Closing);
   t.regex((await fe.xs.read(`${fe.be}/error`)) ?? '', /grant/);
   t.true(sim.platform.tree !== undefined, 'the process serves on');
+});
+
+test.serial('ts hostile files: memory shrunk while connected gets refused requests, not a crash; grown back, it serves again', async (t) => {
+  const { sim, fe } = await setup(t, { memPages: 4096 });
+  await fe.connect();
+  const memoryFile = path.join(sim.dir, `dom${DOMID}`, 'memory');
+  fs.truncateSync(memoryFile, 2048 * PAGE);
+  const far = { gref: fe.mem.grant(4000, false), firstSect: 0, lastSect: 7 };
+  const refused = await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [far] });
+  t.is(refused.status, RSP_ERROR);
+  t.regex(sim.log.join('\n'), /memory file shrank/);
+  fs.truncateSync(memoryFile, 4096 * PAGE);
+  const served = await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [far] });
+  t.is(served.status, RSP_OKAY);
+  await fe.disconnect();
 });
 
 // ---- random request slots on a live ring -------------------------------------------
