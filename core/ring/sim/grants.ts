@@ -28,6 +28,8 @@ export class SimGrantMapper implements GrantMapper {
   private readonly memoryFd: number;
   private readonly tableFd?: number;
   private readonly memory: Mapping;
+  /** The memory as a plain Uint8Array: its subarrays are cheaper than a Buffer's. */
+  private readonly memoryView: Uint8Array;
   private readonly table?: Mapping;
   private readonly pages: number;
   private readonly entries: number;
@@ -59,6 +61,7 @@ export class SimGrantMapper implements GrantMapper {
     }
     this.memoryFd = fd;
     this.memory = memory;
+    this.memoryView = new Uint8Array(memory.bytes.buffer, memory.bytes.byteOffset, memory.bytes.length);
     if (this.table) this.tableFd = tableFd;
     else fs.closeSync(tableFd);
     if (persistent) this.persistentGrants = new Map();
@@ -115,7 +118,7 @@ export class SimGrantMapper implements GrantMapper {
     if (this.closed) throw new GrantError('connection closed');
     this.checkSizes();
     const frames = refs.map((r) => this.grant(r, writable).frame);
-    const bytes = this.memory.bytes;
+    const bytes = this.memoryView;
     return { pages: frames.map((f) => bytes.subarray(f * PAGE, (f + 1) * PAGE)), release() {} };
   }
 
