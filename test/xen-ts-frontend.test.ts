@@ -275,6 +275,15 @@ test.serial('ts: a read-only vbd says so, offers no discard or barrier, refuses 
   await fe.disconnect();
 });
 
+test.serial('ts: an order-0 ring named by ring-ref0, and an absent protocol (x86_64-abi), connect (XENSIM.md settled details 9, 11)', async (t) => {
+  const { sim, fe } = await setup(t);
+  await fe.connect({ override: { 'ring-ref': null, 'ring-ref0': (f) => String(f.queues[0].refs[0]), protocol: null } });
+  await fe.writeAndRead(0, 2, 12);
+  await holdsPattern(t, sim, 0, 2, 12);
+  t.regex(sim.log.join('\n'), /connected: x86_64-abi/);
+  await fe.disconnect();
+});
+
 // ---- hostile transport keys and guest files (XENSIM.md settled details 5 and 9) ----------
 
 const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null>, RegExp]> = [
