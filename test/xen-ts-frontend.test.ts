@@ -443,6 +443,23 @@ test.serial('ts isolation: a frontend that overruns its ring and lies about gran
   await good.disconnect();
 });
 
+test.serial('ts: a vbd whose params cannot be opened gets an error node and Closing; a vbd beside it serves', async (t) => {
+  const sim = await SimBackend.start();
+  t.teardown(() => sim.close());
+  await sim.attach(DOMID, DEVID, 'raw:/nonexistent/disk.img');
+  await sim.attach(DOMID, DEVID + 16, SPEC);
+  await sim.waitForDevice(DOMID, DEVID + 16);
+  const be = `/local/domain/0/backend/vbd/${DOMID}/${DEVID}`;
+  for (let i = 0; i < 200 && (await sim.platform.store.read(`${be}/state`)) !== '5'; i++) await new Promise((r) => setTimeout(r, 25));
+  t.is(await sim.platform.store.read(`${be}/state`), '5');
+  t.regex((await sim.platform.store.read(`${be}/error`)) ?? '', /cannot open 'raw:\/nonexistent\/disk.img'/);
+  const fe = await TsFrontend.open(sim.dir, DOMID, DEVID + 16);
+  t.teardown(() => fe.close());
+  await fe.connect();
+  await fe.writeAndRead(0, 2, 5);
+  await fe.disconnect();
+});
+
 // ---- hot-unplug ------------------------------------------------------------------
 
 test.serial('ts: hot-unplug (online=0) asks a connected frontend to close; the device ends and detach removes the nodes', async (t) => {
