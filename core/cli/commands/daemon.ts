@@ -7,6 +7,7 @@ import '../../nbd/daemon-export'; // registers the nbd export kind
 import '../../fuse/daemon-export'; // registers the fuse export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
+import '../../ring/export'; // the `xen` export kind
 
 /** Threads for the libuv pool: FUSE mounts keep reads of /dev/fuse waiting on it (core/fuse/export.ts). */
 const DAEMON_THREADPOOL = 128;
