@@ -76,6 +76,11 @@ export function collect(value: string, previous: string[]): string[] {
 }
 
 export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
+  return new Opener(openOptionsFor(options, extra));
+}
+
+/** The open options the CLI flags ask for (also used by inspection, which opens nothing). */
+export function openOptionsFor(options: OpenCliOptions, extra: OpenOptions = {}): OpenOptions {
   const limits: Partial<LimitValues> = {};
   for (const text of options.limit ?? []) {
     try {
@@ -95,7 +100,7 @@ export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Ope
     noBacking: options.backing === false,
     explicit: options.backing === false ? [] : options.backing ?? [],
   };
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, ...extra });
+  return { readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, ...extra };
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {

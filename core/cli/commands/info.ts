@@ -1,8 +1,10 @@
 /** `tapkit info SPEC [--json]`: size, format, the provider chain, capabilities, allocation. */
 import type { Command } from 'commander';
+import { Inspector } from '../../inspect';
+import { inspectionText } from '../inspection';
 import { redactSpec } from '../../redact';
 import { formatSize } from '../../size';
-import { addOpenOptions, withProvider, type OpenCliOptions } from '../context';
+import { addOpenOptions, openOptionsFor, withProvider, type OpenCliOptions } from '../context';
 import { chainText, formatOf, layersOf } from '../layers';
 
 export function register(program: Command): void {
@@ -13,7 +15,14 @@ export function register(program: Command): void {
       .description('show what a spec opens: size, format, provider chain, capabilities'),
   )
     .option('--json', 'print JSON')
-    .action(async (spec: string, options: OpenCliOptions & { json?: boolean }) => {
+    .option('--inspect', 'for untrusted images: report the chain the image names and what the backing policy decides for each name, reading metadata only (nothing refused is touched, nothing is opened as a disk)')
+    .action(async (spec: string, options: OpenCliOptions & { json?: boolean; inspect?: boolean }) => {
+      if (options.inspect) {
+        const inspection = await new Inspector(openOptionsFor(options)).inspect(spec);
+        if (options.json) process.stdout.write(`${JSON.stringify({ spec: redactSpec(spec), ...inspection }, null, 2)}\n`);
+        else process.stdout.write(`${inspectionText(inspection, false).join('\n')}\n`);
+        return;
+      }
       await withProvider(spec, { ...options, readOnly: true }, async (top) => {
         const info = top.info();
         const caps = top.capabilities();
