@@ -16,6 +16,7 @@ import { openInChild, type ChildResult } from './helpers/child-open';
 import { qcow2Naming, vhdChild, vpcImage, plantVhdParent } from './helpers/hostile';
 import { headerFields, qemuImg, qemuIo, qemuRaw, readU64, writeBytes, writeU64 } from './helpers/qemu-images';
 import { tapkit } from './helpers/vhd';
+import { validateConfig } from '../core/daemon/config';
 
 const MiB = 1024 * 1024;
 /** Peak RSS a refused open may add over a sane open: far below every hostile request (≥ 512 MiB). */
@@ -248,4 +249,12 @@ test('tapkit --limit: a lowered limit is named on stderr (exit 1); an unknown on
   const usage = await tapkit(['info', '--limit', 'l1-sise=1M', `qcow2:${image}`]);
   t.is(usage.code, 2);
   t.regex(usage.stderr, /--limit takes NAME=VALUE with NAME one of chain-depth, metadata-memory, l1-size/);
+});
+
+test('the daemon config takes limits by name and refuses unknown ones', (t) => {
+  const config = validateConfig({ limits: { maxChainDepth: 4, 'l1-size': 1 << 20, 'bat-entries': 1000 }, devices: [] });
+  t.deepEqual(config.limits?.values, { 'l1-size': 1 << 20, 'bat-entries': 1000 });
+  t.is(config.limits?.maxChainDepth, 4);
+  t.throws(() => validateConfig({ limits: { 'l1-sise': 1 }, devices: [] }), { message: /unknown limit 'limits\.l1-sise'/ });
+  t.throws(() => validateConfig({ limits: { 'l1-size': -1 }, devices: [] }), { message: /'limits\.l1-size' must be a whole number/ });
 });
