@@ -30,6 +30,11 @@ export class OpenRequest {
     readonly openBacking: (name: string, options?: BackingOptions) => Promise<Provider>,
     /** Reports a non-fatal problem (a footer repaired from its copy, a dirty image). */
     readonly warn: (message: string) => void,
+    /**
+     * A backing file's source: the image that named it (so an http source can reuse the
+     * credentials and settings of the image it is the backing file of, on the same origin).
+     */
+    readonly namedBy?: Provider,
     /** Bounds on what a header may ask for (core/limits.ts): check sizes against these before allocating. */
     readonly limits: Limits = DEFAULT_LIMITS,
     /** The metadata memory budget of the VBD this provider belongs to, shared by its whole chain. */

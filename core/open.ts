@@ -29,6 +29,11 @@ export interface OpenOptions {
   registry?: Registry;
   /** Where backing files may be opened from (core/backing-policy.ts). */
   backing?: BackingPolicyOptions;
+  /**
+   * Options for every provider of a name, from the command line (`--ca`, `--header` give
+   * `{ http: { ca, header } }`); a spec's own options win over them.
+   */
+  providerOptions?: Record<string, Record<string, string>>;
 }
 
 interface ChainState {
@@ -37,6 +42,8 @@ interface ChainState {
   seen: string[];
   /** The location of the image the user named: the backing policy's anchor. Shared by the whole chain. */
   root: { location?: string };
+  /** In a backing chain: the image whose backing reference is being opened. */
+  namedBy?: Provider;
   /** The metadata memory budget of the VBD being opened, shared by the whole chain. */
   memory: MetadataBudget;
 }
@@ -159,6 +166,7 @@ export class Opener {
   ): Promise<Provider> {
     const { name } = entry.declaration;
     try {
+      options = { ...this.options.providerOptions?.[name], ...options };
       const allowed = entry.declaration.options ?? [];
       for (const key of Object.keys(options)) {
         if (!allowed.includes(key)) {
@@ -171,8 +179,8 @@ export class Opener {
       const request = new OpenRequest(spec, arg, Object.freeze({ ...options }), lower, readOnly, (backingName, backingOptions) => {
         const location = locationOf();
         const seen = location ? [...chain.seen, chainIdentity(location)] : chain.seen;
-        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root, memory: chain.memory });
-      }, this.warn, this.limits, chain.memory);
+        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root, namedBy: instance, memory: chain.memory });
+      }, this.warn, chain.namedBy, this.limits, chain.memory);
       instance = entry.construct(request);
       // The first located source of the top chain anchors the backing policy.
       if (chain.depth === 0 && chain.root.location === undefined && instance.location) chain.root.location = instance.location;
@@ -195,7 +203,7 @@ export class Opener {
     if (chain.seen.includes(chainIdentity(decision.target))) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);
     }
-    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root, memory: chain.memory };
+    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root, namedBy: chain.namedBy, memory: chain.memory };
     // The user's own spec is opened as written; a name from an image gets its named format, or is probed.
     if (decision.explicit) return this.openSpec(decision.target, true, next, true);
     // A named source format (`raw`) means "these bytes as they are": the target's own source,

@@ -19,6 +19,9 @@ import type { Capabilities, DiskInfo, Provider } from '../core/provider';
 import { provider } from '../core/registry';
 import { Vbd } from '../core/vbd';
 import { FaultServer } from './helpers/fault-server';
+import * as fc from 'fast-check';
+import { parseContentRange } from '../providers/http/client';
+import { parseHeaderOption } from '../providers/http/url';
 
 const SECRET = 's3cretPW';
 
@@ -279,6 +282,7 @@ test('the header option sends extra headers (percent-decoded)', async (t) => {
   const value = `Basic ${Buffer.from(`user:${SECRET}`).toString('base64')}`;
   const p = await open(t, `http,header=Authorization%3A ${encodeURIComponent(value)}%0AX-Trace%3A 1:${server.base}/disk.img`);
   t.deepEqual(await readAt(p, 0, 100), data.subarray(0, 100));
+  t.true(server.log.length > 0 && server.log.every((r) => r.headers['x-trace'] === '1' && r.authorization === value));
   await t.throwsAsync(openSpec(`http,header=NoColonHere:${server.base}/disk.img`, { readOnly: true }), { message: /Name: value/ });
 });
 
@@ -300,7 +304,7 @@ test('a certificate the client does not trust is refused; ca= makes it trusted',
   execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore', timeout: 60_000 });
   const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
   const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/disk.img`, { readOnly: true }));
-  t.regex(e!.message, /TLS certificate refused .*ca=FILE/);
+  t.regex(e!.message, /TLS certificate refused .*--ca FILE/);
   t.is(server.log.length, 0, 'no request went over the untrusted connection');
   const p = await open(t, `http,ca=${cert}:${server.base}/disk.img`);
   t.deepEqual(await readAt(p, 100, 1000), data.subarray(100, 1100));
@@ -316,7 +320,96 @@ test('a backing file named relative to an http image is read from the same serve
   const p = await open(t, `test-http-link:http,readahead=0,header=X-Tenant%3A 7:${withCreds}/images/top.link`);
   t.is(p.info().size, data.length);
   t.deepEqual(await readAt(p, 12345, 5000), data.subarray(12345, 17345));
-  t.true(server.log.some((r) => r.path === '/images/base.img' && r.method === 'GET' && r.authorization !== undefined));
+  const baseReads = server.log.filter((r) => r.path === '/images/base.img' && r.method === 'GET');
+  t.true(baseReads.length > 0 && baseReads.every((r) => r.authorization !== undefined && r.headers['x-tenant'] === '7'));
   t.false(JSON.stringify(p.backing!.describe!()).includes(SECRET));
   t.is(p.backing!.location, `${server.base}/images/base.img`);
+});
+
+test('another disk on the same server never borrows the credentials or headers of a disk already open', async (t) => {
+  const server = await serve(t, data);
+  server.put('/other.img', data);
+  server.faults.basicAuth = `user:${SECRET}`;
+  const withCreds = server.base.replace('://', `://user:${SECRET}@`);
+  const first = await open(t, `http,header=X-Tenant%3A 7:${withCreds}/disk.img`);
+  t.deepEqual(await readAt(first, 0, 10), data.subarray(0, 10));
+  const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/other.img`, { readOnly: true }));
+  t.is(e!.code, 'EACCES');
+  const others = server.log.filter((r) => r.path === '/other.img');
+  t.true(others.length > 0 && others.every((r) => r.authorization === undefined && r.headers['x-tenant'] === undefined));
+});
+
+function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [path.join(__dirname, '../core/cli/main.js'), ...args], { encoding: 'utf8', timeout: 60_000 }, (error, stdout, stderr) => {
+      resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
+    });
+  });
+}
+
+test('--ca and --header on the command line reach the http source; a spec option wins over them', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore', timeout: 60_000 });
+  const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
+  const token = `Bearer ${SECRET}, with: a colon`;
+  server.faults.basicAuth = undefined;
+
+  const refused = await cli(['info', `${server.base}/disk.img`]);
+  t.is(refused.code, 1);
+  t.regex(refused.stderr, /TLS certificate refused .*--ca FILE/);
+
+  const out = path.join(dir, 'out.raw');
+  const converted = await cli(['convert', '--ca', cert, '--header', `Authorization: ${token}`, '--header', 'X-Trace: 2', `${server.base}/disk.img`, out]);
+  t.is(converted.code, 0, converted.stderr);
+  t.true(fs.readFileSync(out).equals(data));
+  const gets = server.log.filter((r) => r.method === 'GET');
+  t.true(gets.length > 0 && gets.every((r) => r.authorization === token && r.headers['x-trace'] === '2'));
+  t.false(converted.stderr.includes(SECRET));
+
+  // A spec's own header option wins over --header.
+  server.log.length = 0;
+  const own = await cli(['info', '--ca', cert, '--header', 'X-Trace: 2', `http,header=X-Trace%3A 3:${server.base}/disk.img`]);
+  t.is(own.code, 0, own.stderr);
+  t.true(server.log.every((r) => r.headers['x-trace'] === '3'));
+
+  const bad = await cli(['info', '--header', 'no colon', `${server.base}/disk.img`]);
+  t.is(bad.code, 2);
+  t.regex(bad.stderr, /--header needs 'Name: value'/);
+});
+
+test('a server that answers another range than asked is an EIO, never wrong bytes', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+  server.faults.lieAboutRange = true;
+  const e = await t.throwsAsync<BlockError>(readAt(p, 4096, 4096));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /answered range bytes 4097-8192\/\d+ to a request for bytes 4096-8191/);
+  server.faults.lieAboutRange = false;
+  t.deepEqual(await readAt(p, 4096, 4096), data.subarray(4096, 8192));
+});
+
+test('Content-Range and header parsing never throw on hostile text', (t) => {
+  fc.assert(
+    fc.property(fc.string({ maxLength: 80 }), (text) => {
+      const r = parseContentRange(text);
+      if (r) for (const v of [r.start, r.end, r.total]) if (v !== undefined) t.true(Number.isSafeInteger(v) || v > 2 ** 53);
+    }),
+  );
+  fc.assert(
+    fc.property(fc.string({ maxLength: 80 }), (text) => {
+      try {
+        const headers = parseHeaderOption(text);
+        for (const name of Object.keys(headers)) t.regex(name, /^[!#$%&'*+.^_`|~0-9a-z-]+$/);
+      } catch (e) {
+        // Refusals never echo the value (it may be a secret).
+        t.false((e as Error).message.includes(text) && text.length > 3);
+      }
+    }),
+  );
+  t.deepEqual(parseContentRange('bytes 0-9/100'), { start: 0, end: 9, total: 100 });
+  t.deepEqual(parseContentRange('bytes */0'), { start: undefined, end: undefined, total: 0 });
+  t.is(parseContentRange('bytes 0-9'), undefined);
 });

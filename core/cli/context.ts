@@ -59,6 +59,10 @@ export interface OpenCliOptions {
   allowBacking?: string[];
   /** commander turns --no-backing into backing: false. */
   backing?: string[] | false;
+  /** For http(s) disks: a PEM file of CAs to trust besides the system's. */
+  ca?: string;
+  /** For http(s) disks: `Name: value` headers sent with every request. */
+  header?: string[];
 }
 
 export function addOpenOptions(command: Command): Command {
@@ -68,7 +72,20 @@ export function addOpenOptions(command: Command): Command {
     .option('--limit <name=value>', `raise or lower a resource limit against hostile images (repeatable): ${Object.keys(LIMIT_DEFINITIONS).join(', ')}`, collect, [])
     .option('--allow-backing <dir|url-prefix>', 'let backing files come from this tree or URL prefix too (repeatable)', collect, [])
     .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
-    .option('--no-backing', 'refuse every backing file and parent');
+    .option('--no-backing', 'refuse every backing file and parent')
+    .option('--ca <file>', 'https disks: trust the CAs in this PEM file too')
+    .option('--header <"Name: value">', 'http(s) disks: send this header with every request (repeatable)', collect, []);
+}
+
+/** --ca and --header as options of every http source opened (a spec's own options win). */
+function httpOptions(options: OpenCliOptions): Record<string, string> {
+  const http: Record<string, string> = {};
+  if (options.ca) http.ca = path.resolve(options.ca);
+  const headers = options.header ?? [];
+  for (const h of headers) if (!/^[^:\s]+\s*:/.test(h)) throw new UsageError(`--header needs 'Name: value' (got a value without a name)`);
+  // The http source percent-decodes its header option (a spec cannot hold ':' or ',').
+  if (headers.length) http.header = encodeURIComponent(headers.join('\n'));
+  return http;
 }
 
 export function collect(value: string, previous: string[]): string[] {
@@ -100,7 +117,9 @@ export function openOptionsFor(options: OpenCliOptions, extra: OpenOptions = {})
     noBacking: options.backing === false,
     explicit: options.backing === false ? [] : options.backing ?? [],
   };
-  return { readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, ...extra };
+  const http = httpOptions(options);
+  const providerOptions = Object.keys(http).length ? { http } : undefined;
+  return { readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, providerOptions, ...extra };
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {

@@ -390,7 +390,7 @@ export class HttpClient {
     const name = err?.name ?? '';
     if (timedOut || name === 'TimeoutError' || code.includes('TIMEOUT')) return new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
     if (TLS_CODES.test(code)) {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass ca=FILE to trust the server's CA`);
+      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
     }
     if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${redactUrl(url)}: host ${url.hostname} not found`);
     if (RETRYABLE_CODES.has(code) || name === 'AbortError') return new Retryable(`connection failed (${code || name})`);

@@ -8,6 +8,7 @@
  * BAT and bitmap updates to the next flush; `allocator` comments explain the order that
  * keeps a killed writer's image openable and every flushed write readable.
  */
+import * as path from 'node:path';
 import { BlockError, CorruptImageError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
@@ -61,11 +62,19 @@ export class VhdProvider implements Provider {
   private readOnly: boolean;
   private batmapCleared = false;
   private closed = false;
+  /**
+   * Whether the container can grow: a file does when written past its end; a RAM disk or
+   * any other fixed-size source cannot, and then only blocks already allocated are written
+   * (a new block is refused with ENOSPC and zeroing keeps blocks instead of freeing them).
+   */
+  private readonly lowerGrows: boolean;
 
   constructor(private readonly request: OpenRequest) {
     if (!request.lower) throw new BlockError('EINVAL', `vhd needs an image to read (vhd:/path/disk.vhd) in spec '${request.spec}'`);
     this.lower = request.lower;
     this.readOnly = request.readOnly || request.lower.info().readOnly;
+    const where = request.lower.location;
+    this.lowerGrows = !!where && path.isAbsolute(where);
   }
 
   get location(): string | undefined {
@@ -253,6 +262,9 @@ export class VhdProvider implements Provider {
     const at = this.nextBlockAt;
     const end = at + this.layout.bitmapBytes + this.blockSize;
     if (end / 512 > 0xfffffffe) throw new BlockError('EFBIG', `${this.where}: a new block at ${at} would lie past what a BAT entry can address`);
+    if (!this.lowerGrows && end + FOOTER_SIZE > this.lower.info().size) {
+      throw new BlockError('ENOSPC', `${this.where}: block ${block} is not allocated and the ${this.lower.name} container cannot grow to hold it (only a file can)`);
+    }
     await this.writeLower(this.footerBytes(), end);
     this.nextBlockAt = end;
     this.bat[block] = at / 512;
@@ -365,7 +377,7 @@ export class VhdProvider implements Provider {
       const entry = this.bat[block];
       if (entry === UNALLOCATED) continue;
       const blockBytes = Math.min(this.blockSize, this.info().size - block * this.blockSize);
-      if (within === 0 && n >= blockBytes) {
+      if (within === 0 && n >= blockBytes && this.lowerGrows) {
         // Free it: the BAT entry changes at the next flush; until then the old entry points
         // at a block whose bitmap is zeroed here, which reads as zeros too.
         this.bat[block] = UNALLOCATED;

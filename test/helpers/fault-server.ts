@@ -23,6 +23,8 @@ export interface Faults {
   ignoreRange: boolean;
   /** Answer 405 to HEAD. */
   refuseHead: boolean;
+  /** Answer ranged GETs with a Content-Range one byte off from what was asked. */
+  lieAboutRange: boolean;
   /** Require this `user:password` as Basic credentials. */
   basicAuth?: string;
 }
@@ -33,6 +35,7 @@ export interface LoggedRequest {
   range?: string;
   ifMatch?: string;
   authorization?: string;
+  headers: http.IncomingHttpHeaders;
 }
 
 export class FaultServer {
@@ -47,7 +50,7 @@ export class FaultServer {
   base = '';
 
   static noFaults(): Faults {
-    return { drop: 0, unavailable: 0, unavailableStatus: 503, stall: 0, stallMs: 0, ignoreRange: false, refuseHead: false };
+    return { drop: 0, unavailable: 0, unavailableStatus: 503, stall: 0, stallMs: 0, ignoreRange: false, refuseHead: false, lieAboutRange: false };
   }
 
   /** Puts (or replaces) an object; a replaced one gets a new ETag, as on a real server. */
@@ -73,7 +76,7 @@ export class FaultServer {
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const path = (req.url ?? '/').split('?')[0];
-    this.log.push({ method: req.method ?? '', path, range: req.headers.range, ifMatch: req.headers['if-match'] as string | undefined, authorization: req.headers.authorization });
+    this.log.push({ method: req.method ?? '', path, range: req.headers.range, ifMatch: req.headers['if-match'] as string | undefined, authorization: req.headers.authorization, headers: req.headers });
     const f = this.faults;
     if (f.drop > 0) {
       f.drop--;
@@ -128,7 +131,8 @@ export class FaultServer {
       res.writeHead(416, { ...common, 'content-range': `bytes */${object.data.length}` }).end();
       return;
     }
-    res.writeHead(206, { ...common, 'content-length': end - start + 1, 'content-range': `bytes ${start}-${end}/${object.data.length}` });
+    const shift = f.lieAboutRange ? 1 : 0;
+    res.writeHead(206, { ...common, 'content-length': end - start + 1, 'content-range': `bytes ${start + shift}-${end + shift}/${object.data.length}` });
     res.end(object.data.subarray(start, end + 1));
   }
 
