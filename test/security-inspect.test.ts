@@ -64,6 +64,13 @@ test('info --inspect names the chain and refuses hostile names without touching 
   const opened = await tapkit(['info', top], 30_000);
   t.is(opened.code, 1);
   t.regex(opened.stderr, /backing policy \(outside the image's directory tree.*\[EACCES\]/);
+  // With --json it also prints what the chain would have been.
+  const json = await tapkit(['info', '--json', top], 30_000);
+  t.is(json.code, 1);
+  const refusedReport = JSON.parse(json.stdout);
+  t.false(refusedReport.opened);
+  t.regex(refusedReport.error, /backing policy/);
+  t.is(refusedReport.images[1].references[0].name, fifo);
 });
 
 test('inspection reports each VHD parent candidate with its verdict, and what the flags change', async (t) => {
