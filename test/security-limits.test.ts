@@ -6,6 +6,7 @@
  * lowered) with `--limit NAME=VALUE`, and the CLI names it in its one-line error.
  */
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -143,27 +144,34 @@ async function deflateBomb(bytes: number): Promise<Buffer> {
   return Buffer.concat(chunks);
 }
 
-test('qcow2: a compressed cluster that inflates to 512 MiB is cut at one cluster and refused', async (t) => {
-  const raw = path.join(dir, 'bomb-src.raw');
-  const content = Buffer.alloc(2 * MiB);
-  for (let i = 0; i < content.length; i++) content[i] = (i % 251) ^ (i >> 11);
-  fs.writeFileSync(raw, content);
-  const image = path.join(dir, 'bomb.qcow2');
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=2M', raw, image]);
-  const { l1Offset, clusterBits } = headerFields(image);
-  const l2 = Number(readU64(image, l1Offset) & 0x00fffffffffffe00n);
-  t.true((readU64(image, l2) >> 62n & 1n) === 1n, 'qemu stored the cluster compressed');
-  const bomb = await deflateBomb(512 * MiB);
-  const at = Math.ceil(fs.statSync(image).size / 512) * 512;
-  writeBytes(image, at, bomb);
-  const sectors = Math.ceil(bomb.length / 512);
-  t.true(sectors - 1 < 2 ** (clusterBits - 8), 'the bomb fits one descriptor');
-  const offsetBits = BigInt(62 - (clusterBits - 8));
-  writeU64(image, l2, (1n << 62n) | (BigInt(sectors - 1) << offsetBits) | BigInt(at));
-  const result = await openInChild(`qcow2:${image}`, {}, 64 * 1024);
-  assertRefusedLean(t, result, /deflate data decodes to more than one cluster \(2097152 bytes\)/, 'the bomb');
-  t.is(result.error?.code, 'EIO');
-});
+/** A zstd frame of `bytes` zeros without a content size (the decoder learns its size by decoding). */
+function zstdBomb(bytes: number): Buffer {
+  return execFileSync('sh', ['-c', `head -c ${bytes} /dev/zero | zstd -q -3 --no-content-size -c`], { timeout: 120_000, maxBuffer: 64 << 20 });
+}
+
+for (const compression of ['zlib', 'zstd'] as const) {
+  test(`qcow2: a ${compression} cluster that inflates to 512 MiB is cut at one cluster and refused`, async (t) => {
+    const raw = path.join(dir, `bomb-src-${compression}.raw`);
+    const content = Buffer.alloc(2 * MiB);
+    for (let i = 0; i < content.length; i++) content[i] = (i % 251) ^ (i >> 11);
+    fs.writeFileSync(raw, content);
+    const image = path.join(dir, `bomb-${compression}.qcow2`);
+    qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=2M,compression_type=${compression}`, raw, image]);
+    const { l1Offset, clusterBits } = headerFields(image);
+    const l2 = Number(readU64(image, l1Offset) & 0x00fffffffffffe00n);
+    t.true((readU64(image, l2) >> 62n & 1n) === 1n, 'qemu stored the cluster compressed');
+    const bomb = compression === 'zlib' ? await deflateBomb(512 * MiB) : zstdBomb(512 * MiB);
+    const at = Math.ceil(fs.statSync(image).size / 512) * 512;
+    writeBytes(image, at, bomb);
+    const sectors = Math.ceil(bomb.length / 512);
+    t.true(sectors - 1 < 2 ** (clusterBits - 8), 'the bomb fits one descriptor');
+    const offsetBits = BigInt(62 - (clusterBits - 8));
+    writeU64(image, l2, (1n << 62n) | (BigInt(sectors - 1) << offsetBits) | BigInt(at));
+    const result = await openInChild(`qcow2:${image}`, {}, 64 * 1024);
+    assertRefusedLean(t, result, new RegExp(`${compression === 'zlib' ? 'deflate' : 'zstd'} data decodes to more than one cluster \\(2097152 bytes\\)`), 'the bomb');
+    t.is(result.error?.code, 'EIO');
+  });
+}
 
 test('qcow2: an unbounded chain (an image naming itself through a symlinked directory) ends, whatever the depth limit', async (t) => {
   const loopDir = fs.mkdtempSync(path.join(dir, 'loop-'));
