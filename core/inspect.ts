@@ -87,12 +87,20 @@ export class Inspector {
   async inspect(spec: string): Promise<Inspection> {
     const images: InspectedImage[] = [];
     const root: { location?: string } = {};
-    await this.inspectLevel(spec, undefined, 0, root, [], images);
+    await this.inspectLevel(spec, undefined, 0, root, [], images, undefined);
     const wouldOpen = images.every((image) => !image.error && image.references.every((r) => (r.resolved !== undefined && !r.missing) || alternativeResolved(image, r)));
     return { images, wouldOpen };
   }
 
-  private async inspectLevel(spec: string, forcedFormat: string | undefined, level: number, root: { location?: string }, seen: string[], out: InspectedImage[]): Promise<void> {
+  private async inspectLevel(
+    spec: string,
+    forcedFormat: string | undefined,
+    level: number,
+    root: { location?: string },
+    seen: string[],
+    out: InspectedImage[],
+    namedBy: Provider | undefined,
+  ): Promise<void> {
     const image: InspectedImage = { level, spec: redactSpec(spec), format: forcedFormat ?? 'raw', probed: false, references: [] };
     out.push(image);
     let bytesSpec = spec;
@@ -108,7 +116,7 @@ export class Inspector {
     }
     let bytes: Provider;
     try {
-      bytes = await this.opener.openBytes(bytesSpec);
+      bytes = await this.opener.openBytes(bytesSpec, namedBy);
     } catch (e) {
       image.error = message(e);
       return;
@@ -153,7 +161,7 @@ export class Inspector {
         if (reference.role === 'data-file') continue; // raw bytes: nothing below them
         followed = true;
         const explicit = !!this.options.backing?.explicit?.length;
-        await this.inspectLevel(target, explicit ? undefined : reference.format, level + 1, root, chainSeen, out);
+        await this.inspectLevel(target, explicit ? undefined : reference.format, level + 1, root, chainSeen, out, bytes);
       }
     } finally {
       await bytes.close().catch(() => {});
