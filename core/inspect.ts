@@ -124,7 +124,8 @@ export class Inspector {
     try {
       if (bytes.location) image.location = bytes.location;
       if (level === 0) root.location = bytes.location;
-      if (!format && !forcedFormat) {
+      // Probed like the opener does: bare paths and URLs only, never a named source (`raw:...`).
+      if (!format && !forcedFormat && parsed.type !== 'named') {
         format = await probe(bytes);
         image.probed = true;
         image.format = format?.declaration.name ?? 'raw';
