@@ -103,9 +103,11 @@ export class Inspector {
   ): Promise<void> {
     const image: InspectedImage = { level, spec: redactSpec(spec), format: forcedFormat ?? 'raw', probed: false, references: [] };
     out.push(image);
-    let bytesSpec = spec;
+    // Filters own no data: what they sit on is what gets inspected.
+    let parsed = parseSpec(spec);
+    while (parsed.type === 'named' && registry().get(parsed.name)?.declaration.kind === 'filter') parsed = parseSpec(parsed.arg);
+    let bytesSpec = parsed.type === 'named' ? `${parsed.name}${optionText(parsed.options)}:${parsed.arg}` : spec;
     let format = forcedFormat ? registry().get(forcedFormat) : undefined;
-    const parsed = parseSpec(spec);
     if (parsed.type === 'named') {
       const entry = registry().get(parsed.name);
       if (entry?.declaration.kind === 'format') {
@@ -204,6 +206,10 @@ async function probe(bytes: Provider): Promise<RegisteredProvider | undefined> {
 /** A parent candidate that did not resolve is fine when another candidate of the image did. */
 function alternativeResolved(image: InspectedImage, reference: InspectedReference): boolean {
   return reference.role === 'parent' && image.references.some((r) => r.role === 'parent' && r.chosen);
+}
+
+function optionText(options: Record<string, string>): string {
+  return Object.entries(options).map(([k, v]) => `,${k}=${v}`).join('');
 }
 
 function message(e: unknown): string {
