@@ -146,6 +146,9 @@ test('check: qemu-made images of every kind are sound, as qemu-img check says', 
   }
   const chain = JSON.parse((await tapkit(['check', '--json', top])).stdout);
   t.is(chain.images.length, 2, 'the backing file is checked too');
+  // A filter owns no data: the image under it is what gets checked.
+  const filtered = JSON.parse((await tapkit(['check', '--json', `cache:qcow2:${top}`])).stdout);
+  t.like(filtered.images[0], { format: 'qcow2', location: top, problems: [] });
 });
 
 test('check: damage qemu-img check reports is found and named, exit 1', async (t) => {
