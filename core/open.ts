@@ -84,6 +84,20 @@ export class Opener {
     return top;
   }
 
+  /**
+   * Opens the bytes a spec names, without probing or opening any format: a path, a URL or
+   * a named source. For inspecting an image before trusting it (core/inspect.ts).
+   * `namedBy`: the image that named this one (an http backing file reuses its settings).
+   */
+  async openBytes(spec: string, namedBy?: Provider): Promise<Provider> {
+    const parsed = parseSpec(spec);
+    if (parsed.type === 'named' && this.lookup(parsed.name, spec).declaration.kind !== 'source') {
+      throw new SpecError('EINVAL', `'${parsed.name}' is not a source (in spec '${redactSpec(spec)}')`, true);
+    }
+    const chain: ChainState = { depth: 0, seen: [], root: {}, namedBy, memory: new MetadataBudget(this.limits.get('metadata-memory')) };
+    return this.openSpec(spec, true, chain, false);
+  }
+
   private lookup(name: string, spec: string): RegisteredProvider {
     const entry = this.registry.get(name);
     if (!entry) {

@@ -24,6 +24,7 @@ import {
   parseHeader,
   type Qcow2Header,
 } from './header';
+import { checkQcow2, qcow2References } from './check';
 import { PromiseLru } from './lru';
 import { ClusterMap, type Run } from './mapping';
 import { readSnapshotTable, type Snapshot } from './snapshots';
@@ -68,6 +69,8 @@ const BACKING_FORMATS: Record<string, string> = { raw: 'raw', file: 'raw', qcow2
   probe: ({ head }) => looksLikeQcow2(head),
   options: ['snapshot', 'l2-cache-size'],
   probePriority: 10,
+  references: qcow2References,
+  check: checkQcow2,
 })
 export class Qcow2Provider implements Provider {
   readonly name = 'qcow2';

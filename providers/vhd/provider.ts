@@ -19,6 +19,7 @@ import { DiskType, diskTypeName, FOOTER_SIZE, isFooterCookie, LEGACY_FOOTER_SIZE
 import { HEADER_COOKIE } from './header';
 import { loadLayout, UNALLOCATED, type VhdLayout } from './layout';
 import { parentCandidates } from './locators';
+import { checkVhd, vhdReferences } from './inspect';
 import { Mutex } from './mutex';
 import { sameUuid, uuidText } from './uuid';
 
@@ -44,6 +45,8 @@ export function probeVhd({ head, tail }: { head: Uint8Array; tail: Uint8Array })
   // The footer is at the end: after formats recognised by their first bytes.
   probePriority: -10,
   options: ['ignore-parent-uuid'],
+  references: vhdReferences,
+  check: checkVhd,
 })
 export class VhdProvider implements Provider {
   readonly name = 'vhd';
