@@ -413,3 +413,68 @@ test('Content-Range and header parsing never throw on hostile text', (t) => {
   t.deepEqual(parseContentRange('bytes */0'), { start: undefined, end: undefined, total: 0 });
   t.is(parseContentRange('bytes 0-9'), undefined);
 });
+
+test('a body cut off mid-way is retried and the read succeeds', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+  server.faults.truncate = 2;
+  t.deepEqual(await readAt(p, 65536, 200_000), data.subarray(65536, 265_536));
+  t.is(server.faults.truncate, 0);
+  t.true(server.log.filter((r) => r.range === 'bytes=65536-265535').length >= 3);
+});
+
+test('requests in flight never exceed connections=N, and several run at once', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,connections=3,readahead=0:${server.base}/disk.img`);
+  server.maxInFlight = 0;
+  // Every answer waits a little, so requests overlap; the reads are far apart (nothing to merge).
+  server.faults.stall = 24;
+  server.faults.stallMs = 150;
+  const offsets = Array.from({ length: 24 }, (_, i) => i * 40_000);
+  const got = await Promise.all(offsets.map((off) => readAt(p, off, 1000)));
+  t.deepEqual(got, offsets.map((off) => data.subarray(off, off + 1000)));
+  t.true(server.maxInFlight <= 3, `${server.maxInFlight} requests at once`);
+  t.true(server.maxInFlight >= 2, `${server.maxInFlight} requests at once`);
+});
+
+for (const validator of ['last-modified', 'weak-etag'] as const) {
+  test(`an object replaced while open is detected with ${validator === 'weak-etag' ? 'a weak ETag (and no Last-Modified)' : 'Last-Modified alone'}`, async (t) => {
+    const server = await serve(t, data);
+    server.faults.validator = validator;
+    const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+    t.deepEqual(await readAt(p, 0, 4096), data.subarray(0, 4096));
+    if (validator === 'last-modified') t.true(server.log.some((r) => r.headers['if-unmodified-since'] !== undefined && r.ifMatch === undefined));
+    // A weak ETag may not go in If-Match: the answer's ETag is compared instead.
+    else t.true(server.log.every((r) => r.ifMatch === undefined));
+    server.put('/disk.img', crypto.randomBytes(data.length));
+    const e = await t.throwsAsync<BlockError>(readAt(p, 8192, 4096));
+    t.true(isSourceChanged(e));
+    t.regex(e!.message, /changed since it was opened/);
+  });
+}
+
+test('an object with neither ETag nor Last-Modified opens with a warning that changes cannot be detected', async (t) => {
+  const server = await serve(t, data);
+  server.faults.validator = 'none';
+  const warnings: string[] = [];
+  const p = await openSpec(`${server.base}/disk.img`, { readOnly: true, warn: (m) => warnings.push(m) });
+  t.teardown(() => p.close());
+  t.true(warnings.some((w) => /neither ETag nor Last-Modified/.test(w)), JSON.stringify(warnings));
+  t.deepEqual(await readAt(p, 0, 100), data.subarray(0, 100));
+  // And a file-backed cache over it is not kept (nothing would tell a stale file apart).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-cache-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const cached = await openSpec(`cache,file=${dir}/c:${server.base}/disk.img`, { readOnly: true, warn: (m) => warnings.push(m) });
+  t.teardown(() => cached.close());
+  t.like(cached.describe!(), { persistent: false });
+});
+
+test('a redirect loop is ELOOP, not an endless chase', async (t) => {
+  const server = await serve(t, data);
+  server.redirects.set('/a', '/b');
+  server.redirects.set('/b', '/a');
+  const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/a`, { readOnly: true }));
+  t.is(e!.code, 'ELOOP');
+  t.regex(e!.message, /more than 10 redirects/);
+  t.true(server.log.length <= 12);
+});

@@ -154,6 +154,9 @@ export class HttpProvider implements Provider {
     }
     // Later ranges go straight to where the redirects ended.
     this.url = this.object.url;
+    if (!this.object.validator.etag && !this.object.validator.lastModified) {
+      this.request.warn(`http: ${this.location} has neither ETag nor Last-Modified: if the object is replaced while open, the change cannot be detected`);
+    }
     this.reader = new RangeReader((target, offset) => this.client.readRange(this.url, target, offset, this.object.validator), {
       size: this.object.size,
       maxInFlight: this.settings.connections,
