@@ -478,3 +478,27 @@ test('a redirect loop is ELOOP, not an endless chase', async (t) => {
   t.regex(e!.message, /more than 10 redirects/);
   t.true(server.log.length <= 12);
 });
+
+test('a presigned URL (HEAD refused with 403) is read with its query, and its signature is never printed', async (t) => {
+  const server = await serve(t, data);
+  const signature = 'f00dfacecafe1234deadbeef';
+  server.faults.requireQuery = `X-Amz-Signature=${signature}`;
+  server.faults.refuseHead = true;
+  server.faults.refuseHeadStatus = 403;
+  const url = `${server.base}/disk.img?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature=${signature}`;
+  const p = await open(t, url);
+  t.is(p.info().size, data.length);
+  t.deepEqual(await readAt(p, 5000, 3000), data.subarray(5000, 8000));
+  const printed = JSON.stringify({ location: p.location, describe: p.describe!() });
+  t.false(printed.includes(signature), printed);
+  t.regex(printed, /X-Amz-Signature=REDACTED/);
+
+  const info = await cli(['info', url]);
+  t.is(info.code, 0, info.stderr);
+  t.false((info.stdout + info.stderr).includes(signature));
+  // A wrong signature: refused, and the message shows neither signature.
+  const wrong = await cli(['info', url.replace(signature, 'a0a0a0a0a0a0')]);
+  t.is(wrong.code, 1);
+  t.regex(wrong.stderr, /refused access \(HTTP 403\)/);
+  t.false(wrong.stderr.includes('a0a0a0a0a0a0') || wrong.stderr.includes(signature), wrong.stderr);
+});

@@ -21,8 +21,11 @@ export interface Faults {
   stallMs: number;
   /** Answer 200 with the whole object to ranged GETs. */
   ignoreRange: boolean;
-  /** Answer 405 to HEAD. */
+  /** Answer HEAD with this status (405; 403 as S3 does for a URL presigned for GET). */
   refuseHead: boolean;
+  refuseHeadStatus?: number;
+  /** Answer 403 unless the query string holds this `name=value` (a presigned URL's signature). */
+  requireQuery?: string;
   /** Answer ranged GETs with a Content-Range one byte off from what was asked. */
   lieAboutRange: boolean;
   /** Require this `user:password` as Basic credentials. */
@@ -112,6 +115,10 @@ export class FaultServer {
       res.writeHead(401, { 'www-authenticate': 'Basic realm="t"' }).end();
       return;
     }
+    if (f.requireQuery && !new URLSearchParams((req.url ?? '').split('?')[1] ?? '').toString().split('&').includes(f.requireQuery)) {
+      res.writeHead(403).end('SignatureDoesNotMatch');
+      return;
+    }
     const redirect = this.redirects.get(path);
     if (redirect) {
       res.writeHead(302, { location: redirect }).end();
@@ -127,7 +134,7 @@ export class FaultServer {
     if (f.validator === 'weak-etag') common.etag = `W/${object.etag}`;
     if (f.validator === 'etag' || f.validator === 'last-modified') common['last-modified'] = object.lastModified;
     if (req.method === 'HEAD') {
-      if (f.refuseHead) res.writeHead(405).end();
+      if (f.refuseHead) res.writeHead(f.refuseHeadStatus ?? 405).end();
       else res.writeHead(200, { ...common, 'content-length': object.data.length, ...(f.ignoreRange ? {} : { 'accept-ranges': 'bytes' }) }).end();
       return;
     }
