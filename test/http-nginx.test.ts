@@ -255,3 +255,23 @@ for (const file of ['disk.qcow2', 'top.qcow2']) {
     t.is(await server.stop(), 0);
   });
 }
+
+test('tapkit convert --filter cache,file=… leaves a cache file the next tapkit process starts warm from', async (t) => {
+  const cacheFile = path.join(tempDir(t, 'tapkit-http-cachefile-'), 'disk.cache');
+  const filter = `cache,size=4M,block=64K,file=${cacheFile}`;
+  const out = path.join(work, 'cached.converted');
+  t.teardown(() => fs.rmSync(out, { force: true }));
+  const converted = await runCli(['convert', '--filter', filter, `${nginx.base}/disk.raw`, out]);
+  t.is(converted.code, 0, converted.stderr);
+  t.true(fs.readFileSync(out).equals(fs.readFileSync(path.join(work, 'disk.raw.expected'))));
+  t.true(fs.existsSync(`${cacheFile}.index`));
+
+  const info = await new Promise<string>((resolve, reject) => {
+    execFile(process.execPath, [CLI, 'info', '--json', '--filter', filter, `${nginx.base}/disk.raw`], { encoding: 'utf8', timeout: 60_000 }, (error, stdout, stderr) => {
+      if (error) reject(new Error(stderr));
+      else resolve(stdout);
+    });
+  });
+  const cache = (JSON.parse(info).chain as Array<{ provider: string; details?: Record<string, unknown> }>).find((l) => l.provider === 'cache');
+  t.like(cache?.details, { cachedBlocks: 64, persistent: true });
+});
