@@ -125,16 +125,17 @@ test('after the last try the error is clear, and reads recover when the server d
 
 test('a response slower than the timeout is abandoned and retried; without tries left it is ETIMEDOUT', async (t) => {
   const server = await serve(t, data);
-  const p = await open(t, `http,timeout=1,retries=2,readahead=0:${server.base}/disk.img`);
-  // Only the first answer stalls (far past the timeout): the retry gets the bytes.
+  // Margins a loaded machine cannot eat: a 2 s timeout, 4 tries, stalls of 8 s.
+  const p = await open(t, `http,timeout=2,retries=3,readahead=0:${server.base}/disk.img`);
+  // Only the first answer stalls (far past the timeout): a retry gets the bytes.
   server.faults.stall = 1;
-  server.faults.stallMs = 6000;
+  server.faults.stallMs = 8000;
   t.deepEqual(await readAt(p, 512, 512), data.subarray(512, 1024));
-  // Every answer stalls: after three tries, a timeout error.
+  // Every answer stalls: after four tries, a timeout error.
   server.faults.stall = 1000;
   const e = await t.throwsAsync<BlockError>(readAt(p, 0, 512));
   t.is(e!.code, 'ETIMEDOUT');
-  t.regex(e!.message, /within 1 s; gave up after 3 tries/);
+  t.regex(e!.message, /within 2 s; gave up after 4 tries/);
   server.faults.stall = 0;
   t.deepEqual(await readAt(p, 0, 512), data.subarray(0, 512));
 });

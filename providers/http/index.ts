@@ -157,7 +157,7 @@ export class HttpProvider implements Provider {
     if (!this.object.validator.etag && !this.object.validator.lastModified) {
       this.request.warn(`http: ${this.location} has neither ETag nor Last-Modified: if the object is replaced while open, the change cannot be detected`);
     }
-    this.reader = new RangeReader((target, offset) => this.client.readRange(this.url, target, offset, this.object.validator), {
+    this.reader = new RangeReader((targets, offset) => this.client.readRange(this.url, targets, offset, this.object.validator), {
       size: this.object.size,
       maxInFlight: this.settings.connections,
       maxRequest: DEFAULTS.maxRequest,
