@@ -503,3 +503,38 @@ test('a presigned URL (HEAD refused with 403) is read with its query, and its si
   t.regex(wrong.stderr, /refused access \(HTTP 403\)/);
   t.false(wrong.stderr.includes('a0a0a0a0a0a0') || wrong.stderr.includes(signature), wrong.stderr);
 });
+
+test('a certificate for another host name is refused even when its CA is trusted, and says so', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=images.example', '-addext', 'subjectAltName=DNS:images.example'], { stdio: 'ignore', timeout: 60_000 });
+  const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
+  const e = await t.throwsAsync<BlockError>(openSpec(`http,ca=${cert}:${server.base}/disk.img`, { readOnly: true }));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /TLS certificate refused: it is not for host 127\.0\.0\.1/);
+  t.is(server.log.length, 0, 'no request went over the connection');
+});
+
+test('an expired certificate is refused even when its CA is trusted, and says so', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const run = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore', timeout: 60_000 });
+  // A CA, and a server certificate it signed that was valid for one day in 2020.
+  run(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=tapkit test CA']);
+  run(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1']);
+  fs.mkdirSync(path.join(dir, 'db'));
+  fs.writeFileSync(path.join(dir, 'db/index.txt'), '');
+  fs.writeFileSync(path.join(dir, 'db/serial'), '01\n');
+  fs.writeFileSync(
+    path.join(dir, 'ca.cnf'),
+    '[ca]\ndefault_ca=c\n[c]\ndatabase=db/index.txt\nnew_certs_dir=db\nserial=db/serial\ndefault_md=sha256\npolicy=p\nx509_extensions=ext\n[p]\ncommonName=supplied\n[ext]\nsubjectAltName=IP:127.0.0.1\n',
+  );
+  run(['ca', '-batch', '-config', 'ca.cnf', '-cert', 'ca.pem', '-keyfile', 'ca.key', '-in', 'srv.csr', '-out', 'srv.pem', '-startdate', '20200101000000Z', '-enddate', '20200102000000Z']);
+  const server = await serve(t, data, { key: fs.readFileSync(path.join(dir, 'srv.key'), 'utf8'), cert: fs.readFileSync(path.join(dir, 'srv.pem'), 'utf8') });
+  const e = await t.throwsAsync<BlockError>(openSpec(`http,ca=${path.join(dir, 'ca.pem')}:${server.base}/disk.img`, { readOnly: true }));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /TLS certificate refused: outside its validity dates \(CERT_HAS_EXPIRED\)/);
+  t.is(server.log.length, 0, 'no request went over the connection');
+});

@@ -417,6 +417,12 @@ export class HttpClient {
     const code = err?.code ?? err?.cause?.code ?? '';
     const name = err?.name ?? '';
     if (timedOut || name === 'TimeoutError' || code.includes('TIMEOUT')) return new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
+    if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
+      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: it is not for host ${url.hostname} (${code})`);
+    }
+    if (code === 'CERT_HAS_EXPIRED' || code === 'CERT_NOT_YET_VALID') {
+      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: outside its validity dates (${code})`);
+    }
     if (TLS_CODES.test(code)) {
       return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
     }
