@@ -92,6 +92,11 @@ export class BackingPolicy {
   }
 }
 
+/** What identifies an image in a chain for loop detection: a URL as written, a path by its real path. */
+export function chainIdentity(location: string): string {
+  return URL_RE.test(location) ? location : realOrResolved(location);
+}
+
 function isInside(candidate: string, tree: string): boolean {
   const relative = path.relative(tree, candidate);
   return relative === '' || (!relative.startsWith('..') && !path.isAbsolute(relative));

@@ -2,6 +2,7 @@
  * What a provider is given when it is opened. Injected into the provider's constructor
  * (`constructor(private readonly request: OpenRequest)`).
  */
+import { DEFAULT_LIMITS, MetadataBudget, type Limits } from './limits';
 import type { Provider } from './provider';
 
 export interface BackingOptions {
@@ -34,6 +35,10 @@ export class OpenRequest {
      * credentials and settings of the image it is the backing file of, on the same origin).
      */
     readonly namedBy?: Provider,
+    /** Bounds on what a header may ask for (core/limits.ts): check sizes against these before allocating. */
+    readonly limits: Limits = DEFAULT_LIMITS,
+    /** The metadata memory budget of the VBD this provider belongs to, shared by its whole chain. */
+    readonly memory: MetadataBudget = new MetadataBudget(limits.get('metadata-memory')),
   ) {}
 
   /** The location backing names are resolved against (the lower provider's). */

@@ -56,7 +56,7 @@ function gone(t: ExecutionContext, served: Served): void {
 
 for (const c of CASES) {
   test.serial(`${c.name}: ext4 on the loop device survives write, remount, fsck, unmount and reopen`, async (t) => {
-    const dir = tempDir(`fuse-${c.name}-`);
+    const dir = tempDir(t, `fuse-${c.name}-`);
     const spec = await c.create(t, dir);
     const served = await serve(t, spec, ['--loop'], dir);
     t.true(served.file.endsWith('/mnt/disk'));
@@ -102,13 +102,16 @@ for (const c of CASES) {
 }
 
 test.serial('fio --verify=crc32c: mixed random I/O on the loop device reads back what it wrote', async (t) => {
-  const served = await serve(t, 'memory:512M', ['--loop']);
+  const dir = tempDir(t, 'fuse-fio-');
+  const served = await serve(t, 'memory:512M', ['--loop'], dir);
+  // fio saves its verify state in the working directory: keep it in the test's.
+  const fio = (args: string[]) => run('fio', args, 300_000, { cwd: dir });
   const common = ['--name=verify', `--filename=${served.device}`, '--ioengine=libaio', '--direct=1', '--iodepth=16', '--size=320M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0', '--output-format=terse'];
   // Random writes of mixed sizes over 320 MiB, then every block read back and checked.
-  const write = await run('fio', [...common, '--rw=randwrite', '--bssplit=4k/40:16k/25:64k/20:1m/15', '--norandommap=0'], 300_000);
+  const write = await fio([...common, '--rw=randwrite', '--bssplit=4k/40:16k/25:64k/20:1m/15', '--norandommap=0']);
   t.is(write.code, 0, `fio randwrite+verify: ${write.stderr}`);
   // Mixed reads and writes, each write verified by a read of the same block.
-  const mixed = await run('fio', [...common, '--rw=randrw', '--rwmixread=50', '--bs=8k', '--io_size=64M', '--verify_backlog=32'], 300_000);
+  const mixed = await fio([...common, '--rw=randrw', '--rwmixread=50', '--bs=8k', '--io_size=64M', '--verify_backlog=32']);
   t.is(mixed.code, 0, `fio randrw+verify: ${mixed.stderr}`);
   const unmounted = await tapkit(['unmount', served.mountpoint]);
   t.is(unmounted.code, 0, unmounted.stderr);
@@ -116,8 +119,9 @@ test.serial('fio --verify=crc32c: mixed random I/O on the loop device reads back
 });
 
 test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and tapkit unmount recovers', async (t) => {
-  const served = await serve(t, 'memory:256M', ['--loop']);
-  const io = run('fio', ['--name=busy', `--filename=${served.device}`, '--ioengine=libaio', '--direct=1', '--iodepth=8', '--rw=randrw', '--bs=64k', '--time_based', '--runtime=120', '--size=256M'], 90_000);
+  const dir = tempDir(t, 'fuse-kill-');
+  const served = await serve(t, 'memory:256M', ['--loop'], dir);
+  const io = run('fio', ['--name=busy', `--filename=${served.device}`, '--ioengine=libaio', '--direct=1', '--iodepth=8', '--rw=randrw', '--bs=64k', '--time_based', '--runtime=120', '--size=256M'], 90_000, { cwd: dir });
   await new Promise((r) => setTimeout(r, 2000));
   served.proc.kill('SIGKILL');
   await served.exit;
@@ -137,7 +141,7 @@ test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and
 });
 
 test.serial('a read-only mount refuses writes to the file and to the loop device', async (t) => {
-  const dir = tempDir('fuse-ro-');
+  const dir = tempDir(t, 'fuse-ro-');
   const image = path.join(dir, 'disk.raw');
   fs.writeFileSync(image, randomBytes(4 * 2 ** 20));
   const before = sha256(fs.readFileSync(image));
@@ -155,7 +159,7 @@ test.serial('a read-only mount refuses writes to the file and to the loop device
 });
 
 test.serial('lseek SEEK_DATA/SEEK_HOLE on the file matches the extents; truncate is refused; fallocate punches', async (t) => {
-  const dir = tempDir('fuse-seek-');
+  const dir = tempDir(t, 'fuse-seek-');
   const image = path.join(dir, 'sparse.raw');
   const MiB = 2 ** 20;
   const fd = fs.openSync(image, 'w');
@@ -216,7 +220,7 @@ test.serial('lseek SEEK_DATA/SEEK_HOLE on the file matches the extents; truncate
 });
 
 test.serial('tapkit unmount refuses what is not a tapkit mount, and mount refuses a missing directory', async (t) => {
-  const dir = tempDir('fuse-misc-');
+  const dir = tempDir(t, 'fuse-misc-');
   const r = await tapkit(['unmount', dir]);
   t.is(r.code, 2);
   t.regex(r.stderr, /not a tapkit FUSE mount/);
@@ -226,7 +230,7 @@ test.serial('tapkit unmount refuses what is not a tapkit mount, and mount refuse
 });
 
 test.serial('SIGTERM unmounts cleanly: the server detaches its loop device, flushes and unmounts', async (t) => {
-  const dir = tempDir('fuse-term-');
+  const dir = tempDir(t, 'fuse-term-');
   const image = path.join(dir, 'disk.raw');
   fs.writeFileSync(image, Buffer.alloc(8 * 2 ** 20));
   const served = await serve(t, `raw:${image}`, ['--loop'], dir);
@@ -257,7 +261,7 @@ test.serial('a stopped (hung) server does not hang tapkit unmount: it aborts the
 });
 
 test.serial('tapkit unmount refuses while a file system is mounted on the loop device, and succeeds after', async (t) => {
-  const dir = tempDir('fuse-busy-');
+  const dir = tempDir(t, 'fuse-busy-');
   const served = await serve(t, 'memory:64M', ['--loop'], dir);
   await must(t, 'mkfs.ext4', ['-q', '-F', served.device!], 120_000);
   const ext4 = await mountExt4(t, served.device!, dir);

@@ -42,8 +42,12 @@ function copyOf(name: string): string {
   return target;
 }
 
-/** Fails the test instead of hanging. */
-async function bounded<T>(promise: Promise<T>, what: string, ms = 20_000): Promise<T> {
+/**
+ * Fails the test instead of hanging. The bound is generous: the qemu-img calls of the
+ * tests beside this one run synchronously and hold the event loop (timers included)
+ * for many seconds on a loaded machine.
+ */
+async function bounded<T>(promise: Promise<T>, what: string, ms = 120_000): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);

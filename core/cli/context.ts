@@ -10,6 +10,7 @@ import type { Command } from 'commander';
 import { BlockError, SpecError, isBlockError } from '../errors';
 import { Opener, type OpenOptions } from '../open';
 import type { Provider } from '../provider';
+import { LIMIT_DEFINITIONS, parseLimitFlag, type LimitValues } from '../limits';
 
 export class UsageError extends Error {}
 
@@ -53,6 +54,8 @@ export interface OpenCliOptions {
   readOnly?: boolean;
   filter?: string[];
   maxChainDepth?: string;
+  /** `--limit NAME=VALUE`, repeatable (core/limits.ts). */
+  limit?: string[];
   allowBacking?: string[];
   /** commander turns --no-backing into backing: false. */
   backing?: string[] | false;
@@ -65,7 +68,8 @@ export interface OpenCliOptions {
 export function addOpenOptions(command: Command): Command {
   return command
     .option('--filter <name[,key=value...]>', 'put a filter on top (repeatable)', collect, [])
-    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16')
+    .option('--max-chain-depth <n>', 'longest backing chain accepted (default 16; the same as --limit chain-depth=N)')
+    .option('--limit <name=value>', `raise or lower a resource limit against hostile images (repeatable): ${Object.keys(LIMIT_DEFINITIONS).join(', ')}`, collect, [])
     .option('--allow-backing <dir|url-prefix>', 'let backing files come from this tree or URL prefix too (repeatable)', collect, [])
     .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
     .option('--no-backing', 'refuse every backing file and parent')
@@ -89,8 +93,20 @@ export function collect(value: string, previous: string[]): string[] {
 }
 
 export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
-  const depth = Number(options.maxChainDepth ?? 16);
-  if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
+  const limits: Partial<LimitValues> = {};
+  for (const text of options.limit ?? []) {
+    try {
+      const [name, value] = parseLimitFlag(text);
+      limits[name] = value;
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  }
+  if (options.maxChainDepth !== undefined) {
+    const depth = Number(options.maxChainDepth);
+    if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
+    limits['chain-depth'] = depth;
+  }
   const backing = {
     allow: (options.allowBacking ?? []).map((a) => (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(a) ? a : path.resolve(a))),
     noBacking: options.backing === false,
@@ -98,7 +114,7 @@ export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Ope
   };
   const http = httpOptions(options);
   const providerOptions = Object.keys(http).length ? { http } : undefined;
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, backing, providerOptions, ...extra });
+  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, providerOptions, ...extra });
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {

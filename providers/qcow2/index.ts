@@ -80,13 +80,13 @@ export class Qcow2Provider implements Provider {
   async open(): Promise<void> {
     this.imageSize = this.lower.info().size;
     const first = await this.readImage(0, Math.min(this.imageSize, 2 ** MAX_CLUSTER_BITS));
-    const header = this.located(() => parseHeader(first, this.imageSize));
+    const header = this.located(() => parseHeader(first, this.imageSize, this.request.limits));
     this.header = header;
     const extendedL2 = hasBit(header.incompatibleFeatures, INCOMPAT.extendedL2);
     const externalData = hasBit(header.incompatibleFeatures, INCOMPAT.externalDataFile);
 
     if (header.nbSnapshots > 0) {
-      const table = readSnapshotTable((o, n) => this.readImage(o, n), header.snapshotsOffset, header.nbSnapshots, this.imageSize);
+      const table = readSnapshotTable((o, n) => this.readImage(o, n), header.snapshotsOffset, header.nbSnapshots, this.imageSize, this.request.limits);
       this.snapshots = await table.catch((e: unknown) => this.located(() => { throw e; }));
     }
 
@@ -110,6 +110,8 @@ export class Qcow2Provider implements Provider {
         checkTable('snapshot_l1_table_offset', l1Offset, l1Size * 8, header.clusterSize, this.imageSize);
       });
     }
+    // Tables and cache bounds are charged to the VBD's metadata budget before they exist.
+    this.request.memory.reserve(l1Size * 8 + this.l2CacheBytes + DECOMPRESSED_CACHE_BYTES, `qcow2: ${this.where}: L1 table and caches`);
     const l1 = l1Size > 0 ? await this.readImage(l1Offset, l1Size * 8) : new Uint8Array(0);
 
     try {

@@ -8,6 +8,7 @@
  * BAT and bitmap updates to the next flush; `allocator` comments explain the order that
  * keeps a killed writer's image openable and every flushed write readable.
  */
+import * as path from 'node:path';
 import { BlockError, CorruptImageError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
@@ -23,6 +24,8 @@ import { sameUuid, uuidText } from './uuid';
 
 /** Largest buffer used to write zeros when the lower provider cannot zero natively. */
 const ZERO_CHUNK = 1 << 20;
+/** Bytes of clean sector bitmaps kept in memory (8192 bitmaps of 2 MiB blocks; fewer for larger blocks). */
+const BITMAP_CACHE_BYTES = 4 * 1024 * 1024;
 /** extents() answers at most this many runs per call (it may stop early). */
 const MAX_EXTENT_RUNS = 4096;
 
@@ -56,11 +59,19 @@ export class VhdProvider implements Provider {
   private readOnly: boolean;
   private batmapCleared = false;
   private closed = false;
+  /**
+   * Whether the container can grow: a file does when written past its end; a RAM disk or
+   * any other fixed-size source cannot, and then only blocks already allocated are written
+   * (a new block is refused with ENOSPC and zeroing keeps blocks instead of freeing them).
+   */
+  private readonly lowerGrows: boolean;
 
   constructor(private readonly request: OpenRequest) {
     if (!request.lower) throw new BlockError('EINVAL', `vhd needs an image to read (vhd:/path/disk.vhd) in spec '${request.spec}'`);
     this.lower = request.lower;
     this.readOnly = request.readOnly || request.lower.info().readOnly;
+    const where = request.lower.location;
+    this.lowerGrows = !!where && path.isAbsolute(where);
   }
 
   get location(): string | undefined {
@@ -81,17 +92,20 @@ export class VhdProvider implements Provider {
   }
 
   async open(): Promise<void> {
-    this.layout = await loadLayout(this.lower, this.where, { warn: (m) => this.request.warn(`${this.where}: ${m}`) });
+    const { limits, memory } = this.request;
+    this.layout = await loadLayout(this.lower, this.where, { warn: (m) => this.request.warn(`${this.where}: ${m}`), limits, memory });
     const { footer, header } = this.layout;
     if (footer.savedState && !this.readOnly) {
       throw new BlockError('EROFS', `${this.where} holds a saved VM state (footer 'saved state' is set): it may be opened read-only only`);
     }
     if (footer.diskType === DiskType.Fixed) return;
     this.bat = this.layout.bat!;
+    const cachedBitmaps = Math.max(1, Math.floor(BITMAP_CACHE_BYTES / this.layout.bitmapBytes));
+    memory.reserve(cachedBitmaps * this.layout.bitmapBytes, `${this.where}: bitmap cache`);
     this.bitmaps = new BitmapCache(this.lower, this.layout.bitmapBytes, (block) => {
       const entry = this.bat[block];
       return entry === UNALLOCATED ? undefined : entry;
-    });
+    }, cachedBitmaps);
     this.nextBlockAt = Math.max(this.layout.dataEnd, Math.ceil(this.layout.footerOffset / 512) * 512);
     if (footer.diskType === DiskType.Differencing) await this.openParent(header!);
     if (this.layout.footerFromCopy && !this.readOnly) {
@@ -102,7 +116,7 @@ export class VhdProvider implements Provider {
   }
 
   private async openParent(header: NonNullable<VhdLayout['header']>): Promise<void> {
-    const candidates = await parentCandidates(this.lower, header, this.layout.footerOffset);
+    const candidates = await parentCandidates(this.lower, header, this.layout.footerOffset, this.request.limits);
     if (candidates.length === 0) {
       throw new CorruptImageError('parent locator', `${this.where} is a differencing image but names no parent (no usable locator, empty parent name)`);
     }
@@ -245,6 +259,9 @@ export class VhdProvider implements Provider {
     const at = this.nextBlockAt;
     const end = at + this.layout.bitmapBytes + this.blockSize;
     if (end / 512 > 0xfffffffe) throw new BlockError('EFBIG', `${this.where}: a new block at ${at} would lie past what a BAT entry can address`);
+    if (!this.lowerGrows && end + FOOTER_SIZE > this.lower.info().size) {
+      throw new BlockError('ENOSPC', `${this.where}: block ${block} is not allocated and the ${this.lower.name} container cannot grow to hold it (only a file can)`);
+    }
     await this.writeLower(this.footerBytes(), end);
     this.nextBlockAt = end;
     this.bat[block] = at / 512;
@@ -357,7 +374,7 @@ export class VhdProvider implements Provider {
       const entry = this.bat[block];
       if (entry === UNALLOCATED) continue;
       const blockBytes = Math.min(this.blockSize, this.info().size - block * this.blockSize);
-      if (within === 0 && n >= blockBytes) {
+      if (within === 0 && n >= blockBytes && this.lowerGrows) {
         // Free it: the BAT entry changes at the next flush; until then the old entry points
         // at a block whose bitmap is zeroed here, which reads as zeros too.
         this.bat[block] = UNALLOCATED;

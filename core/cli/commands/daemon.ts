@@ -1,8 +1,15 @@
 /** `tapkit daemon [--config FILE] [--control PATH] [--metrics HOST:PORT]`: the long-running service. */
 import type { Command } from 'commander';
 import { runDaemon } from '../../daemon/daemon';
+// Contributes the `snapshot` control operation (live VHD snapshots).
+import '../../daemon/snapshot';
+import '../../nbd/daemon-export'; // registers the nbd export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
+import '../../fuse/daemon-export';
+
+/** Threads for the libuv pool: FUSE mounts keep reads of /dev/fuse waiting on it (core/fuse/export.ts). */
+const DAEMON_THREADPOOL = 128;
 
 export function register(program: Command): void {
   program
@@ -13,6 +20,7 @@ export function register(program: Command): void {
     .option('--metrics <host:port>', 'serve Prometheus metrics on this loopback address')
     .option('--log-level <level>', 'debug, info, warn or error', 'info')
     .action(async (options: { config?: string; control?: string; metrics?: string; logLevel: string }) => {
+      process.env.UV_THREADPOOL_SIZE ??= String(DAEMON_THREADPOOL);
       if (!isLevel(options.logLevel)) throw new UsageError(`--log-level must be debug, info, warn or error (got '${options.logLevel}')`);
       await runDaemon({
         configFile: options.config,

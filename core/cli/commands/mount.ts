@@ -10,14 +10,14 @@
  * socket in /run/tapkit/fuse, keyed by the mount point).
  */
 import * as fs from 'node:fs';
-import type * as net from 'node:net';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BlockError } from '../../errors';
 import { Vbd } from '../../vbd';
-import { DEFAULT_READERS, FUSE_FSTYPE, FuseExport } from '../../fuse/export';
-import { listenControl, readState, removeState, sendControl, writeState, type MountState } from '../../fuse/control';
-import { attachLoop, detachLoop, loopsBackedBy } from '../../fuse/loop';
+import { DEFAULT_READERS, FUSE_FSTYPE } from '../../fuse/export';
+import { readState, removeState, sendControl, type MountState } from '../../fuse/control';
+import { detachLoop, loopsBackedBy } from '../../fuse/loop';
+import { ServedMount } from '../../fuse/served';
 import { abortConnection, connectionOf, findMount } from '../../fuse/mounts';
 import { MOUNT_EBUSY, umount2 } from '../../../native/mount';
 import type { NativeError } from '../../../native/libc';
@@ -28,9 +28,6 @@ interface MountCliOptions extends OpenCliOptions {
   loop?: boolean;
   allowOther?: boolean;
 }
-
-/** How long shutdown waits for the VBD flush before unmounting anyway. */
-const SHUTDOWN_FLUSH_MS = 60_000;
 
 export function register(program: Command): void {
   addOpenOptions(
@@ -63,22 +60,19 @@ async function serve(spec: string, mountpointArg: string, options: MountCliOptio
   if (!fs.existsSync(mountpoint)) throw new UsageError(`mount point ${mountpointArg} does not exist`);
 
   const vbd = new Vbd(await openerFor(options).open(spec), { name: spec, readOnly: !!options.readOnly });
-  let exported: FuseExport;
+  let served: ServedMount;
   try {
-    exported = await FuseExport.mount(vbd, { mountpoint, name: options.name, readOnly: !!options.readOnly, allowOther: !!options.allowOther, log: (m) => log(`fuse: ${m}`) });
+    served = await ServedMount.start(vbd, { spec, mountpoint, name: options.name, readOnly: !!options.readOnly, allowOther: !!options.allowOther, loop: !!options.loop, log: (m) => log(`fuse: ${m}`) });
   } catch (e) {
     await vbd.close().catch(() => {});
     throw e;
   }
-  const state: MountState = { pid: process.pid, mountpoint, file: exported.file, spec, connection: exported.connection };
-  let control: net.Server | undefined;
-  let shuttingDown = false;
 
   // Whatever goes wrong from here on, users of the file get errors, never a hang.
   const die = (e: unknown) => {
     log(`fatal: ${describeError(e)}; aborting the FUSE connection of ${mountpoint}`);
     try {
-      exported.abort();
+      served.abort();
     } catch (abortError) {
       log(describeError(abortError));
     }
@@ -86,48 +80,18 @@ async function serve(spec: string, mountpointArg: string, options: MountCliOptio
   };
   process.on('uncaughtException', die);
   process.on('unhandledRejection', die);
-
-  const shutdown = async (why: string) => {
-    if (shuttingDown) return;
-    shuttingDown = true;
+  const shutdown = (why: string) => {
     log(`${why}: unmounting ${mountpoint}`);
-    if (state.loop) {
-      await detachLoop(state.loop, exported.file).catch((e) => log(describeError(e)));
-    }
-    await Promise.race([exported.flush(), new Promise((_, reject) => setTimeout(() => reject(new BlockError('ETIMEDOUT', 'flush took too long')), SHUTDOWN_FLUSH_MS).unref())]).catch((e) =>
-      log(`flush before unmount failed: ${describeError(e)}`),
-    );
-    if (!exported.unmount()) {
-      // Still in use: abort so nothing waits on a server that is leaving.
-      log(`${mountpoint} is still in use; aborting its FUSE connection (clean up with: tapkit unmount ${mountpoint})`);
-      process.exitCode = 1;
-      exported.abort();
-    }
+    void served.stop().then((clean) => {
+      if (!clean) process.exitCode = 1;
+    });
   };
-  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => void shutdown(signal));
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => shutdown(signal));
 
-  try {
-    writeState(state);
-    control = await listenControl(mountpoint, { flush: () => exported.flush(), status: () => state });
-    if (options.loop) {
-      const loop = await attachLoop(exported.file, { readOnly: !!options.readOnly || vbd.info().readOnly });
-      state.loop = loop.device;
-      writeState(state);
-      if (!loop.directIo) log(`${loop.device} does buffered I/O on ${exported.file} (direct I/O was refused)`);
-    }
-  } catch (e) {
-    log(describeError(e));
-    process.exitCode = 1;
-    await shutdown('setup failed');
-  }
-  if (!shuttingDown) {
-    process.stdout.write(`${exported.file}\n`);
-    if (state.loop) process.stdout.write(`${state.loop}\n`);
-  }
+  process.stdout.write(`${served.file}\n`);
+  if (served.loop) process.stdout.write(`${served.loop}\n`);
 
-  await exported.ended;
-  control?.close();
-  removeState(mountpoint);
+  await served.ended;
   await vbd.close().catch((e) => {
     log(`closing the disk failed: ${describeError(e)}`);
     process.exitCode = 1;
@@ -154,6 +118,9 @@ async function unmount(mountpointArg: string): Promise<void> {
     // Stale: abort first, so detaching the loop device and unmounting do not wait on it.
     log(`${describeError(e)}; aborting the FUSE connection`);
     abortConnection(connectionOf(entry));
+  }
+  if (server?.daemonDevice !== undefined) {
+    throw new UsageError(`${mountpoint} is served by tapkit daemon (pid ${server.pid}) as device ${server.daemonDevice}: end it with tapkit ctl destroy ${server.daemonDevice}`);
   }
 
   const prefix = `${mountpoint}/`;
