@@ -215,3 +215,23 @@ test('a corrupt or hostile saved index is ignored, never trusted', async (t) => 
   t.true((await readAll(third)).equals(content));
   t.true(hostileWarnings.some((w) => /does not match its checksum/.test(w)), JSON.stringify(hostileWarnings));
 });
+
+test('a cache file that fails under the cache costs lower reads, never a failed or wrong read', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'disk.raw');
+  const content = crypto.randomBytes(DISK);
+  fs.writeFileSync(file, content);
+  const cacheFile = path.join(dir, 'c.cache');
+  const warnings: string[] = [];
+  const p = await openSpec(`cache,size=256K,block=16K,file=${cacheFile}:raw:${file}`, { warn: (m) => warnings.push(m) });
+  t.teardown(() => p.close());
+  t.true((await readAll(p)).equals(content));
+  // Blocks are stored after the read that fetched them returns: wait (bounded) until they are.
+  const cached = () => (p.describe!() as { cachedBlocks: number }).cachedBlocks;
+  for (let i = 0; i < 200 && cached() < 16; i++) await new Promise((r) => setTimeout(r, 25));
+  t.is(cached(), 16);
+  // The cache file loses its bytes under the open cache: every hit now fails to read.
+  fs.truncateSync(cacheFile, 0);
+  t.true((await readAll(p)).equals(content));
+  t.true(warnings.some((w) => /could not read block \d+ from .*c\.cache/.test(w)), JSON.stringify(warnings));
+});

@@ -13,7 +13,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { openSpec } from '../core/open';
+import { Opener, openSpec } from '../core/open';
 import type { Provider } from '../core/provider';
 import { must, run, serve, tempDir } from './helpers/nbd';
 import { startNginx, type Nginx } from './helpers/nginx';
@@ -255,3 +255,49 @@ for (const file of ['disk.qcow2', 'top.qcow2']) {
     t.is(await server.stop(), 0);
   });
 }
+
+test('tapkit convert --filter cache,file=… leaves a cache file the next tapkit process starts warm from', async (t) => {
+  const cacheFile = path.join(tempDir(t, 'tapkit-http-cachefile-'), 'disk.cache');
+  const filter = `cache,size=4M,block=64K,file=${cacheFile}`;
+  const out = path.join(work, 'cached.converted');
+  t.teardown(() => fs.rmSync(out, { force: true }));
+  const converted = await runCli(['convert', '--filter', filter, `${nginx.base}/disk.raw`, out]);
+  t.is(converted.code, 0, converted.stderr);
+  t.true(fs.readFileSync(out).equals(fs.readFileSync(path.join(work, 'disk.raw.expected'))));
+  t.true(fs.existsSync(`${cacheFile}.index`));
+
+  const info = await new Promise<string>((resolve, reject) => {
+    execFile(process.execPath, [CLI, 'info', '--json', '--filter', filter, `${nginx.base}/disk.raw`], { encoding: 'utf8', timeout: 60_000 }, (error, stdout, stderr) => {
+      if (error) reject(new Error(stderr));
+      else resolve(stdout);
+    });
+  });
+  const cache = (JSON.parse(info).chain as Array<{ provider: string; details?: Record<string, unknown> }>).find((l) => l.provider === 'cache');
+  t.like(cache?.details, { cachedBlocks: 64, persistent: true });
+});
+
+test('a writable local VHD child whose parent is the image on nginx (--backing URL): writes stay local, the rest is read over http', async (t) => {
+  const dir = tempDir(t, 'tapkit-http-overlay-');
+  // The child is made against a local copy of the parent (the same file, so the same unique id).
+  const copy = path.join(dir, 'parent-copy.vhd');
+  fs.copyFileSync(path.join(root, 'disk.vhd'), copy);
+  const child = path.join(dir, 'overlay.vhd');
+  const made = await runCli(['vhd', 'snapshot', child, '--parent', copy]);
+  t.is(made.code, 0, made.stderr);
+  fs.rmSync(copy);
+
+  const opener = new Opener({ warn: () => {}, backing: { explicit: [`${nginx.base}/disk.vhd`] } });
+  const p = await opener.open(`vhd:${child}`);
+  t.teardown(() => p.close());
+  t.is(p.backing?.location, `${nginx.base}/disk.vhd`);
+  const model = fs.readFileSync(path.join(work, 'disk.vhd.expected'));
+  const servedBefore = fs.readFileSync(path.join(root, 'disk.vhd'));
+  for (const [offset, length, byte] of [[4096, 8192, 0x71], [3 << 20, 65536, 0x72]] as const) {
+    const bytes = Buffer.alloc(length, byte);
+    await p.write!(bytes, offset, {});
+    bytes.copy(model, offset);
+  }
+  await p.flush!();
+  t.true((await readAllScattered(p, model.length)).equals(model));
+  t.true(fs.readFileSync(path.join(root, 'disk.vhd')).equals(servedBefore), 'the image on the server is untouched');
+});

@@ -208,15 +208,33 @@ export class CacheFilter implements Provider {
       this.stats.hits++;
       this.entries.delete(block);
       this.entries.set(block, entry);
-      if (entry.verified) {
+      const served = await this.fromStore(block, entry, async () => {
+        if (!entry.verified) return this.verify(block, entry, target, within);
         await this.store.read(entry.slot, target, within);
         // The slot was given to another block while we read it: read this piece below.
-        if (this.entries.get(block) === entry) return;
-      } else if (await this.verify(block, entry, target, within)) {
-        return;
-      }
+        return this.entries.get(block) === entry;
+      });
+      if (served) return;
     }
     await this.lowerRead(target, block * this.blockSize + within);
+  }
+
+  /**
+   * Runs a read of the store; if the store fails (a cache file on a failing or full
+   * disk, truncated under us), the block is dropped with a warning and the caller reads
+   * the disk below: a broken cache costs speed, never a guest's read.
+   */
+  private async fromStore(block: number, entry: Entry, read: () => Promise<boolean>): Promise<boolean> {
+    try {
+      return await read();
+    } catch (e) {
+      if (this.entries.get(block) === entry) {
+        this.entries.delete(block);
+        this.freeSlots.push(entry.slot);
+      }
+      this.request.warn(`cache: could not read block ${block} from ${this.filePath ?? 'memory'} (${(e as Error).message}); reading it from the disk below`);
+      return false;
+    }
   }
 
   /** First use of a block from a saved index: read it whole and check its CRC; a bad block is dropped. */

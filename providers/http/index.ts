@@ -154,7 +154,10 @@ export class HttpProvider implements Provider {
     }
     // Later ranges go straight to where the redirects ended.
     this.url = this.object.url;
-    this.reader = new RangeReader((target, offset) => this.client.readRange(this.url, target, offset, this.object.validator), {
+    if (!this.object.validator.etag && !this.object.validator.lastModified) {
+      this.request.warn(`http: ${this.location} has neither ETag nor Last-Modified: if the object is replaced while open, the change cannot be detected`);
+    }
+    this.reader = new RangeReader((targets, offset) => this.client.readRange(this.url, targets, offset, this.object.validator), {
       size: this.object.size,
       maxInFlight: this.settings.connections,
       maxRequest: DEFAULTS.maxRequest,
