@@ -23,6 +23,8 @@ export interface CorpusImage {
   files: string[];
   /** The spec the fuzzer opens (format named: probing is not what is fuzzed). */
   spec: string;
+  /** Other specs over the same files, opened in the same case (a snapshot by name). */
+  alsoOpen?: string[];
 }
 
 export interface Corpus {
@@ -92,7 +94,7 @@ export async function buildCorpus(root: string, names: readonly string[] = CORPU
         const image = qcow2('snapshot.qcow2', 'cluster_size=4k', '1M', ['write -P 0x44 0 64k']);
         qemuImg(['snapshot', '-c', 'before', image]);
         qemuIo(image, ['write -P 0x55 32k 64k']);
-        entries.push({ name, format: 'qcow2', files: [image], spec: `qcow2:${image}` });
+        entries.push({ name, format: 'qcow2', files: [image], spec: `qcow2:${image}`, alsoOpen: [`qcow2,snapshot=before:${image}`] });
         break;
       }
       case 'qcow2-datafile': {
