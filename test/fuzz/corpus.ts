@@ -23,6 +23,8 @@ export interface CorpusImage {
   files: string[];
   /** The spec the fuzzer opens (format named: probing is not what is fuzzed). */
   spec: string;
+  /** Other specs over the same files, opened in the same case (a snapshot by name). */
+  alsoOpen?: string[];
 }
 
 export interface Corpus {
@@ -34,7 +36,19 @@ export interface Corpus {
   entries: CorpusImage[];
 }
 
-export const CORPUS_NAMES = ['qcow2-plain', 'qcow2-v2', 'qcow2-compressed', 'qcow2-extl2', 'qcow2-chain', 'vhd-dynamic', 'vhd-fixed', 'vhd-differencing'] as const;
+export const CORPUS_NAMES = [
+  'qcow2-plain',
+  'qcow2-v2',
+  'qcow2-compressed',
+  'qcow2-zstd',
+  'qcow2-extl2',
+  'qcow2-chain',
+  'qcow2-snapshot',
+  'qcow2-datafile',
+  'vhd-dynamic',
+  'vhd-fixed',
+  'vhd-differencing',
+] as const;
 
 /** Builds the named corpus entries (all by default) under `root`. */
 export async function buildCorpus(root: string, names: readonly string[] = CORPUS_NAMES): Promise<Corpus> {
@@ -66,6 +80,26 @@ export async function buildCorpus(root: string, names: readonly string[] = CORPU
         qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k', src, file('compressed.qcow2')]);
         fs.rmSync(src);
         entries.push({ name, format: 'qcow2', files: [file('compressed.qcow2')], spec: `qcow2:${file('compressed.qcow2')}` });
+        break;
+      }
+      case 'qcow2-zstd': {
+        const src = file('zstd-src.raw');
+        fs.writeFileSync(src, Buffer.from('pack my box with five dozen liquor jugs. '.repeat(26000)));
+        qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k,compression_type=zstd', src, file('zstd.qcow2')]);
+        fs.rmSync(src);
+        entries.push({ name, format: 'qcow2', files: [file('zstd.qcow2')], spec: `qcow2:${file('zstd.qcow2')}` });
+        break;
+      }
+      case 'qcow2-snapshot': {
+        const image = qcow2('snapshot.qcow2', 'cluster_size=4k', '1M', ['write -P 0x44 0 64k']);
+        qemuImg(['snapshot', '-c', 'before', image]);
+        qemuIo(image, ['write -P 0x55 32k 64k']);
+        entries.push({ name, format: 'qcow2', files: [image], spec: `qcow2:${image}`, alsoOpen: [`qcow2,snapshot=before:${image}`] });
+        break;
+      }
+      case 'qcow2-datafile': {
+        const image = qcow2('datafile.qcow2', `cluster_size=4k,data_file=${file('datafile.raw')},data_file_raw=on`, '1M', ['write -P 0x66 0 64k', 'write -P 0x11 512k 4k']);
+        entries.push({ name, format: 'qcow2', files: [image, file('datafile.raw')], spec: `qcow2:${image}` });
         break;
       }
       case 'qcow2-extl2':

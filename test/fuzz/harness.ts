@@ -162,7 +162,9 @@ export async function runFuzz(root: string, options: FuzzOptions): Promise<FuzzS
       entry.files.forEach((f, i) => fs.writeFileSync(f, pristine[i]));
       const index = file % entry.files.length;
       fs.writeFileSync(entry.files[index], mutate(entry, entry.files[index], pristine[index], mutations, corpus.canary));
-      await withTimeout(exercise(entry.spec, options, stats), options.caseTimeoutMs, `${entry.name}: open and reads`);
+      for (const spec of [entry.spec, ...(entry.alsoOpen ?? [])]) {
+        await withTimeout(exercise(spec, options, stats), options.caseTimeoutMs, `${entry.name}: open and reads of ${spec}`);
+      }
     });
     const details = await fc.check(property, { numRuns: options.runs, seed, endOnFailure: false });
     if (details.failed) {
