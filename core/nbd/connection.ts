@@ -135,14 +135,16 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
 
   // ---- ReplySink --------------------------------------------------------------------
 
-  send(data: Buffer): void {
+  send(data: Buffer, written?: () => void): void {
     if (this.ended) return;
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    this.socket.write(data);
+    // The callback also runs when the write fails: either way the socket is done with `data`.
+    if (written) this.socket.write(data, () => written());
+    else this.socket.write(data);
   }
 
   get queuedBytes(): number {

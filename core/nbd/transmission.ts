@@ -17,6 +17,7 @@
  */
 import { isBlockError, type BlockError } from '../errors';
 import type { Extent } from '../provider';
+import { BufferPool } from './buffer-pool';
 import type { ByteQueue } from './byte-queue';
 import type { Negotiated } from './handshake';
 import {
@@ -48,7 +49,8 @@ export const DEFAULT_LIMITS: TransmissionLimits = {
 
 /** Where replies go: the connection batches them per event-loop turn. */
 export interface ReplySink {
-  send(data: Buffer): void;
+  /** Queues bytes for the client; `written` runs once the socket no longer needs `data`. */
+  send(data: Buffer, written?: () => void): void;
   /** Bytes handed to the socket and not yet written to the kernel. */
   readonly queuedBytes: number;
 }
@@ -67,6 +69,12 @@ const HOLE_SPLIT_MIN = 64 * 1024;
 const HOLE_CHUNK_MIN = 4096;
 /** Extents in one BLOCK_STATUS reply; the client asks again for the rest. */
 const MAX_EXTENTS = 65536;
+/**
+ * After this many READs in a row whose extents showed no hole, stop asking for a while:
+ * on some files finding the next hole is costly (tmpfs scans to the end of the file).
+ */
+const ALL_DATA_STREAK = 8;
+const HOLE_LOOKUP_PAUSE = 256;
 /** Longest error message sent in a structured error chunk. */
 const MAX_MESSAGE = 1024;
 
@@ -96,6 +104,10 @@ export class Transmission {
   private readonly requestSize: number;
   private readonly chunkHeaderSize: number;
   private readonly size: number;
+  private readonly buffers = new BufferPool();
+  /** READs in a row whose extents were all data, and READs left before extents are asked again. */
+  private allDataReads = 0;
+  private holeLookupPause = 0;
 
   constructor(
     private readonly negotiated: Negotiated,
@@ -334,19 +346,19 @@ export class Transmission {
     if (offset + length > this.size) return this.replyError(request, NBD_EINVAL, `read ${offset}+${length} is past the end (size ${this.size})`);
     if (!this.structured) {
       // Read first, send after: an error found later could not be reported.
-      const reply = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE + length);
+      const reply = this.buffers.take(SIMPLE_REPLY_SIZE + length);
       await vbd.read(reply.subarray(SIMPLE_REPLY_SIZE), offset);
       this.writeSimpleHeader(reply, request, 0);
-      this.out.send(reply);
+      this.sendPooled(reply);
       return;
     }
     if (length === 0) return this.out.send(this.chunkHeader(request, REPLY_FLAG_DONE, REPLY_NONE, 0));
-    const runs = !df && length >= HOLE_SPLIT_MIN && vbd.capabilities().extents ? await this.readRuns(offset, length) : undefined;
+    const runs = !df && length >= HOLE_SPLIT_MIN && vbd.capabilities().extents ? await this.holeRuns(offset, length) : undefined;
     if (!runs) {
       const chunk = this.dataChunk(request, offset, length);
       await vbd.read(chunk.subarray(this.chunkHeaderSize + 8), offset);
       chunk.writeUInt16BE(REPLY_FLAG_DONE, 4);
-      this.out.send(chunk);
+      this.sendPooled(chunk);
       return;
     }
     // Data runs are read concurrently; holes go out as OFFSET_HOLE without touching data.
@@ -376,7 +388,31 @@ export class Transmission {
     }
     const last = chunks[chunks.length - 1];
     last.writeUInt16BE(REPLY_FLAG_DONE, 4);
-    for (const chunk of chunks) this.out.send(chunk);
+    for (const chunk of chunks) this.sendPooled(chunk);
+  }
+
+  /** Sends a buffer that may come from the pool, and gives it back once written. */
+  private sendPooled(buf: Buffer): void {
+    this.out.send(buf, () => this.buffers.give(buf));
+  }
+
+  /**
+   * readRuns, unless the last reads of this connection all found data only: then extents
+   * are skipped for a while and reads go out as data (still correct, holes read as zeros).
+   */
+  private async holeRuns(offset: number, length: number): Promise<Array<{ offset: number; length: number; type: 'data' | 'hole' }> | undefined> {
+    if (this.holeLookupPause > 0) {
+      this.holeLookupPause--;
+      return undefined;
+    }
+    const runs = await this.readRuns(offset, length);
+    if (runs) {
+      this.allDataReads = 0;
+    } else if (++this.allDataReads >= ALL_DATA_STREAK) {
+      this.allDataReads = 0;
+      this.holeLookupPause = HOLE_LOOKUP_PAUSE;
+    }
+    return runs;
   }
 
   /** The read range as data and hole runs (hole = reads as zeros), or undefined when it is all data. */
@@ -477,8 +513,9 @@ export class Transmission {
   }
 
   /** A chunk header (structured or extended) followed by `extra` bytes of room for the payload. */
-  private chunkHeader(request: Request, flags: number, type: number, payloadLength: number, extra = 0): Buffer {
-    const chunk = Buffer.allocUnsafe(this.chunkHeaderSize + extra);
+  private chunkHeader(request: Request, flags: number, type: number, payloadLength: number, extra = 0, pooled = false): Buffer {
+    const size = this.chunkHeaderSize + extra;
+    const chunk = pooled ? this.buffers.take(size) : Buffer.allocUnsafe(size);
     chunk.writeUInt32BE(this.extended ? EXTENDED_REPLY_MAGIC : STRUCTURED_REPLY_MAGIC, 0);
     chunk.writeUInt16BE(flags, 4);
     chunk.writeUInt16BE(type, 6);
@@ -495,7 +532,7 @@ export class Transmission {
 
   /** An OFFSET_DATA chunk whose data area (after header and offset) the read fills in place. */
   private dataChunk(request: Request, offset: number, length: number): Buffer {
-    const chunk = this.chunkHeader(request, 0, REPLY_OFFSET_DATA, 8 + length, 8 + length);
+    const chunk = this.chunkHeader(request, 0, REPLY_OFFSET_DATA, 8 + length, 8 + length, true);
     writeU64(chunk, offset, this.chunkHeaderSize);
     return chunk;
   }
