@@ -29,7 +29,7 @@ export interface DeviceSummary {
   size: number;
   readOnly: boolean;
   chain: Layer[];
-  exports: Array<{ kind: string; target: string }>;
+  exports: Array<{ kind: string; target: string; device?: string }>;
   counters: { operations: number; bytes: number; errors: number };
 }
 
@@ -57,7 +57,7 @@ export class Device {
       size: this.vbd.info().size,
       readOnly: this.vbd.info().readOnly,
       chain: layersOf(this.vbd.top),
-      exports: this.exports.map((e) => ({ kind: e.kind, target: e.target })),
+      exports: this.exports.map((e) => ({ kind: e.kind, target: e.target, ...(e.device ? { device: e.device } : {}) })),
       counters: {
         operations: ops.reduce((n, o) => n + o.count, 0),
         bytes: ops.reduce((n, o) => n + o.bytes, 0),

@@ -30,6 +30,19 @@ function writableVhdOf(device: Device): VhdProvider {
   throw new BlockError('EINVAL', `device ${device.id} is not served from a VHD (spec '${device.request.spec}'): snapshot needs one`);
 }
 
+/** The directories of every local file in a chain (its layers and their backing chains). */
+function chainDirectories(top: Provider): string[] {
+  const dirs = new Set<string>();
+  const visit = (p: Provider | undefined): void => {
+    for (; p; p = p.lower) {
+      if (p.location && !/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(p.location)) dirs.add(path.dirname(p.location));
+      visit(p.backing);
+    }
+  };
+  visit(top);
+  return [...dirs];
+}
+
 export async function snapshotDevice(devices: DeviceTable, id: string, childPath: string): Promise<Device> {
   const device = devices.get(id);
   const parent = writableVhdOf(device);
@@ -47,8 +60,8 @@ export async function snapshotDevice(devices: DeviceTable, id: string, childPath
       blockSize: parent.type === DiskType.Fixed ? undefined : parent.blockSize,
     });
     try {
-      // The child names its parent; the parent's directory is where the operator keeps it.
-      await devices.unpause(device.id, `vhd:${child}`, [path.dirname(parent.location!)]);
+      // The child names its parent: the chain may reach every directory it reached before.
+      await devices.unpause(device.id, `vhd:${child}`, chainDirectories(device.vbd.top));
     } catch (e) {
       fs.rmSync(child, { force: true });
       throw e;

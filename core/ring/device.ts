@@ -45,8 +45,13 @@ export interface DeviceOptions {
   backendPath: string;
   domid: number;
   devid: number;
-  /** Opens the VBD for `params` (read-only when `mode` is r). */
-  openVbd(spec: string, readOnly: boolean): Promise<Vbd>;
+  /**
+   * Where the disk comes from: `openVbd` opens the VBD named by `params` (read-only when
+   * `mode` is r) and the device closes it when it ends; or `vbd` is a VBD its owner (the
+   * daemon) keeps, served whatever `params` says and never closed here.
+   */
+  openVbd?(spec: string, readOnly: boolean): Promise<Vbd>;
+  vbd?: Vbd;
   limits?: DeviceLimits;
   log?(message: string): void;
   /** Called once when the device has ended (online=0, or its directory was removed). */
@@ -68,6 +73,9 @@ export class BlkifDevice {
   private rings: Array<{ unmap(): void }> = [];
   private grants?: GrantMapper;
   private ended = false;
+  private readOnly = false;
+  /** Counters of the queues of earlier connections (the live ones are added on read). */
+  private readonly pastStats = { connections: 0, requests: 0, kicksSent: 0, kicksReceived: 0, batches: 0 };
 
   constructor(private readonly options: DeviceOptions) {
     this.store = options.platform.store;
@@ -92,10 +100,14 @@ export class BlkifDevice {
     const frontend = await this.store.read(`${this.be}/frontend`);
     const params = await this.store.read(`${this.be}/params`);
     const mode = (await this.store.read(`${this.be}/mode`)) ?? 'w';
-    if (frontend === undefined || params === undefined) throw new Error(`${this.be} lacks frontend or params`);
+    if (frontend === undefined || (params === undefined && !this.options.vbd)) throw new Error(`${this.be} lacks frontend or params`);
     this.frontendPath = frontend;
+    this.readOnly = !mode.startsWith('w');
     try {
-      this.vbd = await this.options.openVbd(params, !mode.startsWith('w'));
+      if (this.options.vbd) this.vbd = this.options.vbd;
+      else if (this.options.openVbd) this.vbd = await this.options.openVbd(params!, this.readOnly);
+      else throw new Error('no VBD to serve');
+      this.readOnly ||= this.vbd.info().readOnly;
     } catch (e) {
       await this.fail(`cannot open '${params}': ${(e as Error).message}`);
       this.watches.push(await this.store.watch(this.be, () => void this.enqueue(() => this.step())));
@@ -117,16 +129,16 @@ export class BlkifDevice {
       sectors: Math.floor(info.size / 512),
       'sector-size': sectorSize,
       'physical-sector-size': physical,
-      info: info.readOnly ? VDISK_READONLY : 0,
+      info: this.readOnly ? VDISK_READONLY : 0,
       'feature-flush-cache': 1,
-      'feature-barrier': caps.write ? 1 : 0,
-      'feature-discard': caps.trim ? 1 : 0,
+      'feature-barrier': caps.write && !this.readOnly ? 1 : 0,
+      'feature-discard': this.discard ? 1 : 0,
       'feature-persistent': 1,
       'feature-max-indirect-segments': this.limits.maxIndirectSegments,
       'max-ring-page-order': this.limits.maxRingPageOrder,
       'multi-queue-max-queues': this.limits.maxQueues,
     };
-    if (caps.trim) {
+    if (this.discard) {
       nodes['discard-granularity'] = physical;
       nodes['discard-alignment'] = 0;
       nodes['discard-secure'] = 0;
@@ -137,6 +149,11 @@ export class BlkifDevice {
       await this.store.write(`${this.be}/state`, String(XenbusState.InitWait), tx);
     });
     this.state = XenbusState.InitWait;
+  }
+
+  /** Discard is offered when the disk can trim and may be written. */
+  private get discard(): boolean {
+    return !!this.vbd && this.vbd.capabilities().trim && !this.readOnly;
   }
 
   private async setState(state: number): Promise<void> {
@@ -235,7 +252,8 @@ export class BlkifDevice {
           layout,
           grants: this.grants,
           maxIndirectSegments: this.limits.maxIndirectSegments,
-          discard: this.vbd!.capabilities().trim,
+          discard: this.discard,
+          readOnly: this.readOnly,
           onFatal: (reason) => void this.enqueue(() => this.fail(reason)),
           onRefused: (reason) => this.log(`refused a request: ${reason}`),
         });
@@ -268,6 +286,8 @@ export class BlkifDevice {
     const queues = this.queues;
     this.queues = [];
     await Promise.all(queues.map((q) => q.stop()));
+    if (queues.length > 0) this.pastStats.connections++;
+    for (const q of queues) for (const k of ['requests', 'kicksSent', 'kicksReceived', 'batches'] as const) this.pastStats[k] += q.stats[k];
     for (const c of this.channels) c.close();
     this.channels = [];
     for (const r of this.rings) r.unmap();
@@ -282,7 +302,7 @@ export class BlkifDevice {
     await this.disconnect();
     for (const w of this.watches) await w.cancel();
     this.watches = [];
-    await this.vbd?.close().catch(() => undefined);
+    if (!this.options.vbd) await this.vbd?.close().catch(() => undefined);
     this.log('ended');
     this.options.onEnd?.();
   }
@@ -298,5 +318,21 @@ export class BlkifDevice {
 
   get queueStats() {
     return this.queues.map((q) => ({ ...q.stats }));
+  }
+
+  /**
+   * Counters over the device's life: connections made, requests taken off the ring(s),
+   * notifications sent and received, and batches (turns that found requests waiting).
+   * Few kicks per request mean the notification hold-off works.
+   */
+  stats(): { state: number; connected: boolean; connections: number; requests: number; kicksSent: number; kicksReceived: number; batches: number } {
+    const total = { ...this.pastStats };
+    if (this.queues.length > 0) total.connections++;
+    for (const q of this.queues) for (const k of ['requests', 'kicksSent', 'kicksReceived', 'batches'] as const) total[k] += q.stats[k];
+    return { state: this.state, connected: this.state === XenbusState.Connected, ...total };
+  }
+
+  get hasEnded(): boolean {
+    return this.ended;
   }
 }

@@ -41,6 +41,8 @@ export interface QueueOptions {
   maxIndirectSegments: number;
   /** feature-discard was advertised. */
   discard: boolean;
+  /** Writes and discards are refused (the VBD is read-only, or the vbd's mode is r). */
+  readOnly: boolean;
   /** The frontend broke the protocol: the device must stop serving it. */
   onFatal(reason: string): void;
   /** A request was refused (for logs). */
@@ -105,9 +107,10 @@ export class BlkifQueue {
         if (!this.ring.idle || !this.ring.finalCheck()) return;
       }
     } catch (e) {
-      if (!(e instanceof RingOverrun)) throw e;
+      // Nothing a frontend puts in shared memory may escape as an exception: a bug
+      // reached through hostile input fails this connection only.
       this.failed = true;
-      this.options.onFatal(`ring overrun: ${e.message}`);
+      this.options.onFatal(e instanceof RingOverrun ? `ring overrun: ${e.message}` : `internal error serving the ring: ${(e as Error).message}`);
       this.maybeDrained();
     }
   }
@@ -184,7 +187,7 @@ export class BlkifQueue {
         if (!this.options.discard) return RSP_EOPNOTSUPP;
         if (request.secure) return RSP_EOPNOTSUPP; // discard-secure is not offered
         const { offset, length } = this.range(request.sector, request.nrSectors);
-        if (vbd.info().readOnly) throw new Refused(RSP_ERROR, 'discard on a read-only disk');
+        if (this.options.readOnly) throw new Refused(RSP_ERROR, 'discard on a read-only disk');
         if (length > 0) await vbd.trim(offset, length);
         return RSP_OKAY;
       }
@@ -264,7 +267,7 @@ export class BlkifQueue {
     const { vbd } = this.options;
     const sectors = segments.reduce((n, s) => n + (s.lastSect - s.firstSect + 1), 0);
     const { offset } = this.range(sector, BigInt(sectors));
-    if (op === OP_WRITE && vbd.info().readOnly) throw new Refused(RSP_ERROR, 'write to a read-only disk');
+    if (op === OP_WRITE && this.options.readOnly) throw new Refused(RSP_ERROR, 'write to a read-only disk');
     const mapping = this.map(
       segments.map((s) => s.gref),
       op === OP_READ,

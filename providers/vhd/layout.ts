@@ -8,14 +8,15 @@
  * Every size that comes from the image is bounded before anything is allocated from it.
  */
 import { CorruptImageError } from '../../core/errors';
+import { DEFAULT_LIMITS, raiseHint, type Limits, type MetadataBudget } from '../../core/limits';
 import type { Provider } from '../../core/provider';
 import { bitmapBytesFor } from './bitmap';
 import { DiskType, FOOTER_SIZE, inspectFooter, isFooterCookie, LEGACY_FOOTER_SIZE, NO_DATA_OFFSET, type Footer } from './footer';
 import { HEADER_SIZE, inspectHeader, type DynamicHeader } from './header';
 
 export const UNALLOCATED = 0xffffffff;
-/** The largest BAT we accept: 2^26 entries (256 MiB of table, 128 TiB at 2 MiB blocks). */
-export const MAX_BAT_ENTRIES = 2 ** 26;
+/** The largest BAT accepted by default (core/limits.ts `bat-entries`). */
+export const MAX_BAT_ENTRIES = DEFAULT_LIMITS.get('bat-entries');
 /** The largest block we accept (the bitmap and reads are sized from it). */
 export const MAX_BLOCK_SIZE = 2 ** 30;
 /** `tapkit vhd check` lists this many bad BAT entries, then counts the rest. */
@@ -52,6 +53,10 @@ export interface LoadOptions {
   /** List problems instead of throwing at the first. */
   collect?: Problem[];
   warn?: (message: string) => void;
+  /** Bounds on the BAT (default: core/limits.ts defaults). */
+  limits?: Limits;
+  /** Charged with the BAT before it is allocated. */
+  memory?: MetadataBudget;
 }
 
 class Stop extends Error {}
@@ -170,8 +175,10 @@ async function walk(
   // ---- the BAT, bounded before it is read.
   const needed = Math.ceil(footer.currentSize / blockSize);
   const entries = header.maxTableEntries;
+  const maxEntries = (options.limits ?? DEFAULT_LIMITS).get('bat-entries');
+  if (needed > maxEntries) fatal('max table entries', `a disk of ${footer.currentSize} bytes in ${blockSize}-byte blocks needs ${needed} BAT entries, more than the ${maxEntries} limit (${raiseHint('bat-entries')})`);
   if (entries < needed) fatal('max table entries', `the BAT has ${entries} entries but a disk of ${footer.currentSize} bytes in ${blockSize}-byte blocks needs ${needed}`);
-  if (entries > MAX_BAT_ENTRIES) fatal('max table entries', `the BAT claims ${entries} entries, more than the ${MAX_BAT_ENTRIES} tapkit accepts`);
+  if (entries > maxEntries) fatal('max table entries', `the BAT claims ${entries} entries, more than the ${maxEntries} limit (${raiseHint('bat-entries')})`);
   const batBytes = Math.ceil((entries * 4) / 512) * 512;
   base.batBytes = batBytes;
   const tableOffset = header.tableOffset;
@@ -182,6 +189,7 @@ async function walk(
   if (tableOffset < headerOffset + HEADER_SIZE && headerOffset < batEnd) {
     fatal('table offset', `the BAT (${batBytes} bytes at ${tableOffset}) overlaps the dynamic header at ${headerOffset}`);
   }
+  options.memory?.reserve(entries * 4, `vhd: BAT of ${entries} entries`);
   const batRaw = await readAt(lower, tableOffset, entries * 4);
   const bat = new Uint32Array(entries);
   for (let i = 0; i < entries; i++) bat[i] = batRaw.readUInt32BE(i * 4);

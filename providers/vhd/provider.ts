@@ -19,11 +19,14 @@ import { DiskType, diskTypeName, FOOTER_SIZE, isFooterCookie, LEGACY_FOOTER_SIZE
 import { HEADER_COOKIE } from './header';
 import { loadLayout, UNALLOCATED, type VhdLayout } from './layout';
 import { parentCandidates } from './locators';
+import { checkVhd, vhdReferences } from './inspect';
 import { Mutex } from './mutex';
 import { sameUuid, uuidText } from './uuid';
 
 /** Largest buffer used to write zeros when the lower provider cannot zero natively. */
 const ZERO_CHUNK = 1 << 20;
+/** Bytes of clean sector bitmaps kept in memory (8192 bitmaps of 2 MiB blocks; fewer for larger blocks). */
+const BITMAP_CACHE_BYTES = 4 * 1024 * 1024;
 /** extents() answers at most this many runs per call (it may stop early). */
 const MAX_EXTENT_RUNS = 4096;
 
@@ -42,6 +45,8 @@ export function probeVhd({ head, tail }: { head: Uint8Array; tail: Uint8Array })
   // The footer is at the end: after formats recognised by their first bytes.
   probePriority: -10,
   options: ['ignore-parent-uuid'],
+  references: vhdReferences,
+  check: checkVhd,
 })
 export class VhdProvider implements Provider {
   readonly name = 'vhd';
@@ -90,17 +95,20 @@ export class VhdProvider implements Provider {
   }
 
   async open(): Promise<void> {
-    this.layout = await loadLayout(this.lower, this.where, { warn: (m) => this.request.warn(`${this.where}: ${m}`) });
+    const { limits, memory } = this.request;
+    this.layout = await loadLayout(this.lower, this.where, { warn: (m) => this.request.warn(`${this.where}: ${m}`), limits, memory });
     const { footer, header } = this.layout;
     if (footer.savedState && !this.readOnly) {
       throw new BlockError('EROFS', `${this.where} holds a saved VM state (footer 'saved state' is set): it may be opened read-only only`);
     }
     if (footer.diskType === DiskType.Fixed) return;
     this.bat = this.layout.bat!;
+    const cachedBitmaps = Math.max(1, Math.floor(BITMAP_CACHE_BYTES / this.layout.bitmapBytes));
+    memory.reserve(cachedBitmaps * this.layout.bitmapBytes, `${this.where}: bitmap cache`);
     this.bitmaps = new BitmapCache(this.lower, this.layout.bitmapBytes, (block) => {
       const entry = this.bat[block];
       return entry === UNALLOCATED ? undefined : entry;
-    });
+    }, cachedBitmaps);
     this.nextBlockAt = Math.max(this.layout.dataEnd, Math.ceil(this.layout.footerOffset / 512) * 512);
     if (footer.diskType === DiskType.Differencing) await this.openParent(header!);
     if (this.layout.footerFromCopy && !this.readOnly) {
@@ -111,7 +119,7 @@ export class VhdProvider implements Provider {
   }
 
   private async openParent(header: NonNullable<VhdLayout['header']>): Promise<void> {
-    const candidates = await parentCandidates(this.lower, header, this.layout.footerOffset);
+    const candidates = await parentCandidates(this.lower, header, this.layout.footerOffset, this.request.limits);
     if (candidates.length === 0) {
       throw new CorruptImageError('parent locator', `${this.where} is a differencing image but names no parent (no usable locator, empty parent name)`);
     }

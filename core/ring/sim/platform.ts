@@ -45,10 +45,3 @@ export class SimPlatform implements Platform {
     fs.rmSync(path.join(this.dir, 'evtchn.sock'), { force: true });
   }
 }
-
-/** Parses `--platform sim:DIR`. */
-export function parsePlatformSpec(spec: string): { kind: 'sim'; dir: string } {
-  const m = /^sim:(.+)$/.exec(spec);
-  if (!m) throw new Error(`unknown platform '${spec}' (expected sim:DIR)`);
-  return { kind: 'sim', dir: m[1] };
-}

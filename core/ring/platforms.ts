@@ -1,0 +1,104 @@
+/**
+ * Platform kinds by name, for `--platform KIND:ARGUMENT` and the daemon's `xen` export:
+ * `sim:DIR` is built in; a real dom0 platform registers `xen` the same way (one
+ * `registerPlatformKind` call in its own module, imported by the CLI).
+ *
+ * `acquirePlatform` shares one running platform per spec inside a process (several
+ * daemon devices on one sim directory use one XenStore daemon) and closes it when the
+ * last user releases it.
+ */
+import * as path from 'node:path';
+import type { Platform, XenStore } from './platform';
+import { SimPlatform } from './sim/platform';
+import { XsClient } from './sim/xs-client';
+
+/** A XenStore connection of the toolstack's (`tapkit xen attach/detach`). */
+export type StoreConnection = XenStore & { close(): void };
+
+export interface PlatformKind {
+  /** Runs the backend's side of the platform (`xen serve`, the daemon's `xen` export). */
+  start(argument: string): Promise<Platform>;
+  /** Connects to the XenStore that a running platform serves, as the toolstack does. */
+  connectStore(argument: string): Promise<StoreConnection>;
+}
+
+type PlatformFactory = PlatformKind;
+
+const kinds = new Map<string, PlatformKind>();
+
+export function registerPlatformKind(kind: string, implementation: PlatformKind): void {
+  kinds.set(kind, implementation);
+}
+
+export function platformKinds(): string[] {
+  return [...kinds.keys()].sort();
+}
+
+export class PlatformSpecError extends Error {}
+
+/** Splits `kind:argument` and checks the kind is known. */
+export function parsePlatform(spec: string): { kind: string; argument: string; factory: PlatformFactory } {
+  const colon = spec.indexOf(':');
+  const kind = colon < 0 ? spec : spec.slice(0, colon);
+  const argument = colon < 0 ? '' : spec.slice(colon + 1);
+  const factory = kinds.get(kind);
+  if (!factory) throw new PlatformSpecError(`unknown platform '${spec}' (known kinds: ${platformKinds().join(', ')}; sim takes a directory: sim:DIR)`);
+  return { kind, argument, factory };
+}
+
+/** Starts a platform of its own for the caller (`tapkit xen serve`). */
+export function startPlatform(spec: string): Promise<Platform> {
+  const { argument, factory } = parsePlatform(spec);
+  return factory.start(argument);
+}
+
+/** The toolstack's XenStore connection for a platform spec. */
+export function connectStore(spec: string): Promise<StoreConnection> {
+  const { argument, factory } = parsePlatform(spec);
+  return factory.connectStore(argument);
+}
+
+const shared = new Map<string, { platform: Promise<Platform>; users: number }>();
+
+/** A platform shared by everything in this process that names the same spec. */
+export async function acquirePlatform(spec: string): Promise<{ platform: Platform; release(): Promise<void> }> {
+  let entry = shared.get(spec);
+  if (!entry) {
+    const created = { platform: startPlatform(spec), users: 0 };
+    shared.set(spec, created);
+    created.platform.catch(() => shared.get(spec) === created && shared.delete(spec));
+    entry = created;
+  }
+  entry.users++;
+  const platform = await entry.platform.catch((e) => {
+    entry!.users--;
+    throw e;
+  });
+  let released = false;
+  return {
+    platform,
+    release: async () => {
+      if (released) return;
+      released = true;
+      if (--entry!.users === 0 && shared.get(spec) === entry) {
+        shared.delete(spec);
+        await platform.close();
+      }
+    },
+  };
+}
+
+function simDir(dir: string): string {
+  if (!dir) throw new PlatformSpecError('the sim platform needs a directory: sim:DIR');
+  return dir;
+}
+
+registerPlatformKind('sim', {
+  start: async (dir) => SimPlatform.start(simDir(dir)),
+  connectStore: async (dir) => {
+    const socket = path.join(simDir(dir), 'xenstored.sock');
+    return XsClient.connect(socket).catch((e: Error) => {
+      throw new Error(`cannot reach the sim XenStore at ${socket} (is 'tapkit xen serve' or a daemon with a xen export running?): ${e.message}`);
+    });
+  },
+});
