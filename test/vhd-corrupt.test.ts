@@ -13,6 +13,7 @@ import fc from 'fast-check';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError, CorruptImageError, type ErrnoName } from '../core/errors';
+import { Opener } from '../core/open';
 import { checkImage } from '../providers/vhd/check';
 import { vhdChecksum } from '../providers/vhd/checksum';
 import { createImage } from '../providers/vhd/create';
@@ -460,4 +461,70 @@ test('fast-check: a differencing chain with a corrupted child or parent: typed e
     { numRuns: 120, seed: 4242 },
   );
   t.true(failures > 0);
+});
+
+// ---- parents through each kind of locator -------------------------------------------
+
+/** Keeps only the locators whose codes are listed (the others are cleared), fixing the checksum. */
+function keepLocators(file: string, codes: string[], parentName?: string): void {
+  patchHeader(file, (b) => {
+    for (let i = 0; i < 8; i++) {
+      const at = 576 + i * 24;
+      const code = b.toString('latin1', at, at + 4);
+      if (b.readUInt32BE(at) !== 0 && !codes.includes(code)) b.fill(0, at, at + 24);
+    }
+    if (parentName !== undefined) {
+      b.fill(0, 64, 576);
+      Buffer.from(parentName, 'utf16le').swap16().copy(b, 64);
+    }
+  });
+}
+
+test('the parent is found through W2ru alone, MacX alone, W2ku alone, and the parent name alone', async (t) => {
+  const sub = path.join(dir, 'locators');
+  fs.mkdirSync(path.join(sub, 'kids'), { recursive: true });
+  const parent = path.join(sub, 'base.vhd');
+  fs.copyFileSync(originals.parent, parent);
+  const cases: Array<[string, string[], string | undefined]> = [
+    ['w2ru', ['W2ru'], ''],
+    ['macx', ['MacX'], ''],
+    ['w2ku', ['W2ku'], ''],
+    // libvhdi's fallback: the base name of a Windows path, next to the child.
+    ['name', [], 'C:\\Hyper-V\\base.vhd'],
+  ];
+  for (const [name, codes, parentName] of cases) {
+    // Children in the parent's directory, so every relative name resolves inside the tree.
+    const child = path.join(sub, `${name}.vhd`);
+    await snapshotVhd(parent, child);
+    keepLocators(child, codes, parentName);
+    const p = await openSpec(`vhd:${child}`);
+    t.is(p.backing?.location, parent, name);
+    const buf = Buffer.alloc(512);
+    await p.read(buf, 4096);
+    t.true(buf.every((b) => b === 0x74), `${name}: the parent's data`);
+    await p.close();
+  }
+  // A child in a subdirectory names its parent '..\base.vhd' (W2ru) and 'file://../base.vhd' (MacX).
+  const below = path.join(sub, 'kids', 'below.vhd');
+  await snapshotVhd(parent, below);
+  keepLocators(below, ['MacX']);
+  const err = await t.throwsAsync(openSpec(`vhd:${below}`));
+  t.is((err as BlockError).code, 'EACCES', 'outside the child\'s tree: refused by the backing policy by default');
+  const allowed = await new Opener({ readOnly: true, warn: () => {}, backing: { allow: [sub] } }).open(`vhd:${below}`);
+  t.is(allowed.backing?.location, parent, 'found through MacX with --allow-backing');
+  await allowed.close();
+});
+
+test('a fixed disk whose first sector holds a VHD footer is still the fixed disk (qemu would take it for dynamic)', async (t) => {
+  const file = copyOf(originals.fixed);
+  // The guest wrote a dynamic image's footer into its own sector 0.
+  patch(file, 0, readBytes(originals.dynamic, 0, 512));
+  const p = await openSpec(file);
+  t.is(p.name, 'vhd');
+  t.is(p.info().size, fs.statSync(originals.fixed).size - 512);
+  t.is((p.describe?.() as Record<string, unknown>).type, 'fixed');
+  const sector = Buffer.alloc(512);
+  await p.read(sector, 0);
+  t.is(sector.toString('latin1', 0, 8), 'conectix', 'sector 0 is the guest data');
+  await p.close();
 });

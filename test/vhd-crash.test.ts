@@ -10,6 +10,7 @@ import test, { type ExecutionContext } from 'ava';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { Opener } from '../core/open';
 import { checkImage } from '../providers/vhd/check';
 import { createImage } from '../providers/vhd/create';
 import { snapshotVhd } from '../providers/vhd/snapshot';
@@ -139,4 +140,43 @@ test('a differencing VHD survives SIGKILL during a write stream, again and again
   const child = path.join(dir, 'child.vhd');
   await snapshotVhd(base, child, { blockSize: 1 << 20 });
   await crashRounds(t, child, 10, 2, false);
+});
+
+test('coalesce killed at random moments leaves a chain that reads the same; run again, it completes', async (t) => {
+  const parent = path.join(dir, 'co-parent.vhd');
+  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'force_size=on', parent, '48M']);
+  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x5c 0 20M', parent]);
+  const child = path.join(dir, 'co-child.vhd');
+  await snapshotVhd(parent, child, { blockSize: 512 * 1024 });
+  // Scattered writes all over the child: many blocks for the merge to copy.
+  const w = await new Opener({ readOnly: false }).open(`vhd:${child}`);
+  const next = prng(99);
+  for (let i = 0; i < 120; i++) {
+    const len = Math.floor(next() * 300_000) + 1;
+    const at = Math.floor(next() * (48 * MiB - len));
+    await w.write!(Buffer.alloc(len, 1 + Math.floor(next() * 250)), at, {});
+  }
+  await w.close();
+  const chain = await tapkitRaw(`vhd:${child}`);
+  const cli = path.join(__dirname, '..', 'core', 'cli', 'main.js');
+  let killed = 0;
+  for (let round = 0; round < 4; round++) {
+    const started = Date.now();
+    const co = spawn(process.execPath, [cli, 'vhd', 'coalesce', child], { stdio: 'ignore' });
+    const delay = 150 + Math.floor(next() * 600);
+    const timer = setTimeout(() => co.kill('SIGKILL'), delay);
+    const guard = setTimeout(() => co.kill('SIGKILL'), 60_000);
+    const [code, signal] = await new Promise<[number | null, string | null]>((resolve) => co.on('exit', (c, s) => resolve([c, s])));
+    clearTimeout(timer);
+    clearTimeout(guard);
+    if (signal === 'SIGKILL') killed++;
+    else t.is(code, 0, `coalesce finished on its own after ${Date.now() - started} ms`);
+    t.deepEqual((await checkImage(parent)).problems, [], `round ${round}: the parent is sound`);
+    t.is(firstDifference(await tapkitRaw(`vhd:${child}`), chain), -1, `round ${round}: the chain reads as before`);
+  }
+  t.log(`${killed} of 4 coalesce runs were killed mid-way`);
+  const done = spawn(process.execPath, [cli, 'vhd', 'coalesce', child], { stdio: 'ignore' });
+  const code = await new Promise<number | null>((resolve) => done.on('exit', (c) => resolve(c)));
+  t.is(code, 0);
+  t.is(firstDifference(await qemuRaw(parent, dir), chain), -1, 'the merged parent reads as the chain did');
 });
