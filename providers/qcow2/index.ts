@@ -250,7 +250,7 @@ export class Qcow2Provider implements Provider {
         } else {
           const extent = run.compressed!;
           const input = bytes.subarray(extent.offset - span.start, extent.offset - span.start + extent.length);
-          await this.placeCompressed(run, slice, () => Promise.resolve(this.decompress(extent, input)));
+          await this.placeCompressed(run, slice, (out) => Promise.resolve(this.decompress(extent, input, out)));
         }
       }
     } finally {
@@ -269,20 +269,24 @@ export class Qcow2Provider implements Provider {
         return this.readData(slice, run.host!, run.guest);
       case 'compressed': {
         const extent = run.compressed!;
-        return this.placeCompressed(run, slice, async () => this.decompress(extent, await this.readImage(extent.offset, extent.length)));
+        return this.placeCompressed(run, slice, async (out) => this.decompress(extent, await this.readImage(extent.offset, extent.length), out));
       }
     }
   }
 
   /**
-   * Copies a compressed run's bytes into place. A read of a whole cluster (a sequential
-   * reader) decodes it straight away; parts of clusters go through the cache of decoded
-   * clusters, so small reads within one cluster decode it once.
+   * Puts a compressed run's bytes in place. A read of a whole cluster (a sequential
+   * reader) is decoded straight into the caller's buffer; parts of clusters go through
+   * the cache of decoded clusters, so small reads within one cluster decode it once.
+   * `decode(out)` decodes into `out`, or into a new buffer.
    */
-  private async placeCompressed(run: Run, slice: Uint8Array, decode: () => Promise<Uint8Array>): Promise<void> {
+  private async placeCompressed(run: Run, slice: Uint8Array, decode: (out?: Uint8Array) => Promise<Uint8Array>): Promise<void> {
     const extent = run.compressed!;
-    const whole = slice.length === this.header.clusterSize;
-    const cluster = whole ? await decode() : await this.decompressed.get(extent.offset, decode);
+    if (slice.length === this.header.clusterSize) {
+      await decode(slice);
+      return;
+    }
+    const cluster = await this.decompressed.get(extent.offset, () => decode());
     const start = run.guest - extent.clusterGuest;
     slice.set(cluster.subarray(start, start + slice.length));
   }
@@ -309,9 +313,9 @@ export class Qcow2Provider implements Provider {
     if (present < slice.length) slice.fill(0, present);
   }
 
-  private decompress(extent: NonNullable<Run['compressed']>, input: Uint8Array): Uint8Array {
+  private decompress(extent: NonNullable<Run['compressed']>, input: Uint8Array, out?: Uint8Array): Uint8Array {
     try {
-      return decompressCluster(this.header.compressionType, input, this.header.clusterSize);
+      return decompressCluster(this.header.compressionType, input, this.header.clusterSize, out);
     } catch (e) {
       if (!(e instanceof DecompressError)) throw e;
       throw new CorruptImageError('compressed_cluster', `qcow2: ${this.where}: compressed cluster at guest offset ${extent.clusterGuest} (data at ${extent.offset}): ${e.message}`, 'EIO');
