@@ -7,6 +7,7 @@
 import test from 'ava';
 import * as zlib from 'node:zlib';
 import { decompressCluster, DecompressError } from '../providers/qcow2/decompress';
+import { ClusterCache } from '../providers/qcow2/lru';
 
 const CLUSTER = 64 * 1024;
 const text = Buffer.alloc(CLUSTER);
@@ -47,4 +48,20 @@ test('too little, too much and damaged data are DecompressErrors; the next clust
   t.throws(() => decompressCluster('zlib', damaged, CLUSTER), { instanceOf: DecompressError, message: /damaged/ });
   t.true(Buffer.from(decompressCluster('zlib', zlib.deflateRawSync(text), CLUSTER)).equals(text), 'a good cluster after a damaged one');
   t.throws(() => decompressCluster('zlib', zlib.deflateRawSync(text), CLUSTER, Buffer.alloc(100)), { instanceOf: RangeError });
+});
+
+test('the decoded-cluster cache recycles the evicted buffer and keeps nothing for a failed decode', (t) => {
+  const cache = new ClusterCache(2, 4);
+  const a = cache.fill(0, (into) => into.fill(1));
+  const b = cache.fill(4096, (into) => into.fill(2));
+  t.is(cache.fill(0, () => t.fail('a hit does not decode')), a, 'a hit');
+  const c = cache.fill(8192, (into) => into.fill(3)); // evicts 4096, the least recently used
+  t.is(c, b, 'the evicted buffer is reused');
+  t.deepEqual([...c], [3, 3, 3, 3]);
+  t.is(cache.get(4096), undefined);
+  t.throws(() => cache.fill(12288, () => {
+    throw new DecompressError('damaged');
+  }), { instanceOf: DecompressError });
+  t.is(cache.get(12288), undefined, 'a failed decode is not cached');
+  t.deepEqual([...cache.fill(12288, (into) => into.fill(4))], [4, 4, 4, 4]);
 });

@@ -24,7 +24,7 @@ import {
   parseHeader,
   type Qcow2Header,
 } from './header';
-import { PromiseLru } from './lru';
+import { ClusterCache } from './lru';
 import { ClusterMap, type Run } from './mapping';
 import { readSnapshotTable, type Snapshot } from './snapshots';
 
@@ -81,7 +81,7 @@ export class Qcow2Provider implements Provider {
   private snapshots: Snapshot[] = [];
   private openedSnapshot?: Snapshot;
   private l2CacheBytes = DEFAULT_L2_CACHE_BYTES;
-  private decompressed!: PromiseLru<Uint8Array>;
+  private decompressed!: ClusterCache;
   private concurrent = true;
   /** Merge buffers for readSpan, reused between requests. */
   private readonly spares: Uint8Array[] = [];
@@ -151,7 +151,7 @@ export class Qcow2Provider implements Provider {
       (o, n) => this.readImage(o, n),
       Math.floor(this.l2CacheBytes / header.clusterSize),
     );
-    this.decompressed = new PromiseLru(Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / header.clusterSize)));
+    this.decompressed = new ClusterCache(Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / header.clusterSize)), header.clusterSize);
     const layers = [this.lower, this.backing, this.dataFile].filter((p): p is Provider => !!p);
     this.concurrent = layers.every((p) => p.capabilities().concurrent);
   }
@@ -250,7 +250,7 @@ export class Qcow2Provider implements Provider {
         } else {
           const extent = run.compressed!;
           const input = bytes.subarray(extent.offset - span.start, extent.offset - span.start + extent.length);
-          await this.placeCompressed(run, slice, (out) => Promise.resolve(this.decompress(extent, input, out)));
+          this.placeCompressed(run, slice, input);
         }
       }
     } finally {
@@ -269,24 +269,31 @@ export class Qcow2Provider implements Provider {
         return this.readData(slice, run.host!, run.guest);
       case 'compressed': {
         const extent = run.compressed!;
-        return this.placeCompressed(run, slice, async (out) => this.decompress(extent, await this.readImage(extent.offset, extent.length), out));
+        const cached = slice.length < this.header.clusterSize ? this.decompressed.get(extent.offset) : undefined;
+        if (cached) {
+          const start = run.guest - extent.clusterGuest;
+          slice.set(cached.subarray(start, start + slice.length));
+          return;
+        }
+        this.placeCompressed(run, slice, await this.readImage(extent.offset, extent.length));
+        return;
       }
     }
   }
 
   /**
-   * Puts a compressed run's bytes in place. A read of a whole cluster (a sequential
-   * reader) is decoded straight into the caller's buffer; parts of clusters go through
-   * the cache of decoded clusters, so small reads within one cluster decode it once.
-   * `decode(out)` decodes into `out`, or into a new buffer.
+   * Puts a compressed run's bytes in place, decoded from the descriptor's bytes `input`.
+   * A read of a whole cluster (a sequential reader) is decoded straight into the caller's
+   * buffer; parts of clusters go through the cache of decoded clusters, so small reads
+   * within one cluster decode it once. Synchronous: see ClusterCache.
    */
-  private async placeCompressed(run: Run, slice: Uint8Array, decode: (out?: Uint8Array) => Promise<Uint8Array>): Promise<void> {
+  private placeCompressed(run: Run, slice: Uint8Array, input: Uint8Array): void {
     const extent = run.compressed!;
     if (slice.length === this.header.clusterSize) {
-      await decode(slice);
+      this.decompress(extent, input, slice);
       return;
     }
-    const cluster = await this.decompressed.get(extent.offset, () => decode());
+    const cluster = this.decompressed.fill(extent.offset, (into) => this.decompress(extent, input, into));
     const start = run.guest - extent.clusterGuest;
     slice.set(cluster.subarray(start, start + slice.length));
   }
