@@ -170,9 +170,12 @@ async function benchConvert(image: string): Promise<void> {
   fs.rmSync(out, { force: true });
   const mibs = (s: Sample[]) => s.map((x) => SIZE_MIB / x.seconds);
   console.log('\nconvert to raw (MiB/s of virtual disk, median (min–max)), both on one CPU:');
-  console.log(`  qemu-img convert: ${cell(mibs(results.qemu))}   CPU-s ${cell(results.qemu.map((s) => s.cpu), 2)}`);
-  console.log(`  tapkit convert:   ${cell(mibs(results.tapkit))}   CPU-s ${cell(results.tapkit.map((s) => s.cpu), 2)}`);
-  console.log(`  ratio tapkit/qemu (speed, paired per round): ${cell(ratios, 2)}   target >= 0.70\n`);
+  const perGiB = (s: Sample[]) => s.map((x) => x.cpu / (SIZE_MIB / 1024));
+  console.log(`  qemu-img convert: ${cell(mibs(results.qemu))}   CPU-s per GiB ${cell(perGiB(results.qemu), 2)}`);
+  console.log(`  tapkit convert:   ${cell(mibs(results.tapkit))}   CPU-s per GiB ${cell(perGiB(results.tapkit), 2)}`);
+  console.log(`  ratio tapkit/qemu (speed, paired per round): ${cell(ratios, 2)}   target >= 0.70`);
+  const cpuRatios = results.qemu.map((q, i) => q.cpu / results.tapkit[i].cpu);
+  console.log(`  ratio tapkit/qemu (CPU efficiency, qemu CPU-s / tapkit CPU-s per round): ${cell(cpuRatios, 2)}\n`);
 }
 
 // ---------------------------------------------------------------- 2. serve
@@ -228,6 +231,7 @@ async function benchServe(image: string): Promise<void> {
   };
   const values: Record<string, Record<string, number[]>> = {};
   const cpu: Record<string, Record<string, number[]>> = {};
+  const cost: Record<string, Record<string, number[]>> = {};
   const ratios: Record<string, number[]> = {};
   for (let round = 0; round < ROUNDS; round++) {
     const order = round % 2 ? ['tapkit', 'qemu'] : ['qemu', 'tapkit'];
@@ -250,6 +254,9 @@ async function benchServe(image: string): Promise<void> {
           const value = result![job.metric];
           ((values[job.id] ??= {})[who] ??= []).push(value);
           ((cpu[job.id] ??= {})[who] ??= []).push((sample.cpu / sample.seconds) * 100);
+          // Server CPU per unit of work: µs per request (4k) or CPU-s per GiB (1M).
+          const work = job.metric === 'iops' ? result!.iops * sample.seconds : (result!.mibs * sample.seconds) / 1024;
+          ((cost[job.id] ??= {})[who] ??= []).push(job.metric === 'iops' ? (sample.cpu * 1e6) / work : sample.cpu / work);
           (roundValues[job.id] ??= {})[who] = value;
           console.log(`  serve round ${round + 1} ${who} ${job.id}: ${value.toFixed(0)} ${job.metric === 'mibs' ? 'MiB/s' : 'IOPS'}, server CPU ${((sample.cpu / sample.seconds) * 100).toFixed(0)} %, foreign ${sample.foreign.toFixed(0)} %${sample.foreign > 25 ? ' (NOISY)' : ''}`);
         }
@@ -264,6 +271,8 @@ async function benchServe(image: string): Promise<void> {
   for (const job of jobs) {
     const unit = job.metric === 'mibs' ? 'MiB/s' : 'IOPS';
     console.log(`  ${job.id}: qemu-nbd ${cell(values[job.id].qemu)} ${unit} (CPU ${cell(cpu[job.id].qemu)} %), tapkit ${cell(values[job.id].tapkit)} ${unit} (CPU ${cell(cpu[job.id].tapkit)} %)`);
+    const costUnit = job.metric === 'iops' ? 'CPU-µs per request' : 'CPU-s per GiB';
+    console.log(`    server ${costUnit}: qemu-nbd ${cell(cost[job.id].qemu, job.metric === 'iops' ? 0 : 2)}, tapkit ${cell(cost[job.id].tapkit, job.metric === 'iops' ? 0 : 2)}`);
     console.log(`    ratio tapkit/qemu (paired per round): ${cell(ratios[job.id], 2)}   target >= 0.70`);
   }
 }

@@ -4,7 +4,8 @@
  * one's stream: exactly one cluster is decoded and the rest of the input ignored.
  * Output never grows past one cluster, whatever the input claims.
  *
- * - zlib (type 0): raw DEFLATE with Node's zlib, `maxOutputLength` = one cluster.
+ * - zlib (type 0): raw DEFLATE with Node's zlib, one reused stream decoding straight into
+ *   the output (see reusableInflater), or the one-shot API with `maxOutputLength` = one cluster.
  * - zstd (type 1): one zstd frame, decoded by fzstd (pure JS; Node 20's zlib has no zstd).
  *   The frame is delimited here from its block headers, its window is bounded, and the
  *   streaming decoder's output is counted so that it stops past one cluster.
@@ -16,8 +17,86 @@ import type { CompressionType } from './header';
 /** Thrown for input that does not decode to exactly one cluster; the caller names the cluster. */
 export class DecompressError extends Error {}
 
-export function decompressCluster(type: CompressionType, input: Uint8Array, clusterSize: number): Uint8Array {
-  return type === 'zlib' ? inflateCluster(input, clusterSize) : zstdCluster(input, clusterSize);
+/**
+ * Decodes one cluster into `out` (a new buffer when not given; given, it must be exactly
+ * one cluster long) and returns it.
+ */
+export function decompressCluster(type: CompressionType, input: Uint8Array, clusterSize: number, out?: Uint8Array): Uint8Array {
+  if (out && out.length !== clusterSize) throw new RangeError(`decompressCluster: output of ${out.length} bytes for a ${clusterSize}-byte cluster`);
+  if (type === 'zstd') return zstdCluster(input, clusterSize, out);
+  const target = out ?? Buffer.allocUnsafe(clusterSize);
+  if (inflateInto(input, target)) return target;
+  const whole = inflateCluster(input, clusterSize);
+  if (!out) return whole;
+  out.set(whole);
+  return out;
+}
+
+/** The parts of a zlib stream object's native handle used below (zlib.js drives its *Sync functions with them). */
+interface InflateHandle {
+  reset(): void;
+  writeSync(flush: number, input: Uint8Array, inOffset: number, inLength: number, output: Uint8Array, outOffset: number, outLength: number): void;
+  close(): void;
+  onerror: (message: string, errno: number) => void;
+}
+
+/**
+ * One raw-inflate stream reused for every cluster. `zlib.inflateRawSync` builds and tears
+ * down a zlib stream (a 32 KiB window and its state) and allocates its output on every
+ * call, which costs several times the inflate of a well-compressed cluster; a reset
+ * stream decodes straight into the caller's buffer. Calls are synchronous, so one stream
+ * serves the whole process. Undefined when this Node's stream object does not look as
+ * expected: the one-shot API is used then.
+ */
+let inflater: { stream: zlib.InflateRaw; handle: InflateHandle; state: Uint32Array } | undefined | null;
+let inflateError: string | undefined;
+
+function reusableInflater(): typeof inflater {
+  if (inflater !== undefined) return inflater;
+  const stream = new zlib.InflateRaw();
+  const internals = stream as unknown as { _handle?: Partial<InflateHandle>; _writeState?: unknown };
+  const handle = internals._handle;
+  if (!handle || typeof handle.writeSync !== 'function' || typeof handle.reset !== 'function' || !(internals._writeState instanceof Uint32Array)) {
+    stream.close();
+    return (inflater = null);
+  }
+  // Errors come back through this callback, synchronously, instead of destroying the stream.
+  handle.onerror = (message: string) => {
+    inflateError = message;
+  };
+  return (inflater = { stream, handle: handle as InflateHandle, state: internals._writeState });
+}
+
+/**
+ * Inflates exactly one cluster into `out` with the reused stream. Returns false when
+ * there is no reusable stream (the caller falls back); throws DecompressError for data
+ * that does not decode to exactly `out.length` bytes.
+ */
+function inflateInto(input: Uint8Array, out: Uint8Array): boolean {
+  const engine = reusableInflater();
+  if (!engine) return false;
+  const { handle, state } = engine;
+  inflateError = undefined;
+  handle.reset();
+  // Z_SYNC_FLUSH: a stream that fills the cluster is good even if the rounded extent cut
+  // it before its end marker (qemu accepts Z_BUF_ERROR for the same reason).
+  handle.writeSync(zlib.constants.Z_SYNC_FLUSH, input, 0, input.length, out, 0, out.length);
+  const [outLeft, inLeft] = state;
+  if (inflateError === undefined && outLeft === 0) {
+    // The cluster is full: one more byte out of the stream means it holds more than a cluster.
+    const probe = new Uint8Array(1);
+    handle.writeSync(zlib.constants.Z_SYNC_FLUSH, input, input.length - inLeft, inLeft, probe, 0, 1);
+    if (inflateError === undefined && state[0] === 0) throw new DecompressError(`deflate data decodes to more than one cluster (${out.length} bytes)`);
+  }
+  if (inflateError !== undefined) {
+    const message = inflateError;
+    // A stream that failed is not trusted again: the next cluster gets a fresh one.
+    engine.stream.close();
+    inflater = undefined;
+    throw new DecompressError(`deflate data is damaged (${message})`);
+  }
+  if (outLeft !== 0) throw new DecompressError(`deflate data decodes to ${out.length - outLeft} bytes, not one cluster (${out.length})`);
+  return true;
 }
 
 function inflateCluster(input: Uint8Array, clusterSize: number): Uint8Array {
@@ -41,9 +120,9 @@ const ZSTD_MAGIC = 0xfd2fb528;
 /** qemu compresses one cluster (at most 2 MiB) per frame; a larger window is not a qemu frame. */
 const MAX_ZSTD_WINDOW = 8 * 1024 * 1024;
 
-function zstdCluster(input: Uint8Array, clusterSize: number): Uint8Array {
+function zstdCluster(input: Uint8Array, clusterSize: number, into?: Uint8Array): Uint8Array {
   const frame = input.subarray(0, zstdFrameLength(input, clusterSize));
-  const out = new Uint8Array(clusterSize);
+  const out = into ?? new Uint8Array(clusterSize);
   let produced = 0;
   const decoder = new Decompress((chunk) => {
     if (produced + chunk.length > clusterSize) throw new DecompressError(`zstd data decodes to more than one cluster (${clusterSize} bytes)`);

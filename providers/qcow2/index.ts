@@ -25,7 +25,7 @@ import {
   type Qcow2Header,
 } from './header';
 import { checkQcow2, qcow2References } from './check';
-import { PromiseLru } from './lru';
+import { ClusterCache } from './lru';
 import { ClusterMap, type Run } from './mapping';
 import { readSnapshotTable, type Snapshot } from './snapshots';
 
@@ -84,7 +84,7 @@ export class Qcow2Provider implements Provider {
   private snapshots: Snapshot[] = [];
   private openedSnapshot?: Snapshot;
   private l2CacheBytes = DEFAULT_L2_CACHE_BYTES;
-  private decompressed!: PromiseLru<Uint8Array>;
+  private decompressed!: ClusterCache;
   private concurrent = true;
   /** Merge buffers for readSpan, reused between requests. */
   private readonly spares: Uint8Array[] = [];
@@ -156,7 +156,7 @@ export class Qcow2Provider implements Provider {
       (o, n) => this.readImage(o, n),
       Math.floor(this.l2CacheBytes / header.clusterSize),
     );
-    this.decompressed = new PromiseLru(Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / header.clusterSize)));
+    this.decompressed = new ClusterCache(Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / header.clusterSize)), header.clusterSize);
     const layers = [this.lower, this.backing, this.dataFile].filter((p): p is Provider => !!p);
     this.concurrent = layers.every((p) => p.capabilities().concurrent);
   }
@@ -255,7 +255,7 @@ export class Qcow2Provider implements Provider {
         } else {
           const extent = run.compressed!;
           const input = bytes.subarray(extent.offset - span.start, extent.offset - span.start + extent.length);
-          await this.placeCompressed(run, slice, () => Promise.resolve(this.decompress(extent, input)));
+          this.placeCompressed(run, slice, input);
         }
       }
     } finally {
@@ -274,20 +274,31 @@ export class Qcow2Provider implements Provider {
         return this.readData(slice, run.host!, run.guest);
       case 'compressed': {
         const extent = run.compressed!;
-        return this.placeCompressed(run, slice, async () => this.decompress(extent, await this.readImage(extent.offset, extent.length)));
+        const cached = slice.length < this.header.clusterSize ? this.decompressed.get(extent.offset) : undefined;
+        if (cached) {
+          const start = run.guest - extent.clusterGuest;
+          slice.set(cached.subarray(start, start + slice.length));
+          return;
+        }
+        this.placeCompressed(run, slice, await this.readImage(extent.offset, extent.length));
+        return;
       }
     }
   }
 
   /**
-   * Copies a compressed run's bytes into place. A read of a whole cluster (a sequential
-   * reader) decodes it straight away; parts of clusters go through the cache of decoded
-   * clusters, so small reads within one cluster decode it once.
+   * Puts a compressed run's bytes in place, decoded from the descriptor's bytes `input`.
+   * A read of a whole cluster (a sequential reader) is decoded straight into the caller's
+   * buffer; parts of clusters go through the cache of decoded clusters, so small reads
+   * within one cluster decode it once. Synchronous: see ClusterCache.
    */
-  private async placeCompressed(run: Run, slice: Uint8Array, decode: () => Promise<Uint8Array>): Promise<void> {
+  private placeCompressed(run: Run, slice: Uint8Array, input: Uint8Array): void {
     const extent = run.compressed!;
-    const whole = slice.length === this.header.clusterSize;
-    const cluster = whole ? await decode() : await this.decompressed.get(extent.offset, decode);
+    if (slice.length === this.header.clusterSize) {
+      this.decompress(extent, input, slice);
+      return;
+    }
+    const cluster = this.decompressed.fill(extent.offset, (into) => this.decompress(extent, input, into));
     const start = run.guest - extent.clusterGuest;
     slice.set(cluster.subarray(start, start + slice.length));
   }
@@ -314,9 +325,9 @@ export class Qcow2Provider implements Provider {
     if (present < slice.length) slice.fill(0, present);
   }
 
-  private decompress(extent: NonNullable<Run['compressed']>, input: Uint8Array): Uint8Array {
+  private decompress(extent: NonNullable<Run['compressed']>, input: Uint8Array, out?: Uint8Array): Uint8Array {
     try {
-      return decompressCluster(this.header.compressionType, input, this.header.clusterSize);
+      return decompressCluster(this.header.compressionType, input, this.header.clusterSize, out);
     } catch (e) {
       if (!(e instanceof DecompressError)) throw e;
       throw new CorruptImageError('compressed_cluster', `qcow2: ${this.where}: compressed cluster at guest offset ${extent.clusterGuest} (data at ${extent.offset}): ${e.message}`, 'EIO');

@@ -1,5 +1,5 @@
 /**
- * A small bounded LRU of loaded tables (L2 tables, decompressed clusters), keyed by host
+ * A small bounded LRU of loaded L2 tables, keyed by host
  * offset. It holds promises, so concurrent requests for one table share one read; a
  * failed load is forgotten so that the next request tries again.
  */
@@ -32,6 +32,54 @@ export class PromiseLru<V> {
 
   get size(): number {
     return this.entries.size;
+  }
+
+  clear(): void {
+    this.entries.clear();
+  }
+}
+
+/**
+ * Decoded clusters, keyed by host offset, in buffers that are recycled: a miss decodes
+ * into the buffer of the entry it evicts, so a steady stream of misses allocates nothing.
+ * Safe because every use is synchronous: `fill` decodes and stores, and callers copy out
+ * of an entry before they next await, so no buffer is overwritten while someone reads it.
+ */
+export class ClusterCache {
+  private readonly entries = new Map<number, Uint8Array>();
+
+  constructor(
+    readonly capacity: number,
+    private readonly clusterSize: number,
+  ) {
+    if (!(capacity >= 1)) throw new Error('ClusterCache capacity must be at least 1');
+  }
+
+  /** The cluster at `key`, marked as most recently used; undefined on a miss. */
+  get(key: number): Uint8Array | undefined {
+    const hit = this.entries.get(key);
+    if (hit) {
+      this.entries.delete(key);
+      this.entries.set(key, hit);
+    }
+    return hit;
+  }
+
+  /** Decodes a missing cluster with `decode(into)` into a recycled (or new) buffer and keeps it. */
+  fill(key: number, decode: (into: Uint8Array) => void): Uint8Array {
+    const hit = this.get(key);
+    if (hit) return hit;
+    let buffer: Uint8Array;
+    if (this.entries.size >= this.capacity) {
+      const [oldest, recycled] = this.entries.entries().next().value as [number, Uint8Array];
+      this.entries.delete(oldest);
+      buffer = recycled;
+    } else {
+      buffer = new Uint8Array(this.clusterSize);
+    }
+    decode(buffer); // a throw leaves the entry out
+    this.entries.set(key, buffer);
+    return buffer;
   }
 
   clear(): void {
