@@ -12,7 +12,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { SimPlatform } from '../core/ring/sim/platform';
-import { MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
+import { MAX_BACKLOG, MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
 import { encodeMessage, MessageReader, nulTerminated, splitArgs, XS, type XsMessage } from '../core/ring/sim/xs-wire';
 import { tempDir } from './xen/harness';
 
@@ -205,6 +205,24 @@ test('wire: open transactions and watches are limited per connection (EQUOTA); e
   t.is(answered.slice(before).filter((m) => m.type === XS.WATCH).length, MAX_WATCHES);
   const r = await w.call(XS.WATCH, nulTerminated('/one-more', 'tok'));
   t.deepEqual(r.args, ['EQUOTA']);
+});
+
+test('wire: a client that watches and never reads is cut off past its backlog; the daemon and other clients go on', async (t) => {
+  const { dir, sim } = await platform(t);
+  const lazy = await Wire.connect(dir);
+  lazy.send(XS.WATCH, nulTerminated('/flood', 'tok'));
+  await lazy.waitFor(2);
+  lazy.socket.pause();
+  const good = await Wire.connect(dir);
+  t.teardown(() => good.close());
+  for (let i = 0; i < (4 * MAX_BACKLOG) / 32 && !lazy.closed; i++) {
+    await sim.store.write(`/flood/n${i}`, 'x');
+    if (i % 1000 === 0) await new Promise((r) => setImmediate(r));
+  }
+  lazy.socket.resume();
+  await lazy.waitFor(1e9, 2000);
+  t.true(lazy.closed, 'the lazy client was disconnected');
+  t.deepEqual((await good.call(XS.WRITE, Buffer.concat([nulTerminated('/after'), Buffer.from('ok')]))).args, ['OK']);
 });
 
 test('wire: an oversized header closes that connection only; random bytes never take the daemon down', async (t) => {
