@@ -286,7 +286,7 @@ test.serial('ts: an order-0 ring named by ring-ref0, and an absent protocol (x86
 
 // ---- hostile transport keys and guest files (XENSIM.md settled details 5 and 9) ----------
 
-const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null>, RegExp]> = [
+const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null | ((fe: TsFrontend) => string)>, RegExp]> = [
   ['a ring-ref that is not a number', {}, { 'ring-ref': 'twelve' }, /ring-ref/],
   ['a missing ring-ref', {}, { 'ring-ref': null }, /ring-ref/],
   ['a ring-ref outside the grant table', {}, { 'ring-ref': '4000000' }, /grant/],
@@ -297,6 +297,9 @@ const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null>
   ['a ring-page-order without its ring-refN', { order: 1 }, { 'ring-page-order': '2' }, /ring-ref2/],
   ['an unknown protocol', {}, { protocol: 'arm-abi' }, /protocol/],
   ['more queues than offered', { queues: 2 }, { 'multi-queue-num-queues': '9' }, /multi-queue-num-queues/],
+  // The first queue is mapped and bound before the second fails: both must be undone.
+  ['a second queue whose ring-ref is not granted', { queues: 2 }, { 'queue-1/ring-ref': '3' }, /grant 3/],
+  ['two queues on one event channel', { queues: 2 }, { 'queue-1/event-channel': (f: TsFrontend) => String(f.queues[0].port) }, /already bound/],
 ];
 
 for (const [what, options, override, reason] of hostileKeys) {
