@@ -453,7 +453,7 @@ test.serial('ts: a vbd whose params cannot be opened gets an error node and Clos
   await sim.attach(DOMID, DEVID + 16, SPEC);
   await sim.waitForDevice(DOMID, DEVID + 16);
   const be = `/local/domain/0/backend/vbd/${DOMID}/${DEVID}`;
-  for (let i = 0; i < 200 && (await sim.platform.store.read(`${be}/state`)) !== '5'; i++) await new Promise((r) => setTimeout(r, 25));
+  for (const deadline = Date.now() + 30_000; (await sim.platform.store.read(`${be}/state`)) !== '5' && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 25));
   t.is(await sim.platform.store.read(`${be}/state`), '5');
   t.regex((await sim.platform.store.read(`${be}/error`)) ?? '', /cannot open 'raw:\/nonexistent\/disk.img'/);
   const fe = await TsFrontend.open(sim.dir, DOMID, DEVID + 16);
@@ -471,13 +471,13 @@ test.serial('ts: hot-unplug (online=0) asks a connected frontend to close; the d
   await fe.writeAndRead(0, 2, 1);
   const client = await XsClient.connect(path.join(sim.dir, 'xenstored.sock'));
   t.teardown(() => client.close());
-  const detached = detach(client, DOMID, DEVID, 20_000);
+  const detached = detach(client, DOMID, DEVID, 60_000);
   await fe.waitBackend(XenbusState.Closing);
   await fe.setState(XenbusState.Closed);
   t.true(await detached, 'the backend reached Closed');
   t.is(await client.read(fe.be + '/state'), undefined);
   t.is(await client.read(fe.fe + '/state'), undefined);
-  for (let i = 0; i < 100 && sim.backend.active.size > 0; i++) await new Promise((r) => setTimeout(r, 20));
+  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
   t.is(sim.backend.active.size, 0);
   // The same vbd may be attached again and serves.
   await sim.attach(DOMID, DEVID, 'memory:8M');
