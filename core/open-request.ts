@@ -2,11 +2,18 @@
  * What a provider is given when it is opened. Injected into the provider's constructor
  * (`constructor(private readonly request: OpenRequest)`).
  */
+import { DEFAULT_LIMITS, MetadataBudget, type Limits } from './limits';
 import type { Provider } from './provider';
 
 export interface BackingOptions {
   /** A format named by the image (qcow2 backing-format, VHD's implied format); probed when absent. */
   format?: string;
+  /**
+   * 'data-file': a file the image is made of besides its chain (qcow2's external data file).
+   * It is confined like a backing file, but `--no-backing` and `--backing` (which are about
+   * the layers under an image) do not apply to it. Default 'backing'.
+   */
+  role?: 'backing' | 'data-file';
 }
 
 export class OpenRequest {
@@ -29,6 +36,15 @@ export class OpenRequest {
     readonly openBacking: (name: string, options?: BackingOptions) => Promise<Provider>,
     /** Reports a non-fatal problem (a footer repaired from its copy, a dirty image). */
     readonly warn: (message: string) => void,
+    /**
+     * A backing file's source: the image that named it (so an http source can reuse the
+     * credentials and settings of the image it is the backing file of, on the same origin).
+     */
+    readonly namedBy?: Provider,
+    /** Bounds on what a header may ask for (core/limits.ts): check sizes against these before allocating. */
+    readonly limits: Limits = DEFAULT_LIMITS,
+    /** The metadata memory budget of the VBD this provider belongs to, shared by its whole chain. */
+    readonly memory: MetadataBudget = new MetadataBudget(limits.get('metadata-memory')),
   ) {}
 
   /** The location backing names are resolved against (the lower provider's). */

@@ -13,18 +13,27 @@ import { parseFilterArg, parseSpec } from './spec';
 import { BackingPolicy, type BackingPolicyOptions } from './backing-policy';
 export { resolveBacking } from './resolve';
 import { redactSpec } from './redact';
+import { Limits, MetadataBudget, type LimitValues } from './limits';
+import { chainIdentity } from './backing-policy';
 
 export interface OpenOptions {
   readOnly?: boolean;
   /** Filters put on top, innermost first (`cache`, `cache,size=64M`). */
   filters?: string[];
-  /** Longest chain of backing files accepted (default 16). */
+  /** Longest chain of backing files accepted (default 16); the same as limits['chain-depth']. */
   maxChainDepth?: number;
+  /** Resource limits (core/limits.ts); defaults for those not given. */
+  limits?: Limits | Partial<LimitValues>;
   /** Where warnings go (default: stderr). */
   warn?: (message: string) => void;
   registry?: Registry;
   /** Where backing files may be opened from (core/backing-policy.ts). */
   backing?: BackingPolicyOptions;
+  /**
+   * Options for every provider of a name, from the command line (`--ca`, `--header` give
+   * `{ http: { ca, header } }`); a spec's own options win over them.
+   */
+  providerOptions?: Record<string, Record<string, string>>;
 }
 
 interface ChainState {
@@ -33,6 +42,10 @@ interface ChainState {
   seen: string[];
   /** The location of the image the user named: the backing policy's anchor. Shared by the whole chain. */
   root: { location?: string };
+  /** In a backing chain: the image whose backing reference is being opened. */
+  namedBy?: Provider;
+  /** The metadata memory budget of the VBD being opened, shared by the whole chain. */
+  memory: MetadataBudget;
 }
 
 const PROBE_BYTES = 65536;
@@ -44,17 +57,20 @@ export class Opener {
   private readonly maxChainDepth: number;
   private readonly warn: (message: string) => void;
   private readonly policy: BackingPolicy;
+  readonly limits: Limits;
 
   constructor(private readonly options: OpenOptions = {}) {
     this.policy = new BackingPolicy(options.backing);
     this.registry = options.registry ?? registry();
-    this.maxChainDepth = options.maxChainDepth ?? 16;
+    const given = options.limits instanceof Limits ? options.limits.values : options.limits ?? {};
+    this.limits = new Limits({ ...given, ...(options.maxChainDepth !== undefined ? { 'chain-depth': options.maxChainDepth } : {}) });
+    this.maxChainDepth = this.limits.get('chain-depth');
     this.warn = options.warn ?? ((m) => process.stderr.write(`tapkit: warning: ${m}\n`));
   }
 
   /** Opens a full spec with the options' filters on top. */
   async open(spec: string): Promise<Provider> {
-    const chain: ChainState = { depth: 0, seen: [], root: {} };
+    const chain: ChainState = { depth: 0, seen: [], root: {}, memory: new MetadataBudget(this.limits.get('metadata-memory')) };
     let top = await this.openSpec(spec, !!this.options.readOnly, chain, true);
     for (const filter of this.options.filters ?? []) {
       const { name, options } = parseFilterArg(filter);
@@ -66,6 +82,20 @@ export class Opener {
       top = await this.construct(entry, `${filter}:${spec}`, '', options, top, !!this.options.readOnly, chain);
     }
     return top;
+  }
+
+  /**
+   * Opens the bytes a spec names, without probing or opening any format: a path, a URL or
+   * a named source. For inspecting an image before trusting it (core/inspect.ts).
+   * `namedBy`: the image that named this one (an http backing file reuses its settings).
+   */
+  async openBytes(spec: string, namedBy?: Provider): Promise<Provider> {
+    const parsed = parseSpec(spec);
+    if (parsed.type === 'named' && this.lookup(parsed.name, spec).declaration.kind !== 'source') {
+      throw new SpecError('EINVAL', `'${parsed.name}' is not a source (in spec '${redactSpec(spec)}')`, true);
+    }
+    const chain: ChainState = { depth: 0, seen: [], root: {}, namedBy, memory: new MetadataBudget(this.limits.get('metadata-memory')) };
+    return this.openSpec(spec, true, chain, false);
   }
 
   private lookup(name: string, spec: string): RegisteredProvider {
@@ -137,6 +167,7 @@ export class Opener {
   ): Promise<Provider> {
     const { name } = entry.declaration;
     try {
+      options = { ...this.options.providerOptions?.[name], ...options };
       const allowed = entry.declaration.options ?? [];
       for (const key of Object.keys(options)) {
         if (!allowed.includes(key)) {
@@ -148,9 +179,9 @@ export class Opener {
       const locationOf = () => instance?.location ?? lower?.location;
       const request = new OpenRequest(spec, arg, Object.freeze({ ...options }), lower, readOnly, (backingName, backingOptions) => {
         const location = locationOf();
-        const seen = location ? [...chain.seen, location] : chain.seen;
-        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root });
-      }, this.warn);
+        const seen = location ? [...chain.seen, chainIdentity(location)] : chain.seen;
+        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root, namedBy: instance, memory: chain.memory });
+      }, this.warn, chain.namedBy, this.limits, chain.memory);
       instance = entry.construct(request);
       // The first located source of the top chain anchors the backing policy.
       if (chain.depth === 0 && chain.root.location === undefined && instance.location) chain.root.location = instance.location;
@@ -166,15 +197,19 @@ export class Opener {
 
   private async openBacking(name: string, options: BackingOptions, location: string | undefined, childSpec: string, chain: ChainState): Promise<Provider> {
     if (chain.depth + 1 > this.maxChainDepth) {
-      throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit --max-chain-depth) at '${name}' named by '${childSpec}'`);
+      throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit chain-depth; raise it with --max-chain-depth N) at '${name}' named by '${childSpec}'`);
     }
-    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec);
-    if (chain.seen.includes(decision.target)) {
+    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec, options.role);
+    // Judged on the real file, so a name that reaches the same image through a symlink is a loop too.
+    if (chain.seen.includes(chainIdentity(decision.target))) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);
     }
-    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root };
+    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root, namedBy: chain.namedBy, memory: chain.memory };
     // The user's own spec is opened as written; a name from an image gets its named format, or is probed.
     if (decision.explicit) return this.openSpec(decision.target, true, next, true);
+    // A named source format (`raw`) means "these bytes as they are": the target's own source,
+    // unprobed (`raw:http://...` would make a URL a local path).
+    if (options.format && this.registry.get(options.format)?.declaration.kind === 'source') return this.openSpec(decision.target, true, next, false);
     const spec = options.format ? `${options.format}:${decision.target}` : decision.target;
     return this.openSpec(spec, true, next, !options.format);
   }

@@ -51,7 +51,7 @@ for (const lowerKind of ['memory', 'raw'] as const) {
       fs.writeFileSync(file, Buffer.alloc(DISK));
       lowerSpec = `raw:${file}`;
     }
-    const seed = Math.floor(Math.random() * 2 ** 31);
+    const seed = process.env.SEED ? Number(process.env.SEED) : Math.floor(Math.random() * 2 ** 31);
     const random = prng(seed);
     const provider = await openSpec(`cache,size=64K,block=4K:${lowerSpec}`, { warn: () => {} });
     const vbd = new Vbd(provider);
@@ -180,4 +180,58 @@ test('writes through a cache over a read-only source are EROFS', async (t) => {
   const p = await openSpec(`cache:http:${server.base}/d`, { readOnly: true });
   t.teardown(() => p.close());
   await t.throwsAsync(p.write!(Buffer.alloc(512), 0, {}), { message: /read-only/ });
+});
+
+test('a corrupt or hostile saved index is ignored, never trusted', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'disk.raw');
+  const content = crypto.randomBytes(DISK);
+  fs.writeFileSync(file, content);
+  const cacheFile = path.join(dir, 'c.cache');
+  const spec = `cache,size=256K,block=16K,file=${cacheFile}:raw:${file}`;
+  const first = await openSpec(spec, { warn: () => {} });
+  await readAll(first);
+  await first.close();
+  const saved = JSON.parse(fs.readFileSync(`${cacheFile}.index`, 'utf8'));
+
+  fs.writeFileSync(`${cacheFile}.index`, '{"version":1,"identity":');
+  const warnings: string[] = [];
+  const truncated = await openSpec(spec, { warn: (m) => warnings.push(m) });
+  t.is((truncated.describe!() as { cachedBlocks: number }).cachedBlocks, 0);
+  t.true(warnings.some((w) => /unreadable index/.test(w)), JSON.stringify(warnings));
+  t.true((await readAll(truncated)).equals(content));
+  await truncated.close();
+
+  // Same identity, but entries pointing past the disk or the slots, sharing a slot, or
+  // naming a slot that holds another block (its checksum gives it away).
+  const [b0, s0, c0] = saved.entries[0];
+  const [, s1] = saved.entries[1];
+  const hostile = { ...saved, entries: [[1e9, 0, 0], [0, 99999, 0], [-1, 1, 0], ['x', 3, 0], [3, 1.5, 0], [b0, s0, c0], [b0 + 100, s0, c0], [b0 + 1, s1, c0]] };
+  fs.writeFileSync(`${cacheFile}.index`, JSON.stringify(hostile));
+  const hostileWarnings: string[] = [];
+  const third = await openSpec(spec, { warn: (m) => hostileWarnings.push(m) });
+  t.teardown(() => third.close());
+  t.is((third.describe!() as { cachedBlocks: number }).cachedBlocks, 2);
+  t.true((await readAll(third)).equals(content));
+  t.true(hostileWarnings.some((w) => /does not match its checksum/.test(w)), JSON.stringify(hostileWarnings));
+});
+
+test('a cache file that fails under the cache costs lower reads, never a failed or wrong read', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'disk.raw');
+  const content = crypto.randomBytes(DISK);
+  fs.writeFileSync(file, content);
+  const cacheFile = path.join(dir, 'c.cache');
+  const warnings: string[] = [];
+  const p = await openSpec(`cache,size=256K,block=16K,file=${cacheFile}:raw:${file}`, { warn: (m) => warnings.push(m) });
+  t.teardown(() => p.close());
+  t.true((await readAll(p)).equals(content));
+  // Blocks are stored after the read that fetched them returns: wait (bounded) until they are.
+  const cached = () => (p.describe!() as { cachedBlocks: number }).cachedBlocks;
+  for (let i = 0; i < 200 && cached() < 16; i++) await new Promise((r) => setTimeout(r, 25));
+  t.is(cached(), 16);
+  // The cache file loses its bytes under the open cache: every hit now fails to read.
+  fs.truncateSync(cacheFile, 0);
+  t.true((await readAll(p)).equals(content));
+  t.true(warnings.some((w) => /could not read block \d+ from .*c\.cache/.test(w)), JSON.stringify(warnings));
 });

@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { patternByte } from '../examples/pattern';
-import { ROOT, runCli, type CliResult } from './cli-runner';
+import { CLI, ROOT, runCli, type CliResult } from './cli-runner';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -145,6 +145,17 @@ test('convert of a memory disk and over an existing larger target', async (t) =>
   t.is(fs.statSync(target).size, 2 * MiB, 'the source is untouched');
   const format = await runCli(['convert', '-O', 'vmdk', 'memory:1M', path.join(dir, 'x.vmdk')]);
   oneLineError(t, format, 2, /unsupported output format 'vmdk'/);
+});
+
+test('convert --progress draws a bar on a terminal and stays silent in a pipe', async (t) => {
+  const target = path.join(dir, 'progress.raw');
+  // script(1) gives the command a pseudo-terminal, as a user's shell would.
+  const shown = execFileSync('script', ['-qec', `${process.execPath} ${CLI} convert --progress memory:64M ${target}`, '/dev/null'], { timeout: 60_000 }).toString();
+  t.regex(shown, /\[#{30}\] 100\.0%  64 MiB \/ 64 MiB/);
+  t.is(fs.statSync(target).size, 64 * MiB);
+  const piped = await runCli(['convert', '--progress', 'memory:1M', path.join(dir, 'progress2.raw')]);
+  t.is(piped.code, 0, piped.stderr);
+  t.is(piped.stderr, '');
 });
 
 test('bad input: one line naming the problem and the spec, exit 2 for usage, 1 for I/O', async (t) => {

@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
 import { loopsBackedBy } from '../core/fuse/loop';
-import { abortConnection, connectionOf, findMount } from '../core/fuse/mounts';
+import { abortConnection, connectionOf, findMount, readMounts } from '../core/fuse/mounts';
 
 export const CLI = path.join(__dirname, '..', 'core', 'cli', 'main.js');
 
@@ -22,10 +22,13 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Runs a command with a hard timeout (killed with SIGKILL when it passes). Never rejects. */
-export function run(command: string, args: string[], timeoutMs = 120_000, env?: NodeJS.ProcessEnv): Promise<RunResult> {
+/**
+ * Runs a command with a hard timeout (killed with SIGKILL when it passes). Never rejects.
+ * `cwd` matters for tools that leave files behind (fio writes its verify state there).
+ */
+export function run(command: string, args: string[], timeoutMs = 120_000, options: { cwd?: string } = {}): Promise<RunResult> {
   return new Promise((resolve) => {
-    execFile(command, args, { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 << 20, env: env ?? process.env }, (err, stdout, stderr) => {
+    execFile(command, args, { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 << 20, cwd: options.cwd }, (err, stdout, stderr) => {
       const e = err as (NodeJS.ErrnoException & { code?: number | string; signal?: NodeJS.Signals }) | null;
       resolve({ code: e ? (typeof e.code === 'number' ? e.code : -1) : 0, signal: e?.signal ?? null, stdout: String(stdout), stderr: String(stderr) + (e && typeof e.code === 'string' ? e.message : '') });
     });
@@ -43,10 +46,18 @@ export function tapkit(args: string[], timeoutMs = 60_000): Promise<RunResult> {
   return run(process.execPath, [CLI, ...args], timeoutMs);
 }
 
-export function tempDir(prefix: string): string {
-  const base = path.join(process.cwd(), '.tmp');
-  fs.mkdirSync(base, { recursive: true });
-  return fs.mkdtempSync(path.join(base, prefix));
+/**
+ * A fresh directory under the system temp dir, removed when the test ends. Teardowns run
+ * last-registered first, so mounts made inside it later are gone by then; if one is
+ * still there (a cleanup failed), the directory is left alone rather than walked into.
+ */
+export function tempDir(t: ExecutionContext, prefix: string): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `tapkit-${prefix}`));
+  t.teardown(() => {
+    if (readMounts().some((m) => m.mountpoint === dir || m.mountpoint.startsWith(`${dir}/`))) return;
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return dir;
 }
 
 export interface Served {
@@ -63,7 +74,7 @@ export interface Served {
  * the loop device with --loop). Registers a teardown that unmounts and detaches
  * everything, even when the test failed or killed the server.
  */
-export async function serve(t: ExecutionContext, spec: string, args: string[] = [], dir = tempDir('fuse-')): Promise<Served> {
+export async function serve(t: ExecutionContext, spec: string, args: string[] = [], dir = tempDir(t, 'fuse-')): Promise<Served> {
   const mountpoint = path.join(dir, 'mnt');
   fs.mkdirSync(mountpoint, { recursive: true });
   const proc = spawn(process.execPath, [CLI, 'mount', spec, mountpoint, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -133,4 +144,3 @@ export function isMounted(mountpoint: string): boolean {
   return findMount(mountpoint)?.fstype === 'fuse.tapkit';
 }
 
-export { os };

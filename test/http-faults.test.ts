@@ -19,6 +19,9 @@ import type { Capabilities, DiskInfo, Provider } from '../core/provider';
 import { provider } from '../core/registry';
 import { Vbd } from '../core/vbd';
 import { FaultServer } from './helpers/fault-server';
+import * as fc from 'fast-check';
+import { parseContentRange } from '../providers/http/client';
+import { parseHeaderOption } from '../providers/http/url';
 
 const SECRET = 's3cretPW';
 
@@ -122,16 +125,17 @@ test('after the last try the error is clear, and reads recover when the server d
 
 test('a response slower than the timeout is abandoned and retried; without tries left it is ETIMEDOUT', async (t) => {
   const server = await serve(t, data);
-  const p = await open(t, `http,timeout=1,retries=2,readahead=0:${server.base}/disk.img`);
-  // Only the first answer stalls (far past the timeout): the retry gets the bytes.
+  // Margins a loaded machine cannot eat: a 2 s timeout, 4 tries, stalls of 8 s.
+  const p = await open(t, `http,timeout=2,retries=3,readahead=0:${server.base}/disk.img`);
+  // Only the first answer stalls (far past the timeout): a retry gets the bytes.
   server.faults.stall = 1;
-  server.faults.stallMs = 6000;
+  server.faults.stallMs = 8000;
   t.deepEqual(await readAt(p, 512, 512), data.subarray(512, 1024));
-  // Every answer stalls: after three tries, a timeout error.
+  // Every answer stalls: after four tries, a timeout error.
   server.faults.stall = 1000;
   const e = await t.throwsAsync<BlockError>(readAt(p, 0, 512));
   t.is(e!.code, 'ETIMEDOUT');
-  t.regex(e!.message, /within 1 s; gave up after 3 tries/);
+  t.regex(e!.message, /within 2 s; gave up after 4 tries/);
   server.faults.stall = 0;
   t.deepEqual(await readAt(p, 0, 512), data.subarray(0, 512));
 });
@@ -279,6 +283,7 @@ test('the header option sends extra headers (percent-decoded)', async (t) => {
   const value = `Basic ${Buffer.from(`user:${SECRET}`).toString('base64')}`;
   const p = await open(t, `http,header=Authorization%3A ${encodeURIComponent(value)}%0AX-Trace%3A 1:${server.base}/disk.img`);
   t.deepEqual(await readAt(p, 0, 100), data.subarray(0, 100));
+  t.true(server.log.length > 0 && server.log.every((r) => r.headers['x-trace'] === '1' && r.authorization === value));
   await t.throwsAsync(openSpec(`http,header=NoColonHere:${server.base}/disk.img`, { readOnly: true }), { message: /Name: value/ });
 });
 
@@ -300,7 +305,7 @@ test('a certificate the client does not trust is refused; ca= makes it trusted',
   execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore', timeout: 60_000 });
   const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
   const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/disk.img`, { readOnly: true }));
-  t.regex(e!.message, /TLS certificate refused .*ca=FILE/);
+  t.regex(e!.message, /TLS certificate refused .*--ca FILE/);
   t.is(server.log.length, 0, 'no request went over the untrusted connection');
   const p = await open(t, `http,ca=${cert}:${server.base}/disk.img`);
   t.deepEqual(await readAt(p, 100, 1000), data.subarray(100, 1100));
@@ -316,7 +321,220 @@ test('a backing file named relative to an http image is read from the same serve
   const p = await open(t, `test-http-link:http,readahead=0,header=X-Tenant%3A 7:${withCreds}/images/top.link`);
   t.is(p.info().size, data.length);
   t.deepEqual(await readAt(p, 12345, 5000), data.subarray(12345, 17345));
-  t.true(server.log.some((r) => r.path === '/images/base.img' && r.method === 'GET' && r.authorization !== undefined));
+  const baseReads = server.log.filter((r) => r.path === '/images/base.img' && r.method === 'GET');
+  t.true(baseReads.length > 0 && baseReads.every((r) => r.authorization !== undefined && r.headers['x-tenant'] === '7'));
   t.false(JSON.stringify(p.backing!.describe!()).includes(SECRET));
   t.is(p.backing!.location, `${server.base}/images/base.img`);
+});
+
+test('another disk on the same server never borrows the credentials or headers of a disk already open', async (t) => {
+  const server = await serve(t, data);
+  server.put('/other.img', data);
+  server.faults.basicAuth = `user:${SECRET}`;
+  const withCreds = server.base.replace('://', `://user:${SECRET}@`);
+  const first = await open(t, `http,header=X-Tenant%3A 7:${withCreds}/disk.img`);
+  t.deepEqual(await readAt(first, 0, 10), data.subarray(0, 10));
+  const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/other.img`, { readOnly: true }));
+  t.is(e!.code, 'EACCES');
+  const others = server.log.filter((r) => r.path === '/other.img');
+  t.true(others.length > 0 && others.every((r) => r.authorization === undefined && r.headers['x-tenant'] === undefined));
+});
+
+function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [path.join(__dirname, '../core/cli/main.js'), ...args], { encoding: 'utf8', timeout: 60_000 }, (error, stdout, stderr) => {
+      resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
+    });
+  });
+}
+
+test('--ca and --header on the command line reach the http source; a spec option wins over them', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore', timeout: 60_000 });
+  const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
+  const token = `Bearer ${SECRET}, with: a colon`;
+  server.faults.basicAuth = undefined;
+
+  const refused = await cli(['info', `${server.base}/disk.img`]);
+  t.is(refused.code, 1);
+  t.regex(refused.stderr, /TLS certificate refused .*--ca FILE/);
+
+  const out = path.join(dir, 'out.raw');
+  const converted = await cli(['convert', '--ca', cert, '--header', `Authorization: ${token}`, '--header', 'X-Trace: 2', `${server.base}/disk.img`, out]);
+  t.is(converted.code, 0, converted.stderr);
+  t.true(fs.readFileSync(out).equals(data));
+  const gets = server.log.filter((r) => r.method === 'GET');
+  t.true(gets.length > 0 && gets.every((r) => r.authorization === token && r.headers['x-trace'] === '2'));
+  t.false(converted.stderr.includes(SECRET));
+
+  // A spec's own header option wins over --header.
+  server.log.length = 0;
+  const own = await cli(['info', '--ca', cert, '--header', 'X-Trace: 2', `http,header=X-Trace%3A 3:${server.base}/disk.img`]);
+  t.is(own.code, 0, own.stderr);
+  t.true(server.log.every((r) => r.headers['x-trace'] === '3'));
+
+  const bad = await cli(['info', '--header', 'no colon', `${server.base}/disk.img`]);
+  t.is(bad.code, 2);
+  t.regex(bad.stderr, /--header needs 'Name: value'/);
+});
+
+test('a server that answers another range than asked is an EIO, never wrong bytes', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+  server.faults.lieAboutRange = true;
+  const e = await t.throwsAsync<BlockError>(readAt(p, 4096, 4096));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /answered range bytes 4097-8192\/\d+ to a request for bytes 4096-8191/);
+  server.faults.lieAboutRange = false;
+  t.deepEqual(await readAt(p, 4096, 4096), data.subarray(4096, 8192));
+});
+
+test('Content-Range and header parsing never throw on hostile text', (t) => {
+  fc.assert(
+    fc.property(fc.string({ maxLength: 80 }), (text) => {
+      const r = parseContentRange(text);
+      if (r) for (const v of [r.start, r.end, r.total]) if (v !== undefined) t.true(Number.isSafeInteger(v) || v > 2 ** 53);
+    }),
+  );
+  fc.assert(
+    fc.property(fc.string({ maxLength: 80 }), (text) => {
+      try {
+        const headers = parseHeaderOption(text);
+        for (const name of Object.keys(headers)) t.regex(name, /^[!#$%&'*+.^_`|~0-9a-z-]+$/);
+      } catch (e) {
+        // Refusals never echo the value (it may be a secret).
+        t.false((e as Error).message.includes(text) && text.length > 3);
+      }
+    }),
+  );
+  t.deepEqual(parseContentRange('bytes 0-9/100'), { start: 0, end: 9, total: 100 });
+  t.deepEqual(parseContentRange('bytes */0'), { start: undefined, end: undefined, total: 0 });
+  t.is(parseContentRange('bytes 0-9'), undefined);
+});
+
+test('a body cut off mid-way is retried and the read succeeds', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+  server.faults.truncate = 2;
+  t.deepEqual(await readAt(p, 65536, 200_000), data.subarray(65536, 265_536));
+  t.is(server.faults.truncate, 0);
+  t.true(server.log.filter((r) => r.range === 'bytes=65536-265535').length >= 3);
+});
+
+test('requests in flight never exceed connections=N, and several run at once', async (t) => {
+  const server = await serve(t, data);
+  const p = await open(t, `http,connections=3,readahead=0:${server.base}/disk.img`);
+  server.maxInFlight = 0;
+  // Every answer waits a little, so requests overlap; the reads are far apart (nothing to merge).
+  server.faults.stall = 24;
+  server.faults.stallMs = 150;
+  const offsets = Array.from({ length: 24 }, (_, i) => i * 40_000);
+  const got = await Promise.all(offsets.map((off) => readAt(p, off, 1000)));
+  t.deepEqual(got, offsets.map((off) => data.subarray(off, off + 1000)));
+  t.true(server.maxInFlight <= 3, `${server.maxInFlight} requests at once`);
+  t.true(server.maxInFlight >= 2, `${server.maxInFlight} requests at once`);
+});
+
+for (const validator of ['last-modified', 'weak-etag'] as const) {
+  test(`an object replaced while open is detected with ${validator === 'weak-etag' ? 'a weak ETag (and no Last-Modified)' : 'Last-Modified alone'}`, async (t) => {
+    const server = await serve(t, data);
+    server.faults.validator = validator;
+    const p = await open(t, `http,readahead=0:${server.base}/disk.img`);
+    t.deepEqual(await readAt(p, 0, 4096), data.subarray(0, 4096));
+    if (validator === 'last-modified') t.true(server.log.some((r) => r.headers['if-unmodified-since'] !== undefined && r.ifMatch === undefined));
+    // A weak ETag may not go in If-Match: the answer's ETag is compared instead.
+    else t.true(server.log.every((r) => r.ifMatch === undefined));
+    server.put('/disk.img', crypto.randomBytes(data.length));
+    const e = await t.throwsAsync<BlockError>(readAt(p, 8192, 4096));
+    t.true(isSourceChanged(e));
+    t.regex(e!.message, /changed since it was opened/);
+  });
+}
+
+test('an object with neither ETag nor Last-Modified opens with a warning that changes cannot be detected', async (t) => {
+  const server = await serve(t, data);
+  server.faults.validator = 'none';
+  const warnings: string[] = [];
+  const p = await openSpec(`${server.base}/disk.img`, { readOnly: true, warn: (m) => warnings.push(m) });
+  t.teardown(() => p.close());
+  t.true(warnings.some((w) => /neither ETag nor Last-Modified/.test(w)), JSON.stringify(warnings));
+  t.deepEqual(await readAt(p, 0, 100), data.subarray(0, 100));
+  // And a file-backed cache over it is not kept (nothing would tell a stale file apart).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-cache-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const cached = await openSpec(`cache,file=${dir}/c:${server.base}/disk.img`, { readOnly: true, warn: (m) => warnings.push(m) });
+  t.teardown(() => cached.close());
+  t.like(cached.describe!(), { persistent: false });
+});
+
+test('a redirect loop is ELOOP, not an endless chase', async (t) => {
+  const server = await serve(t, data);
+  server.redirects.set('/a', '/b');
+  server.redirects.set('/b', '/a');
+  const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/a`, { readOnly: true }));
+  t.is(e!.code, 'ELOOP');
+  t.regex(e!.message, /more than 10 redirects/);
+  t.true(server.log.length <= 12);
+});
+
+test('a presigned URL (HEAD refused with 403) is read with its query, and its signature is never printed', async (t) => {
+  const server = await serve(t, data);
+  const signature = 'f00dfacecafe1234deadbeef';
+  server.faults.requireQuery = `X-Amz-Signature=${signature}`;
+  server.faults.refuseHead = true;
+  server.faults.refuseHeadStatus = 403;
+  const url = `${server.base}/disk.img?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature=${signature}`;
+  const p = await open(t, url);
+  t.is(p.info().size, data.length);
+  t.deepEqual(await readAt(p, 5000, 3000), data.subarray(5000, 8000));
+  const printed = JSON.stringify({ location: p.location, describe: p.describe!() });
+  t.false(printed.includes(signature), printed);
+  t.regex(printed, /X-Amz-Signature=REDACTED/);
+
+  const info = await cli(['info', url]);
+  t.is(info.code, 0, info.stderr);
+  t.false((info.stdout + info.stderr).includes(signature));
+  // A wrong signature: refused, and the message shows neither signature.
+  const wrong = await cli(['info', url.replace(signature, 'a0a0a0a0a0a0')]);
+  t.is(wrong.code, 1);
+  t.regex(wrong.stderr, /refused access \(HTTP 403\)/);
+  t.false(wrong.stderr.includes('a0a0a0a0a0a0') || wrong.stderr.includes(signature), wrong.stderr);
+});
+
+test('a certificate for another host name is refused even when its CA is trusted, and says so', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=images.example', '-addext', 'subjectAltName=DNS:images.example'], { stdio: 'ignore', timeout: 60_000 });
+  const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
+  const e = await t.throwsAsync<BlockError>(openSpec(`http,ca=${cert}:${server.base}/disk.img`, { readOnly: true }));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /TLS certificate refused: it is not for host 127\.0\.0\.1/);
+  t.is(server.log.length, 0, 'no request went over the connection');
+});
+
+test('an expired certificate is refused even when its CA is trusted, and says so', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const run = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore', timeout: 60_000 });
+  // A CA, and a server certificate it signed that was valid for one day in 2020.
+  run(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=tapkit test CA']);
+  run(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1']);
+  fs.mkdirSync(path.join(dir, 'db'));
+  fs.writeFileSync(path.join(dir, 'db/index.txt'), '');
+  fs.writeFileSync(path.join(dir, 'db/serial'), '01\n');
+  fs.writeFileSync(
+    path.join(dir, 'ca.cnf'),
+    '[ca]\ndefault_ca=c\n[c]\ndatabase=db/index.txt\nnew_certs_dir=db\nserial=db/serial\ndefault_md=sha256\npolicy=p\nx509_extensions=ext\n[p]\ncommonName=supplied\n[ext]\nsubjectAltName=IP:127.0.0.1\n',
+  );
+  run(['ca', '-batch', '-config', 'ca.cnf', '-cert', 'ca.pem', '-keyfile', 'ca.key', '-in', 'srv.csr', '-out', 'srv.pem', '-startdate', '20200101000000Z', '-enddate', '20200102000000Z']);
+  const server = await serve(t, data, { key: fs.readFileSync(path.join(dir, 'srv.key'), 'utf8'), cert: fs.readFileSync(path.join(dir, 'srv.pem'), 'utf8') });
+  const e = await t.throwsAsync<BlockError>(openSpec(`http,ca=${path.join(dir, 'ca.pem')}:${server.base}/disk.img`, { readOnly: true }));
+  t.is(e!.code, 'EIO');
+  t.regex(e!.message, /TLS certificate refused: outside its validity dates \(CERT_HAS_EXPIRED\)/);
+  t.is(server.log.length, 0, 'no request went over the connection');
 });

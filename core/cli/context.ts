@@ -10,6 +10,7 @@ import type { Command } from 'commander';
 import { BlockError, SpecError, isBlockError } from '../errors';
 import { Opener, type OpenOptions } from '../open';
 import type { Provider } from '../provider';
+import { LIMIT_DEFINITIONS, parseLimitFlag, type LimitValues } from '../limits';
 
 export class UsageError extends Error {}
 
@@ -53,18 +54,38 @@ export interface OpenCliOptions {
   readOnly?: boolean;
   filter?: string[];
   maxChainDepth?: string;
+  /** `--limit NAME=VALUE`, repeatable (core/limits.ts). */
+  limit?: string[];
   allowBacking?: string[];
   /** commander turns --no-backing into backing: false. */
   backing?: string[] | false;
+  /** For http(s) disks: a PEM file of CAs to trust besides the system's. */
+  ca?: string;
+  /** For http(s) disks: `Name: value` headers sent with every request. */
+  header?: string[];
 }
 
 export function addOpenOptions(command: Command): Command {
   return command
     .option('--filter <name[,key=value...]>', 'put a filter on top (repeatable)', collect, [])
-    .option('--max-chain-depth <n>', 'longest backing chain accepted', '16')
+    .option('--max-chain-depth <n>', 'longest backing chain accepted (default 16; the same as --limit chain-depth=N)')
+    .option('--limit <name=value>', `raise or lower a resource limit against hostile images (repeatable): ${Object.keys(LIMIT_DEFINITIONS).join(', ')}`, collect, [])
     .option('--allow-backing <dir|url-prefix>', 'let backing files come from this tree or URL prefix too (repeatable)', collect, [])
     .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
-    .option('--no-backing', 'refuse every backing file and parent');
+    .option('--no-backing', 'refuse every backing file and parent')
+    .option('--ca <file>', 'https disks: trust the CAs in this PEM file too')
+    .option('--header <"Name: value">', 'http(s) disks: send this header with every request (repeatable)', collect, []);
+}
+
+/** --ca and --header as options of every http source opened (a spec's own options win). */
+function httpOptions(options: OpenCliOptions): Record<string, string> {
+  const http: Record<string, string> = {};
+  if (options.ca) http.ca = path.resolve(options.ca);
+  const headers = options.header ?? [];
+  for (const h of headers) if (!/^[^:\s]+\s*:/.test(h)) throw new UsageError(`--header needs 'Name: value' (got a value without a name)`);
+  // The http source percent-decodes its header option (a spec cannot hold ':' or ',').
+  if (headers.length) http.header = encodeURIComponent(headers.join('\n'));
+  return http;
 }
 
 export function collect(value: string, previous: string[]): string[] {
@@ -72,14 +93,33 @@ export function collect(value: string, previous: string[]): string[] {
 }
 
 export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
-  const depth = Number(options.maxChainDepth ?? 16);
-  if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
+  return new Opener(openOptionsFor(options, extra));
+}
+
+/** The open options the CLI flags ask for (also used by inspection, which opens nothing). */
+export function openOptionsFor(options: OpenCliOptions, extra: OpenOptions = {}): OpenOptions {
+  const limits: Partial<LimitValues> = {};
+  for (const text of options.limit ?? []) {
+    try {
+      const [name, value] = parseLimitFlag(text);
+      limits[name] = value;
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  }
+  if (options.maxChainDepth !== undefined) {
+    const depth = Number(options.maxChainDepth);
+    if (!Number.isInteger(depth) || depth < 0) throw new UsageError(`--max-chain-depth must be a whole number (got '${options.maxChainDepth}')`);
+    limits['chain-depth'] = depth;
+  }
   const backing = {
     allow: (options.allowBacking ?? []).map((a) => (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(a) ? a : path.resolve(a))),
     noBacking: options.backing === false,
     explicit: options.backing === false ? [] : options.backing ?? [],
   };
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, backing, ...extra });
+  const http = httpOptions(options);
+  const providerOptions = Object.keys(http).length ? { http } : undefined;
+  return { readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, providerOptions, ...extra };
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {

@@ -11,6 +11,8 @@ export interface ExportHandle {
   readonly kind: string;
   /** What a user reaches it by (a URI, a path, a xenstore path). */
   readonly target: string;
+  /** A kernel block device the export made, when it made one (the fuse export's loop device). */
+  readonly device?: string;
   /** Per-export counters for `stats` (connections, requests...). */
   stats?(): Record<string, unknown>;
   /** Stops serving; in-flight requests finish first. */

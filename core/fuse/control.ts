@@ -21,7 +21,11 @@ export interface MountState {
   file: string;
   spec: string;
   loop?: string;
+  /** Whether the loop device does direct I/O on the file. */
+  directIo?: boolean;
   connection: number;
+  /** The daemon's device id when `tapkit daemon` serves the mount (then `tapkit ctl destroy` ends it). */
+  daemonDevice?: string;
 }
 
 export function runtimeDir(): string {

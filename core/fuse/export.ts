@@ -11,7 +11,7 @@ import { MNT_DETACH, MOUNT_EBUSY, MOUNT_EINVAL, MS_NODEV, MS_NOSUID, MS_RDONLY, 
 import type { NativeError } from '../../native/libc';
 import { DevFuseChannel } from './channel';
 import { OneFileFs } from './filesystem';
-import { abortConnection, connectionOf, findMount } from './mounts';
+import { abortConnection, connectionOf, findMount, resolveMountpoint } from './mounts';
 import { IN_HEADER_SIZE, WRITE_IN_SIZE } from './protocol';
 
 export const FUSE_FSTYPE = 'fuse.tapkit';
@@ -33,6 +33,37 @@ export interface FuseExportOptions {
 
 export const DEFAULT_READERS = 8;
 
+/**
+ * Every outstanding /dev/fuse read holds a libuv thread-pool thread until the kernel has a
+ * request. Mounts in one process share the pool, so each reserves its readers and a mount
+ * that would leave fewer than SPARE_THREADS for file I/O (and the other mounts' replies to
+ * make progress) is refused instead of deadlocking the process. The pool's size is fixed
+ * by UV_THREADPOOL_SIZE when the pool first starts (libuv's default is 4); the CLI
+ * commands that serve mounts raise it before anything uses the pool.
+ */
+const SPARE_THREADS = 4;
+let readersReserved = 0;
+
+export function threadPoolSize(): number {
+  return Number(process.env.UV_THREADPOOL_SIZE) || 4;
+}
+
+function reserveReaders(readers: number): () => void {
+  const pool = threadPoolSize();
+  if (readersReserved + readers > pool - SPARE_THREADS) {
+    throw new BlockError(
+      'EBUSY',
+      `no room for another FUSE mount: ${readersReserved} of ${pool} thread-pool threads already wait on /dev/fuse and ${readers} more would leave fewer than ${SPARE_THREADS} free (raise UV_THREADPOOL_SIZE)`,
+    );
+  }
+  readersReserved += readers;
+  let released = false;
+  return () => {
+    if (!released) readersReserved -= readers;
+    released = true;
+  };
+}
+
 export class FuseExport {
   readonly file: string;
   /** Resolves when the connection is gone (unmounted, aborted) and every reader stopped. */
@@ -42,6 +73,7 @@ export class FuseExport {
     readonly vbd: Vbd,
     readonly mountpoint: string,
     readonly name: string,
+    readonly readOnly: boolean,
     readonly connection: number,
     readonly filesystem: OneFileFs,
     private readonly channel: DevFuseChannel,
@@ -54,7 +86,16 @@ export class FuseExport {
   }
 
   static async mount(vbd: Vbd, options: FuseExportOptions): Promise<FuseExport> {
-    const mountpoint = fs.realpathSync(path.resolve(options.mountpoint));
+    let mountpoint = resolveMountpoint(options.mountpoint);
+    // Never stat a FUSE mount: this very process may be the one serving it (a daemon asked
+    // twice for the same mount point), and a stat would wait for itself.
+    const existing = findMount(mountpoint);
+    if (existing?.fstype.startsWith('fuse')) throw new BlockError('EBUSY', `${mountpoint} is already a FUSE mount (${existing.fstype})`);
+    try {
+      mountpoint = fs.realpathSync(mountpoint);
+    } catch {
+      throw new BlockError('ENOENT', `mount point ${options.mountpoint} does not exist`);
+    }
     if (!fs.statSync(mountpoint).isDirectory()) throw new BlockError('EINVAL', `${mountpoint} is not a directory`);
     const name = options.name ?? 'disk';
     if (!name || name.includes('/') || name === '.' || name === '..' || Buffer.byteLength(name) > 255) {
@@ -63,43 +104,50 @@ export class FuseExport {
     const readOnly = !!options.readOnly || vbd.info().readOnly;
     const maxWrite = options.maxWrite ?? 1 << 20;
     const log = options.log ?? ((m: string) => process.stderr.write(`tapkit: fuse: ${m}\n`));
-
-    let fd: number;
+    const readers = options.readers ?? DEFAULT_READERS;
+    const release = reserveReaders(readers);
     try {
-      fd = fs.openSync('/dev/fuse', 'r+');
+      let fd: number;
+      try {
+        fd = fs.openSync('/dev/fuse', 'r+');
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        throw new BlockError(code === 'ENOENT' ? 'ENODEV' : 'EACCES', `cannot open /dev/fuse (${code}): ${code === 'ENOENT' ? 'load the fuse module' : 'mounting needs root'}`);
+      }
+      const uid = process.getuid?.() ?? 0;
+      const gid = process.getgid?.() ?? 0;
+      const data = [`fd=${fd}`, 'rootmode=40000', `user_id=${uid}`, `group_id=${gid}`, 'default_permissions', ...(options.allowOther ? ['allow_other'] : [])].join(',');
+      try {
+        mount('tapkit', mountpoint, FUSE_FSTYPE, MS_NOSUID | MS_NODEV | (readOnly ? MS_RDONLY : 0), data);
+      } catch (e) {
+        fs.closeSync(fd);
+        throw e;
+      }
+      const entry = findMount(mountpoint);
+      if (!entry || entry.fstype !== FUSE_FSTYPE) {
+        fs.closeSync(fd);
+        throw new BlockError('EIO', `mounted ${mountpoint} but cannot find it in /proc/self/mountinfo`);
+      }
+      const channel = new DevFuseChannel(fd, {
+        bufferSize: Math.max(8192, IN_HEADER_SIZE + WRITE_IN_SIZE + maxWrite + 4096),
+        readers,
+        log,
+      });
+      void channel.done.then(release);
+      const filesystem = new OneFileFs(vbd, channel, { name, readOnly, uid, gid, maxWrite, log });
+      const exported = new FuseExport(vbd, mountpoint, name, readOnly, connectionOf(entry), filesystem, channel);
+      channel.start((msg, release) => filesystem.dispatch(msg, release));
+      // The kernel sends INIT as soon as the mount exists; nothing else is served before it.
+      const ended = channel.done.then(() => {
+        throw new BlockError('EIO', `the FUSE connection of ${mountpoint} ended before INIT${channel.error ? `: ${channel.error.message}` : ''}`);
+      });
+      await Promise.race([filesystem.initialized(), ended]);
+      ended.catch(() => {});
+      return exported;
     } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      throw new BlockError(code === 'ENOENT' ? 'ENODEV' : 'EACCES', `cannot open /dev/fuse (${code}): ${code === 'ENOENT' ? 'load the fuse module' : 'mounting needs root'}`);
-    }
-    const uid = process.getuid?.() ?? 0;
-    const gid = process.getgid?.() ?? 0;
-    const data = [`fd=${fd}`, 'rootmode=40000', `user_id=${uid}`, `group_id=${gid}`, 'default_permissions', ...(options.allowOther ? ['allow_other'] : [])].join(',');
-    try {
-      mount('tapkit', mountpoint, FUSE_FSTYPE, MS_NOSUID | MS_NODEV | (readOnly ? MS_RDONLY : 0), data);
-    } catch (e) {
-      fs.closeSync(fd);
+      release();
       throw e;
     }
-    const entry = findMount(mountpoint);
-    if (!entry || entry.fstype !== FUSE_FSTYPE) {
-      fs.closeSync(fd);
-      throw new BlockError('EIO', `mounted ${mountpoint} but cannot find it in /proc/self/mountinfo`);
-    }
-    const channel = new DevFuseChannel(fd, {
-      bufferSize: Math.max(8192, IN_HEADER_SIZE + WRITE_IN_SIZE + maxWrite + 4096),
-      readers: options.readers ?? DEFAULT_READERS,
-      log,
-    });
-    const filesystem = new OneFileFs(vbd, channel, { name, readOnly, uid, gid, maxWrite, log });
-    const exported = new FuseExport(vbd, mountpoint, name, connectionOf(entry), filesystem, channel);
-    channel.start((msg, release) => filesystem.dispatch(msg, release));
-    // The kernel sends INIT as soon as the mount exists; nothing else is served before it.
-    const ended = channel.done.then(() => {
-      throw new BlockError('EIO', `the FUSE connection of ${mountpoint} ended before INIT${channel.error ? `: ${channel.error.message}` : ''}`);
-    });
-    await Promise.race([filesystem.initialized(), ended]);
-    ended.catch(() => {});
-    return exported;
   }
 
   /** Flushes the VBD (what FSYNC does), for `tapkit unmount` and signals. */

@@ -51,6 +51,8 @@ export class NbdServer {
   private readonly limits: TransmissionLimits;
   private readonly secureContext: tls.SecureContext | undefined;
   private closing: Promise<void> | undefined;
+  private accepted = 0;
+  private refused = 0;
   private readonly log: (message: string) => void;
 
   constructor(private readonly options: NbdServerOptions) {
@@ -86,6 +88,11 @@ export class NbdServer {
 
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /** Counters for `tapkit ctl stats`: clients now, accepted and refused since the start. */
+  stats(): { connections: number; accepted: number; refused: number } {
+    return { connections: this.connections.size, accepted: this.accepted, refused: this.refused };
   }
 
   /** Starts listening; resolves with the address (the actual port when `port` is 0). */
@@ -128,8 +135,10 @@ export class NbdServer {
     if (this.closing || this.connections.size >= (this.options.maxConnections ?? 64)) {
       this.log(`refusing a client: ${this.closing ? 'shutting down' : `already ${this.connections.size} connections`}`);
       socket.destroy();
+      this.refused++;
       return;
     }
+    this.accepted++;
     const connection = new NbdConnection(socket, {
       policy: {
         exports: this.exports,

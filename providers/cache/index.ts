@@ -7,6 +7,7 @@
  * cache; a saved index for another version of the lower bytes is discarded.
  */
 import * as fs from 'node:fs';
+import * as zlib from 'node:zlib';
 import { BlockError, SpecError } from '../../core/errors';
 import { isSourceChanged } from '../../core/changed';
 import { OpenRequest } from '../../core/open-request';
@@ -19,18 +20,22 @@ import { FileStore, MemoryStore, type BlockStore } from './store';
 /** One cached block: which slot holds it. A new object per insert, so a reader can tell it was replaced. */
 interface Entry {
   slot: number;
+  /** CRC-32 of the block's bytes, saved with the index. */
+  crc: number;
+  /** False for entries loaded from a saved index until their bytes were checked against `crc`. */
+  verified: boolean;
 }
 
 interface SavedIndex {
-  version: 1;
+  version: 2;
   identity: string;
   blockSize: number;
   capacity: number;
-  /** [block index, slot], least recently used first. */
-  entries: Array<[number, number]>;
+  /** [block index, slot, CRC-32 of the block], least recently used first. */
+  entries: Array<[number, number, number]>;
 }
 
-const INDEX_VERSION = 1;
+const INDEX_VERSION = 2;
 
 @provider({
   name: 'cache',
@@ -124,11 +129,13 @@ export class CacheFilter implements Provider {
     }
     const maxBlock = Math.ceil(this.diskSize / this.blockSize);
     const slots = new Set<number>();
-    for (const pair of saved.entries ?? []) {
-      const [block, slot] = pair;
-      if (!Number.isInteger(block) || !Number.isInteger(slot) || block < 0 || block >= maxBlock || slot < 0 || slot >= this.capacity || slots.has(slot)) continue;
+    for (const triple of Array.isArray(saved.entries) ? saved.entries : []) {
+      const [block, slot, crc] = (Array.isArray(triple) ? triple : []) as number[];
+      if (!Number.isInteger(block) || !Number.isInteger(slot) || !Number.isInteger(crc)) continue;
+      if (block < 0 || block >= maxBlock || slot < 0 || slot >= this.capacity || slots.has(slot) || this.entries.has(block)) continue;
       slots.add(slot);
-      this.entries.set(block, { slot });
+      // Checked against its CRC on first use: a damaged cache file costs a lower read, never wrong bytes.
+      this.entries.set(block, { slot, crc, verified: false });
     }
   }
 
@@ -141,7 +148,7 @@ export class CacheFilter implements Provider {
       identity,
       blockSize: this.blockSize,
       capacity: this.capacity,
-      entries: [...this.entries].map(([block, e]) => [block, e.slot]),
+      entries: [...this.entries].map(([block, e]) => [block, e.slot, e.crc]),
     };
     const tmp = `${this.indexPath}.tmp`;
     await fs.promises.writeFile(tmp, JSON.stringify(saved), { mode: 0o600 });
@@ -201,11 +208,53 @@ export class CacheFilter implements Provider {
       this.stats.hits++;
       this.entries.delete(block);
       this.entries.set(block, entry);
-      await this.store.read(entry.slot, target, within);
-      // The slot was given to another block while we read it: read this piece below.
-      if (this.entries.get(block) === entry) return;
+      const served = await this.fromStore(block, entry, async () => {
+        if (!entry.verified) return this.verify(block, entry, target, within);
+        await this.store.read(entry.slot, target, within);
+        // The slot was given to another block while we read it: read this piece below.
+        return this.entries.get(block) === entry;
+      });
+      if (served) return;
     }
     await this.lowerRead(target, block * this.blockSize + within);
+  }
+
+  /**
+   * Runs a read of the store; if the store fails (a cache file on a failing or full
+   * disk, truncated under us), the block is dropped with a warning and the caller reads
+   * the disk below: a broken cache costs speed, never a guest's read.
+   */
+  private async fromStore(block: number, entry: Entry, read: () => Promise<boolean>): Promise<boolean> {
+    try {
+      return await read();
+    } catch (e) {
+      if (this.entries.get(block) === entry) {
+        this.entries.delete(block);
+        this.freeSlots.push(entry.slot);
+      }
+      this.request.warn(`cache: could not read block ${block} from ${this.filePath ?? 'memory'} (${(e as Error).message}); reading it from the disk below`);
+      return false;
+    }
+  }
+
+  /** First use of a block from a saved index: read it whole and check its CRC; a bad block is dropped. */
+  private async verify(block: number, entry: Entry, target: Uint8Array, within: number): Promise<boolean> {
+    const whole = Buffer.allocUnsafe(this.blockLength(block));
+    await this.store.read(entry.slot, whole, 0);
+    if (this.entries.get(block) !== entry) return false;
+    if (zlib.crc32(whole) !== entry.crc) {
+      this.entries.delete(block);
+      this.freeSlots.push(entry.slot);
+      this.request.warn(`cache: block ${block} in ${this.filePath} does not match its checksum; reading it again`);
+      return false;
+    }
+    entry.verified = true;
+    target.set(whole.subarray(within, within + target.length));
+    return true;
+  }
+
+  private blockLength(block: number): number {
+    return Math.min(this.blockSize, this.diskSize - block * this.blockSize);
   }
 
   /** One lower read for blocks first..last; each block's promise resolves to its bytes. */
@@ -228,10 +277,12 @@ export class CacheFilter implements Provider {
     }
     const storing = data.then(
       async (bytes) => {
-        const fresh = generation === this.generation && writeSeq === this.writeSeq && !writing;
         for (let block = first; block <= last; block++) {
           const mine = this.pending.get(block);
-          if (fresh && mine) await this.insert(block, bytes.subarray((block - first) * this.blockSize, Math.min(bytes.length, (block - first + 1) * this.blockSize)));
+          if (!writing && mine) {
+            const blockBytes = bytes.subarray((block - first) * this.blockSize, Math.min(bytes.length, (block - first + 1) * this.blockSize));
+            await this.insert(block, blockBytes, generation, writeSeq);
+          }
           if (this.pending.get(block) === mine) this.pending.delete(block);
         }
       },
@@ -243,24 +294,31 @@ export class CacheFilter implements Provider {
     void storing.finally(() => this.storing.delete(storing));
   }
 
-  private async insert(block: number, bytes: Uint8Array): Promise<void> {
-    if (this.entries.has(block)) return;
+  /**
+   * Stores a block read by a fill that began at `generation` and `writeSeq`: only if no
+   * write began or ended and the cache was not emptied since that fill began, since
+   * then its bytes may be older than the disk's.
+   */
+  private async insert(block: number, bytes: Uint8Array, generation: number, writeSeq: number): Promise<void> {
+    const unchanged = () => generation === this.generation && writeSeq === this.writeSeq && this.activeWrites === 0;
+    if (this.entries.has(block) || !unchanged()) return;
     let slot = this.freeSlots.pop();
     if (slot === undefined) {
-      const [oldest, entry] = this.entries.entries().next().value as [number, Entry];
-      this.entries.delete(oldest);
+      const oldest = this.entries.entries().next();
+      // Every slot is being written by other fills: this block is simply not kept.
+      if (oldest.done) return;
+      const [oldBlock, entry] = oldest.value;
+      this.entries.delete(oldBlock);
       slot = entry.slot;
     }
-    const generation = this.generation;
-    const writeSeq = this.writeSeq;
     // A slot being written belongs to no block and to no free list until the write ends.
     this.busySlots.add(slot);
     let published = false;
     try {
       await this.store.write(slot, bytes);
       // Published only once its bytes are in place, and only if nothing changed meanwhile.
-      if (generation === this.generation && writeSeq === this.writeSeq && this.activeWrites === 0 && !this.entries.has(block)) {
-        this.entries.set(block, { slot });
+      if (unchanged() && !this.entries.has(block)) {
+        this.entries.set(block, { slot, crc: this.persist ? zlib.crc32(bytes) : 0, verified: true });
         published = true;
       }
     } finally {

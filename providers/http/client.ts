@@ -54,10 +54,36 @@ class Retryable extends Error {
 }
 
 /**
- * What to do with a response body, decided when its headers arrive: copy it into a
- * buffer, read and drop it (small error bodies, redirects), or abort the request.
+ * What to do with a response body, decided when its headers arrive: copy it into
+ * buffers (filled one after the other: merged reads land straight in their callers'
+ * buffers), read and drop it (small error bodies, redirects), or abort the request.
  */
-type BodyPlan = { into: Uint8Array } | 'drop' | 'abort';
+type BodyPlan = { into: Scatter } | 'drop' | 'abort';
+
+/** Buffers a body fills in order, as if they were one. */
+class Scatter {
+  readonly length: number;
+  private index = 0;
+  private within = 0;
+  constructor(private readonly targets: readonly Uint8Array[]) {
+    this.length = targets.reduce((sum, t) => sum + t.length, 0);
+  }
+  /** Copies a chunk to where the previous one ended. */
+  put(chunk: Uint8Array): void {
+    let from = 0;
+    while (from < chunk.length) {
+      const target = this.targets[this.index];
+      const n = Math.min(chunk.length - from, target.length - this.within);
+      target.set(n === chunk.length ? chunk : chunk.subarray(from, from + n), this.within);
+      from += n;
+      this.within += n;
+      if (this.within === target.length) {
+        this.index++;
+        this.within = 0;
+      }
+    }
+  }
+}
 
 interface Response {
   statusCode: number;
@@ -159,15 +185,17 @@ export class HttpClient {
    * A different version is a SourceChangedError; anything but 206 with the asked range
    * is refused (the body is aborted, never read whole).
    */
-  async readRange(url: URL, target: Uint8Array, offset: number, validator: Validator): Promise<void> {
-    const end = offset + target.length - 1;
+  async readRange(url: URL, targets: readonly Uint8Array[], offset: number, validator: Validator): Promise<void> {
+    const length = targets.reduce((sum, t) => sum + t.length, 0);
+    const end = offset + length - 1;
     const asked = (headers: IncomingHttpHeaders) => {
       const range = parseContentRange(header(headers, 'content-range'));
       return range !== undefined && range.start === offset && range.end === end;
     };
     await this.withRetries(`GET ${redactUrl(url)} bytes ${offset}-${end}`, async () => {
       const res = await this.request(url, 'GET', { range: `bytes=${offset}-${end}`, ...this.conditionalHeaders(validator) }, (status, headers) => {
-        if (status === 206) return asked(headers) && !this.versionDiffers(headers, validator) ? { into: target } : 'abort';
+        // A fresh Scatter per attempt: a retry fills the buffers from their start again.
+        if (status === 206) return asked(headers) && !this.versionDiffers(headers, validator) ? { into: new Scatter(targets) } : 'abort';
         // A 200 is the whole object coming: stop it.
         return status === 200 ? 'abort' : 'drop';
       });
@@ -177,7 +205,7 @@ export class HttpClient {
         if (!asked(res.headers)) {
           throw new BlockError('EIO', `${where} answered range ${header(res.headers, 'content-range') ?? '(none)'} to a request for bytes ${offset}-${end}`);
         }
-        if (res.received !== target.length) throw new Retryable(`body ended after ${res.received} of ${target.length} bytes`);
+        if (res.received !== length) throw new Retryable(`body ended after ${res.received} of ${length} bytes`);
         return;
       }
       if (res.statusCode === 200) {
@@ -360,7 +388,7 @@ export class HttpClient {
             endedByUs = undefined;
             return;
           }
-          body.into.set(chunk, response.received);
+          body.into.put(chunk);
           response.received += chunk.length;
         },
         onResponseEnd: () => finish(),
@@ -389,8 +417,14 @@ export class HttpClient {
     const code = err?.code ?? err?.cause?.code ?? '';
     const name = err?.name ?? '';
     if (timedOut || name === 'TimeoutError' || code.includes('TIMEOUT')) return new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
+    if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
+      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: it is not for host ${url.hostname} (${code})`);
+    }
+    if (code === 'CERT_HAS_EXPIRED' || code === 'CERT_NOT_YET_VALID') {
+      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: outside its validity dates (${code})`);
+    }
     if (TLS_CODES.test(code)) {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass ca=FILE to trust the server's CA`);
+      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
     }
     if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${redactUrl(url)}: host ${url.hostname} not found`);
     if (RETRYABLE_CODES.has(code) || name === 'AbortError') return new Retryable(`connection failed (${code || name})`);

@@ -34,11 +34,19 @@ interface HttpSettings {
 }
 
 /**
- * Settings of earlier opens, by origin. A backing file named inside an image is opened
- * as a bare URL (no options); on the same origin it inherits the image's options and
- * credentials, so `qcow2` over `http,header=…:https://h/top.qcow2` can read `base.qcow2`.
+ * The http source of the image that named this backing file, if it is on the same
+ * origin: a backing file is opened as a bare URL (no options), so it takes that image's
+ * settings and credentials, and `qcow2` over `http,header=…:https://h/top.qcow2` can read
+ * `base.qcow2`. Only the image's own chain is searched: another disk open on the same
+ * origin never lends its credentials.
  */
-const originSettings = new Map<string, { settings: HttpSettings; username: string; password: string }>();
+function sourceOfParent(namedBy: Provider | undefined, origin: string): HttpProvider | undefined {
+  for (let p: Provider | undefined = namedBy; p; p = p.lower) {
+    const candidate: Provider = p;
+    if (candidate instanceof HttpProvider && candidate.origin === origin) return candidate;
+  }
+  return undefined;
+}
 
 function positiveNumber(text: string, what: string, spec: string): number {
   const n = Number(text);
@@ -58,6 +66,10 @@ export class HttpProvider implements Provider {
   /** The URL as opened, credentials removed: safe to print and to resolve backing names against. */
   readonly location: string;
   private url: URL;
+  /** The origin of the URL as opened (before redirects): backing files on it inherit from this source. */
+  readonly origin: string;
+  /** The URL's userinfo as given, handed to backing files on the same origin. */
+  private readonly credentials: { username: string; password: string };
   private readonly settings: HttpSettings;
   private readonly client: HttpClient;
   private object!: ObjectInfo;
@@ -76,7 +88,14 @@ export class HttpProvider implements Provider {
     if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new SpecError('EINVAL', `http: only http:// and https:// URLs (got ${url.protocol}//)`, true);
     url.hash = '';
     this.location = redactUrl(url);
-    this.settings = this.settingsFor(url, request.options);
+    this.origin = url.origin;
+    const parent = sourceOfParent(request.namedBy, url.origin);
+    if (parent && !url.username && !url.password) {
+      url.username = parent.credentials.username;
+      url.password = parent.credentials.password;
+    }
+    this.credentials = { username: url.username, password: url.password };
+    this.settings = this.settingsFor(request.options, parent?.settings);
     this.url = url;
     this.client = new HttpClient({
       timeoutMs: this.settings.timeoutMs,
@@ -87,23 +106,22 @@ export class HttpProvider implements Provider {
     });
   }
 
-  /** Options given in the spec, else those of an earlier open on the same origin, else defaults. */
-  private settingsFor(url: URL, options: Readonly<Record<string, string>>): HttpSettings {
+  /** Options given in the spec, over those of the image this is the backing file of, over the defaults. */
+  private settingsFor(options: Readonly<Record<string, string>>, inherited: HttpSettings | undefined): HttpSettings {
     const spec = this.location;
-    const inherited = Object.keys(options).length === 0 ? originSettings.get(url.origin) : undefined;
-    if (inherited) {
-      if (!url.username && !url.password && (inherited.username || inherited.password)) {
-        url.username = inherited.username;
-        url.password = inherited.password;
-      }
-      return inherited.settings;
-    }
-    const settings: HttpSettings = {
-      timeoutMs: options.timeout ? positiveNumber(options.timeout, 'timeout (seconds)', spec) * 1000 : DEFAULTS.timeoutSeconds * 1000,
-      retries: options.retries !== undefined ? Number(options.retries) : DEFAULTS.retries,
-      connections: options.connections ? Math.floor(positiveNumber(options.connections, 'connections', spec)) : DEFAULTS.connections,
-      readahead: options.readahead !== undefined ? parseSize(options.readahead, 'http readahead') : DEFAULTS.readahead,
+    const base: HttpSettings = inherited ?? {
+      timeoutMs: DEFAULTS.timeoutSeconds * 1000,
+      retries: DEFAULTS.retries,
+      connections: DEFAULTS.connections,
+      readahead: DEFAULTS.readahead,
       headers: {},
+    };
+    const settings: HttpSettings = {
+      ...base,
+      timeoutMs: options.timeout ? positiveNumber(options.timeout, 'timeout (seconds)', spec) * 1000 : base.timeoutMs,
+      retries: options.retries !== undefined ? Number(options.retries) : base.retries,
+      connections: options.connections ? Math.floor(positiveNumber(options.connections, 'connections', spec)) : base.connections,
+      readahead: options.readahead !== undefined ? parseSize(options.readahead, 'http readahead') : base.readahead,
     };
     if (!Number.isInteger(settings.retries) || settings.retries < 0) {
       throw new SpecError('EINVAL', `http: option retries must be a whole number (got '${options.retries}') in spec '${spec}'`, true);
@@ -124,7 +142,6 @@ export class HttpProvider implements Provider {
       }
       if (!settings.ca.includes('-----BEGIN CERTIFICATE-----')) throw new SpecError('EINVAL', `http: the CA file '${options.ca}' holds no PEM certificate`, true);
     }
-    originSettings.set(url.origin, { settings, username: url.username, password: url.password });
     return settings;
   }
 
@@ -137,7 +154,10 @@ export class HttpProvider implements Provider {
     }
     // Later ranges go straight to where the redirects ended.
     this.url = this.object.url;
-    this.reader = new RangeReader((target, offset) => this.client.readRange(this.url, target, offset, this.object.validator), {
+    if (!this.object.validator.etag && !this.object.validator.lastModified) {
+      this.request.warn(`http: ${this.location} has neither ETag nor Last-Modified: if the object is replaced while open, the change cannot be detected`);
+    }
+    this.reader = new RangeReader((targets, offset) => this.client.readRange(this.url, targets, offset, this.object.validator), {
       size: this.object.size,
       maxInFlight: this.settings.connections,
       maxRequest: DEFAULTS.maxRequest,

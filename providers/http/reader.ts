@@ -5,10 +5,12 @@
  *  - a run of small sequential reads starts readahead: the next `readahead` bytes are
  *    fetched in chunks before they are asked for, and reads inside fetched chunks are
  *    copied from them (reads of half a chunk or more go straight to the server).
- * It knows nothing of HTTP: `fetch(target, offset)` fills a buffer.
+ * A merged request fills its readers' buffers straight, one after the other (no scratch
+ * buffer, no copy). It knows nothing of HTTP: `fetch(targets, offset)` fills buffers.
  */
 
-export type FetchRange = (target: Uint8Array, offset: number) => Promise<void>;
+/** Fills `targets`, one after the other, with the bytes from `offset` on. */
+export type FetchRange = (targets: readonly Uint8Array[], offset: number) => Promise<void>;
 
 export interface ReaderOptions {
   size: number;
@@ -127,17 +129,11 @@ export class RangeReader {
 
   private async run(batch: Job[]): Promise<void> {
     try {
-      if (batch.length === 1) {
-        // Straight into the caller's buffer.
-        await this.fetch(batch[0].target, batch[0].offset);
-      } else {
-        const start = batch[0].offset;
-        const last = batch[batch.length - 1];
-        // Every byte is overwritten by the fetch: no need to zero it first.
-        const merged = Buffer.allocUnsafe(last.offset + last.target.length - start);
-        await this.fetch(merged, start);
-        for (const job of batch) job.target.set(merged.subarray(job.offset - start, job.offset - start + job.target.length));
-      }
+      // One request; its body goes straight into the callers' buffers, in order.
+      await this.fetch(
+        batch.map((job) => job.target),
+        batch[0].offset,
+      );
       for (const job of batch) job.resolve();
     } catch (e) {
       for (const job of batch) job.reject(e);

@@ -4,6 +4,7 @@
  * ended by type 0. A record that runs past that area is corruption, not a short read.
  */
 import { CorruptImageError } from '../../core/errors';
+import { DEFAULT_LIMITS, type Limits } from '../../core/limits';
 
 export const EXT = {
   end: 0x00000000,
@@ -40,7 +41,7 @@ export interface Extensions {
  * Parses the extension area. `area` is the file from offset 0 up to where the area ends;
  * extensions start at `start` (the header length).
  */
-export function parseExtensions(area: Uint8Array, start: number): Extensions {
+export function parseExtensions(area: Uint8Array, start: number, limits: Limits = DEFAULT_LIMITS): Extensions {
   const view = new DataView(area.buffer, area.byteOffset, area.byteLength);
   const result: Extensions = {
     featureNames: { incompatible: new Map(), compatible: new Map(), autoclear: new Map() },
@@ -48,15 +49,18 @@ export function parseExtensions(area: Uint8Array, start: number): Extensions {
     unknown: [],
   };
   let at = start;
+  let count = 0;
   while (at < area.length) {
     if (at + 8 > area.length) throw new CorruptImageError('header_extension', `qcow2: header extension at offset ${at} overruns the extension area (ends at ${area.length})`);
     const type = view.getUint32(at);
     const length = view.getUint32(at + 4);
     if (type === EXT.end) return result;
+    limits.check('header-extensions', ++count, 'header_extension', `qcow2: the number of header extensions (${count}, at offset ${at})`);
     const dataStart = at + 8;
     if (length > area.length - dataStart) {
       throw new CorruptImageError('header_extension', `qcow2: header extension 0x${type.toString(16).padStart(8, '0')} at offset ${at} of ${length} bytes overruns the extension area (ends at ${area.length})`);
     }
+    limits.check('header-extension-size', length, 'header_extension', `qcow2: header extension 0x${type.toString(16).padStart(8, '0')} at offset ${at} of ${length} bytes`);
     const data = area.subarray(dataStart, dataStart + length);
     switch (type) {
       case EXT.backingFormat:

@@ -7,6 +7,7 @@
  * error instead of asking for gigabytes.
  */
 import { BlockError, CorruptImageError } from '../../core/errors';
+import { DEFAULT_LIMITS, LimitError, raiseHint, type Limits } from '../../core/limits';
 import { parseExtensions, type Extensions } from './extensions';
 
 export const QCOW2_MAGIC = 0x514649fb; // 'QFI\xfb'
@@ -19,11 +20,11 @@ export const MAX_CLUSTER_BITS = 21; // 2 MiB
 /** Extended L2 entries need 32 subclusters of at least 512 bytes. */
 export const MIN_EXTENDED_L2_CLUSTER_BITS = 14;
 
-/** qemu's own limits, which every qemu-made image respects. */
-export const MAX_L1_BYTES = 32 * 1024 * 1024;
+/** qemu's own limits, which every qemu-made image respects (the defaults of core/limits.ts). */
+export const MAX_L1_BYTES = DEFAULT_LIMITS.get('l1-size');
 export const MAX_BACKING_NAME = 1023;
-export const MAX_SNAPSHOTS = 65536;
-export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
+export const MAX_SNAPSHOTS = DEFAULT_LIMITS.get('snapshots');
+export const MAX_SNAPSHOT_TABLE_BYTES = DEFAULT_LIMITS.get('snapshot-table-size');
 export const MAX_REFCOUNT_ORDER = 6;
 
 /** Incompatible feature bits (header offset 72). */
@@ -90,7 +91,7 @@ function u64(view: DataView, at: number, field: string): number {
  * whole first cluster, or the whole file when it is shorter. `fileSize` is the image
  * file's size, against which table offsets are checked.
  */
-export function parseHeader(first: Uint8Array, fileSize: number): Qcow2Header {
+export function parseHeader(first: Uint8Array, fileSize: number, limits: Limits = DEFAULT_LIMITS): Qcow2Header {
   if (first.length < V2_HEADER_LENGTH) {
     throw new CorruptImageError('header', `qcow2: file is ${first.length} bytes, shorter than a qcow2 header (${V2_HEADER_LENGTH})`);
   }
@@ -162,16 +163,16 @@ export function parseHeader(first: Uint8Array, fileSize: number): Qcow2Header {
   const snapshotsOffset = u64(view, 64, 'snapshots_offset');
 
   // The L1 table: bounded, aligned, inside the file, large enough for the disk.
-  if (l1Size * 8 > MAX_L1_BYTES) {
-    throw new CorruptImageError('l1_size', `qcow2: L1 table of ${l1Size} entries is larger than the ${MAX_L1_BYTES / 1048576} MiB limit`);
-  }
+  limits.check('l1-size', l1Size * 8, 'l1_size', `qcow2: L1 table of ${l1Size} entries`);
   checkL1Fits(l1Size, size, clusterBits, extendedL2, 'l1_size');
   checkTable('l1_table_offset', l1TableOffset, l1Size * 8, clusterSize, fileSize);
 
   if (refcountTableClusters === 0) throw new CorruptImageError('refcount_table_clusters', 'qcow2: refcount table has no clusters');
   checkTable('refcount_table_offset', refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize);
 
-  if (nbSnapshots > MAX_SNAPSHOTS) throw new CorruptImageError('nb_snapshots', `qcow2: ${nbSnapshots} snapshots is more than the limit of ${MAX_SNAPSHOTS}`);
+  if (nbSnapshots > limits.get('snapshots')) {
+    throw new LimitError('snapshots', 'nb_snapshots', `qcow2: ${nbSnapshots} snapshots is more than the limit of ${limits.get('snapshots')} (${raiseHint('snapshots')})`);
+  }
   if (nbSnapshots > 0) checkTable('snapshots_offset', snapshotsOffset, 40 * nbSnapshots, clusterSize, fileSize);
 
   // The backing file name lives in the first cluster, after the extensions.
@@ -189,7 +190,7 @@ export function parseHeader(first: Uint8Array, fileSize: number): Qcow2Header {
   }
 
   const extensionsEnd = Math.min(backingFileOffset !== 0 ? backingFileOffset : clusterSize, first.length);
-  const extensions = parseExtensions(first.subarray(0, extensionsEnd), headerLength);
+  const extensions = parseExtensions(first.subarray(0, extensionsEnd), headerLength, limits);
 
   return {
     version,

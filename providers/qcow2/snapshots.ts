@@ -4,7 +4,7 @@
  * may not exceed qemu's 64 MiB limit, and every entry must lie inside the file.
  */
 import { CorruptImageError } from '../../core/errors';
-import { MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES } from './header';
+import { DEFAULT_LIMITS, formatLimit, raiseHint, type Limits } from '../../core/limits';
 
 export interface Snapshot {
   id: string;
@@ -24,13 +24,14 @@ const MAX_EXTRA = 1024;
 
 export type ReadAt = (offset: number, length: number) => Promise<Uint8Array>;
 
-export async function readSnapshotTable(readAt: ReadAt, offset: number, count: number, fileSize: number): Promise<Snapshot[]> {
+export async function readSnapshotTable(readAt: ReadAt, offset: number, count: number, fileSize: number, limits: Limits = DEFAULT_LIMITS): Promise<Snapshot[]> {
   const snapshots: Snapshot[] = [];
   let at = offset;
-  const limit = Math.min(fileSize, offset + MAX_SNAPSHOT_TABLE_BYTES);
+  const tableLimit = limits.get('snapshot-table-size');
+  const limit = Math.min(fileSize, offset + tableLimit);
   const need = (bytes: number, what: string) => {
     if (at + bytes > limit) {
-      const cause = at + bytes > fileSize ? `overruns the ${fileSize}-byte file` : `is larger than the ${MAX_SNAPSHOT_TABLE_BYTES / 1048576} MiB limit`;
+      const cause = at + bytes > fileSize ? `overruns the ${fileSize}-byte file` : `is larger than the ${formatLimit('snapshot-table-size', tableLimit)} limit (${raiseHint('snapshot-table-size')})`;
       throw new CorruptImageError('snapshots_offset', `qcow2: snapshot table (${what} of entry ${snapshots.length}) ${cause}`);
     }
   };
@@ -47,7 +48,7 @@ export async function readSnapshotTable(readAt: ReadAt, offset: number, count: n
     const vmStateSize = view.getUint32(32);
     const extraSize = view.getUint32(36);
     if (extraSize > MAX_EXTRA) throw new CorruptImageError('snapshot_extra_data_size', `qcow2: snapshot ${i} has ${extraSize} bytes of extra data (limit ${MAX_EXTRA})`);
-    if (l1Size * 8 > MAX_L1_BYTES) throw new CorruptImageError('snapshot_l1_size', `qcow2: snapshot ${i} has an L1 table of ${l1Size} entries (limit ${MAX_L1_BYTES / 8})`);
+    limits.check('l1-size', l1Size * 8, 'snapshot_l1_size', `qcow2: snapshot ${i} has an L1 table of ${l1Size} entries, which`);
     if (l1High > 0x00ffffff) throw new CorruptImageError('snapshot_l1_table_offset', `qcow2: snapshot ${i} L1 table offset is beyond 2^56`);
     const variable = extraSize + idLength + nameLength;
     need(FIXED + variable, 'body');

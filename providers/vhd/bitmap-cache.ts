@@ -17,6 +17,8 @@ export class BitmapCache {
     private readonly bitmapBytes: number,
     /** The block's current BAT entry (sector of its bitmap), or undefined when unallocated. */
     private readonly entryOf: (block: number) => number | undefined,
+    /** Clean bitmaps kept at most (the opener bounds it by bytes for large blocks). */
+    private readonly maxClean: number = MAX_CLEAN,
   ) {}
 
   get(block: number): Promise<Uint8Array> | Uint8Array {
@@ -63,9 +65,9 @@ export class BitmapCache {
 
   private remember(block: number, map: Uint8Array): void {
     this.maps.set(block, map);
-    if (this.maps.size <= MAX_CLEAN + this.dirty.size) return;
+    if (this.maps.size <= this.maxClean + this.dirty.size) return;
     for (const key of this.maps.keys()) {
-      if (this.maps.size <= MAX_CLEAN + this.dirty.size) break;
+      if (this.maps.size <= this.maxClean + this.dirty.size) break;
       if (!this.dirty.has(key)) this.maps.delete(key);
     }
   }

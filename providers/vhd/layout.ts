@@ -8,16 +8,19 @@
  * Every size that comes from the image is bounded before anything is allocated from it.
  */
 import { CorruptImageError } from '../../core/errors';
+import { DEFAULT_LIMITS, raiseHint, type Limits, type MetadataBudget } from '../../core/limits';
 import type { Provider } from '../../core/provider';
 import { bitmapBytesFor } from './bitmap';
 import { DiskType, FOOTER_SIZE, inspectFooter, isFooterCookie, LEGACY_FOOTER_SIZE, NO_DATA_OFFSET, type Footer } from './footer';
 import { HEADER_SIZE, inspectHeader, type DynamicHeader } from './header';
 
 export const UNALLOCATED = 0xffffffff;
-/** The largest BAT we accept: 2^26 entries (256 MiB of table, 128 TiB at 2 MiB blocks). */
-export const MAX_BAT_ENTRIES = 2 ** 26;
+/** The largest BAT accepted by default (core/limits.ts `bat-entries`). */
+export const MAX_BAT_ENTRIES = DEFAULT_LIMITS.get('bat-entries');
 /** The largest block we accept (the bitmap and reads are sized from it). */
 export const MAX_BLOCK_SIZE = 2 ** 30;
+/** `tapkit vhd check` lists this many bad BAT entries, then counts the rest. */
+const MAX_LISTED_BAT_PROBLEMS = 64;
 
 export interface Problem {
   field: string;
@@ -42,12 +45,18 @@ export interface VhdLayout {
   dataEnd: number;
   /** Bytes of blktap's batmap after the BAT, when one is present. */
   batmap?: { headerOffset: number; mapOffset: number; mapSectors: number };
+  /** Allocated blocks whose BAT entries are sound. */
+  blocks?: number;
 }
 
 export interface LoadOptions {
   /** List problems instead of throwing at the first. */
   collect?: Problem[];
   warn?: (message: string) => void;
+  /** Bounds on the BAT (default: core/limits.ts defaults). */
+  limits?: Limits;
+  /** Charged with the BAT before it is allocated. */
+  memory?: MetadataBudget;
 }
 
 class Stop extends Error {}
@@ -103,6 +112,8 @@ async function walk(
     endBytes = tail.subarray(tail.length - LEGACY_FOOTER_SIZE);
   }
   const atEnd = endBytes ? inspectFooter(endBytes) : undefined;
+  // No footer at the end at all (a torn append): blocks may reach the end of the file.
+  if (!endBytes) footerOffset = fileSize;
   let footer: Footer;
   let footerFromCopy = false;
   if (atEnd && atEnd.problems.length === 0) {
@@ -164,8 +175,10 @@ async function walk(
   // ---- the BAT, bounded before it is read.
   const needed = Math.ceil(footer.currentSize / blockSize);
   const entries = header.maxTableEntries;
+  const maxEntries = (options.limits ?? DEFAULT_LIMITS).get('bat-entries');
+  if (needed > maxEntries) fatal('max table entries', `a disk of ${footer.currentSize} bytes in ${blockSize}-byte blocks needs ${needed} BAT entries, more than the ${maxEntries} limit (${raiseHint('bat-entries')})`);
   if (entries < needed) fatal('max table entries', `the BAT has ${entries} entries but a disk of ${footer.currentSize} bytes in ${blockSize}-byte blocks needs ${needed}`);
-  if (entries > MAX_BAT_ENTRIES) fatal('max table entries', `the BAT claims ${entries} entries, more than the ${MAX_BAT_ENTRIES} tapkit accepts`);
+  if (entries > maxEntries) fatal('max table entries', `the BAT claims ${entries} entries, more than the ${maxEntries} limit (${raiseHint('bat-entries')})`);
   const batBytes = Math.ceil((entries * 4) / 512) * 512;
   base.batBytes = batBytes;
   const tableOffset = header.tableOffset;
@@ -176,6 +189,7 @@ async function walk(
   if (tableOffset < headerOffset + HEADER_SIZE && headerOffset < batEnd) {
     fatal('table offset', `the BAT (${batBytes} bytes at ${tableOffset}) overlaps the dynamic header at ${headerOffset}`);
   }
+  options.memory?.reserve(entries * 4, `vhd: BAT of ${entries} entries`);
   const batRaw = await readAt(lower, tableOffset, entries * 4);
   const bat = new Uint32Array(entries);
   for (let i = 0; i < entries; i++) bat[i] = batRaw.readUInt32BE(i * 4);
@@ -220,6 +234,11 @@ async function walk(
   // ---- every allocated block: after the metadata, before the footer, not overlapping another.
   const blocks: Array<[number, number, number]> = [];
   let dataEnd = metaEnd;
+  // A damaged BAT may hold millions of bad entries: list the first ones, count the rest.
+  let badEntries = 0;
+  const badEntry = (i: number, message: string): void => {
+    if (++badEntries <= MAX_LISTED_BAT_PROBLEMS) fail(`bat[${i}]`, message);
+  };
   for (let i = 0; i < entries; i++) {
     const entry = bat[i];
     if (entry === UNALLOCATED) continue;
@@ -229,11 +248,11 @@ async function walk(
     const end = start + bitmapBytes + Math.ceil(within / 512) * 512;
     const hit = regions.find(([from, to]) => start < to && from < end);
     if (hit) {
-      fail(`bat[${i}]`, `BAT entry ${i} (sector ${entry}) points inside the image's metadata (${hit[2]}, bytes ${hit[0]}-${hit[1]})`);
+      badEntry(i, `BAT entry ${i} (sector ${entry}) points inside the image's metadata (${hit[2]}, bytes ${hit[0]}-${hit[1]})`);
       continue;
     }
     if (end > footerOffset) {
-      fail(`bat[${i}]`, `BAT entry ${i} (sector ${entry}) points past the end of the file: its block ends at ${end}, the footer is at ${footerOffset}`);
+      badEntry(i, `BAT entry ${i} (sector ${entry}) points past the end of the file: its block ends at ${end}, the footer is at ${footerOffset}`);
       continue;
     }
     blocks.push([start, start + bitmapBytes + blockSize, i]);
@@ -242,9 +261,11 @@ async function walk(
   blocks.sort((a, b) => a[0] - b[0]);
   for (let k = 1; k < blocks.length; k++) {
     if (blocks[k][0] < blocks[k - 1][1]) {
-      fail(`bat[${blocks[k][2]}]`, `BAT entries ${blocks[k - 1][2]} and ${blocks[k][2]} point to overlapping blocks (sectors ${blocks[k - 1][0] / 512} and ${blocks[k][0] / 512})`);
+      badEntry(blocks[k][2], `BAT entries ${blocks[k - 1][2]} and ${blocks[k][2]} point to overlapping blocks (sectors ${blocks[k - 1][0] / 512} and ${blocks[k][0] / 512})`);
     }
   }
+  if (badEntries > MAX_LISTED_BAT_PROBLEMS) fail('bat', `${badEntries - MAX_LISTED_BAT_PROBLEMS} more BAT entries are bad (only the first ${MAX_LISTED_BAT_PROBLEMS} are listed)`);
+  base.blocks = blocks.length;
   base.dataEnd = Math.ceil(dataEnd / 512) * 512;
   return base;
 }

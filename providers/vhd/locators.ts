@@ -9,11 +9,10 @@
  * anything from data space.
  */
 import * as path from 'node:path';
+import { DEFAULT_LIMITS, LimitError, raiseHint, type Limits } from '../../core/limits';
 import type { Provider } from '../../core/provider';
 import type { DynamicHeader, Locator } from './header';
 
-/** A locator's payload is a path: a few KiB at most. */
-const MAX_LOCATOR_BYTES = 64 * 1024;
 
 export interface ParentCandidate {
   /** Where the name came from: 'W2ru', 'W2ku', 'MacX', 'parent name'. */
@@ -44,11 +43,11 @@ export function macUrlToLocal(text: string): string {
 }
 
 /** The names to try for the parent, best first: relative locators, MacX, absolute, the header's name. */
-export async function parentCandidates(lower: Provider, header: DynamicHeader, fileEnd: number): Promise<ParentCandidate[]> {
+export async function parentCandidates(lower: Provider, header: DynamicHeader, fileEnd: number, limits: Limits = DEFAULT_LIMITS): Promise<ParentCandidate[]> {
   const byCode = new Map<string, string[]>();
   for (const l of header.locators) {
     if (!['W2ru', 'W2ku', 'MacX'].includes(l.code)) continue;
-    const text = await readLocator(lower, l, fileEnd);
+    const text = await readLocator(lower, l, fileEnd, limits);
     if (!text) continue;
     const name = l.code === 'MacX' ? macUrlToLocal(text) : windowsPathToLocal(text);
     if (!name) continue;
@@ -67,8 +66,13 @@ export async function parentCandidates(lower: Provider, header: DynamicHeader, f
   return out;
 }
 
-async function readLocator(lower: Provider, l: Locator, fileEnd: number): Promise<string | undefined> {
-  if (l.dataLength === 0 || l.dataLength > MAX_LOCATOR_BYTES) return undefined;
+async function readLocator(lower: Provider, l: Locator, fileEnd: number, limits: Limits): Promise<string | undefined> {
+  // A locator's payload is a path: a few hundred bytes. A huge one is refused, not skipped.
+  const max = limits.get('locator-size');
+  if (l.dataLength > max) {
+    throw new LimitError('locator-size', 'parent locator', `vhd: parent locator ${l.code} of ${l.dataLength} bytes is larger than the ${max}-byte limit (${raiseHint('locator-size')})`);
+  }
+  if (l.dataLength === 0) return undefined;
   if (l.dataOffset < 512 || l.dataOffset + l.dataLength > fileEnd) return undefined;
   const buf = Buffer.alloc(l.dataLength);
   await lower.read(buf, l.dataOffset);

@@ -8,6 +8,7 @@
  * BAT and bitmap updates to the next flush; `allocator` comments explain the order that
  * keeps a killed writer's image openable and every flushed write readable.
  */
+import * as path from 'node:path';
 import { BlockError, CorruptImageError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
@@ -18,11 +19,14 @@ import { DiskType, diskTypeName, FOOTER_SIZE, isFooterCookie, LEGACY_FOOTER_SIZE
 import { HEADER_COOKIE } from './header';
 import { loadLayout, UNALLOCATED, type VhdLayout } from './layout';
 import { parentCandidates } from './locators';
+import { checkVhd, vhdReferences } from './inspect';
 import { Mutex } from './mutex';
 import { sameUuid, uuidText } from './uuid';
 
 /** Largest buffer used to write zeros when the lower provider cannot zero natively. */
 const ZERO_CHUNK = 1 << 20;
+/** Bytes of clean sector bitmaps kept in memory (8192 bitmaps of 2 MiB blocks; fewer for larger blocks). */
+const BITMAP_CACHE_BYTES = 4 * 1024 * 1024;
 /** extents() answers at most this many runs per call (it may stop early). */
 const MAX_EXTENT_RUNS = 4096;
 
@@ -41,6 +45,8 @@ export function probeVhd({ head, tail }: { head: Uint8Array; tail: Uint8Array })
   // The footer is at the end: after formats recognised by their first bytes.
   probePriority: -10,
   options: ['ignore-parent-uuid'],
+  references: vhdReferences,
+  check: checkVhd,
 })
 export class VhdProvider implements Provider {
   readonly name = 'vhd';
@@ -56,11 +62,19 @@ export class VhdProvider implements Provider {
   private readOnly: boolean;
   private batmapCleared = false;
   private closed = false;
+  /**
+   * Whether the container can grow: a file does when written past its end; a RAM disk or
+   * any other fixed-size source cannot, and then only blocks already allocated are written
+   * (a new block is refused with ENOSPC and zeroing keeps blocks instead of freeing them).
+   */
+  private readonly lowerGrows: boolean;
 
   constructor(private readonly request: OpenRequest) {
     if (!request.lower) throw new BlockError('EINVAL', `vhd needs an image to read (vhd:/path/disk.vhd) in spec '${request.spec}'`);
     this.lower = request.lower;
     this.readOnly = request.readOnly || request.lower.info().readOnly;
+    const where = request.lower.location;
+    this.lowerGrows = !!where && path.isAbsolute(where);
   }
 
   get location(): string | undefined {
@@ -81,17 +95,20 @@ export class VhdProvider implements Provider {
   }
 
   async open(): Promise<void> {
-    this.layout = await loadLayout(this.lower, this.where, { warn: (m) => this.request.warn(`${this.where}: ${m}`) });
+    const { limits, memory } = this.request;
+    this.layout = await loadLayout(this.lower, this.where, { warn: (m) => this.request.warn(`${this.where}: ${m}`), limits, memory });
     const { footer, header } = this.layout;
     if (footer.savedState && !this.readOnly) {
       throw new BlockError('EROFS', `${this.where} holds a saved VM state (footer 'saved state' is set): it may be opened read-only only`);
     }
     if (footer.diskType === DiskType.Fixed) return;
     this.bat = this.layout.bat!;
+    const cachedBitmaps = Math.max(1, Math.floor(BITMAP_CACHE_BYTES / this.layout.bitmapBytes));
+    memory.reserve(cachedBitmaps * this.layout.bitmapBytes, `${this.where}: bitmap cache`);
     this.bitmaps = new BitmapCache(this.lower, this.layout.bitmapBytes, (block) => {
       const entry = this.bat[block];
       return entry === UNALLOCATED ? undefined : entry;
-    });
+    }, cachedBitmaps);
     this.nextBlockAt = Math.max(this.layout.dataEnd, Math.ceil(this.layout.footerOffset / 512) * 512);
     if (footer.diskType === DiskType.Differencing) await this.openParent(header!);
     if (this.layout.footerFromCopy && !this.readOnly) {
@@ -102,7 +119,7 @@ export class VhdProvider implements Provider {
   }
 
   private async openParent(header: NonNullable<VhdLayout['header']>): Promise<void> {
-    const candidates = await parentCandidates(this.lower, header, this.layout.footerOffset);
+    const candidates = await parentCandidates(this.lower, header, this.layout.footerOffset, this.request.limits);
     if (candidates.length === 0) {
       throw new CorruptImageError('parent locator', `${this.where} is a differencing image but names no parent (no usable locator, empty parent name)`);
     }
@@ -214,8 +231,34 @@ export class VhdProvider implements Provider {
       sectors.set(data, within - first * 512);
     }
     const entry = await this.ensureBlock(block);
-    await this.writeLower(sectors, entry * 512 + this.layout.bitmapBytes + first * 512);
-    await this.markPresent(block, first, last - first, true);
+    if (this.type === DiskType.Dynamic) {
+      // Dynamic: bits before data, so a bit-0 sector never holds data (see bitsBeforeData).
+      await this.bitsBeforeData(block, entry, first, last - first);
+      await this.writeLower(sectors, entry * 512 + this.layout.bitmapBytes + first * 512);
+    } else {
+      // Differencing: data before bits, so a set bit never hides the parent behind bytes not yet written.
+      await this.writeLower(sectors, entry * 512 + this.layout.bitmapBytes + first * 512);
+      await this.markPresent(block, first, last - first, true);
+    }
+  }
+
+  /**
+   * In a dynamic image a sector whose bit is 0 must hold zeros on disk (readers that ignore
+   * the bitmap, like qemu, read the data area; 7-Zip reports a data error otherwise). The
+   * bytes under a bit-0 sector are zeros, so setting the bit first changes nothing a reader
+   * sees; the data written after it is then covered whether or not it reaches the disk.
+   * Blocks we allocate have every bit set from the start (their data area is a hole), so
+   * this costs a bitmap write and a flush only for blocks other producers left partly set.
+   */
+  private async bitsBeforeData(block: number, entry: number, first: number, count: number): Promise<void> {
+    const map = await this.bitmaps.get(block);
+    let missing = false;
+    for (let s = first; s < first + count && !missing; s++) missing = !testBit(map, s);
+    if (!missing) return;
+    setBits(map, first, count, true);
+    if (this.bitmaps.dirty.has(block)) return; // not on disk yet: the flush writes it before the BAT entry
+    await this.writeLower(map, entry * 512);
+    await this.lower.flush?.();
   }
 
   private async readEdge(sectors: Uint8Array, base: number, first: number, last: number, within: number, length: number): Promise<void> {
@@ -245,11 +288,16 @@ export class VhdProvider implements Provider {
     const at = this.nextBlockAt;
     const end = at + this.layout.bitmapBytes + this.blockSize;
     if (end / 512 > 0xfffffffe) throw new BlockError('EFBIG', `${this.where}: a new block at ${at} would lie past what a BAT entry can address`);
+    if (!this.lowerGrows && end + FOOTER_SIZE > this.lower.info().size) {
+      throw new BlockError('ENOSPC', `${this.where}: block ${block} is not allocated and the ${this.lower.name} container cannot grow to hold it (only a file can)`);
+    }
     await this.writeLower(this.footerBytes(), end);
     this.nextBlockAt = end;
     this.bat[block] = at / 512;
     this.dirtyBat.add(block);
-    this.bitmaps.install(block, new Uint8Array(this.layout.bitmapBytes));
+    // Dynamic: every bit set (the data area is a hole, so unwritten sectors read as zeros
+    // either way); differencing: no bit set, the parent shows through until written.
+    this.bitmaps.install(block, new Uint8Array(this.layout.bitmapBytes).fill(this.type === DiskType.Dynamic ? 0xff : 0));
     return at / 512;
   }
 
@@ -349,7 +397,7 @@ export class VhdProvider implements Provider {
     });
   }
 
-  /** Dynamic: whole blocks are freed, partly covered ones lose their sectors (bit 0, zeros on disk). */
+  /** Dynamic: whole blocks are freed (on a file), partly covered ones get zeros in place. */
   private async zeroDynamic(offset: number, length: number): Promise<void> {
     const pieces: Array<[number, number, number]> = [];
     this.forEachBlock(offset, length, (block, within, n) => pieces.push([block, within, n]));
@@ -357,25 +405,19 @@ export class VhdProvider implements Provider {
       const entry = this.bat[block];
       if (entry === UNALLOCATED) continue;
       const blockBytes = Math.min(this.blockSize, this.info().size - block * this.blockSize);
-      if (within === 0 && n >= blockBytes) {
+      if (within === 0 && n >= blockBytes && this.lowerGrows) {
         // Free it: the BAT entry changes at the next flush; until then the old entry points
         // at a block whose bitmap is zeroed here, which reads as zeros too.
         this.bat[block] = UNALLOCATED;
         this.dirtyBat.add(block);
         this.bitmaps.forget(block);
-        await this.zeroLowerRange(entry * 512, this.layout.bitmapBytes + Math.ceil(blockBytes / 512) * 512, true);
+        // Data first, then the bitmap: a bit-0 sector never holds data, even after a crash.
+        await this.zeroLowerRange(entry * 512 + this.layout.bitmapBytes, Math.ceil(blockBytes / 512) * 512, true);
+        await this.zeroLowerRange(entry * 512, this.layout.bitmapBytes, true);
         continue;
       }
-      const dataAt = entry * 512 + this.layout.bitmapBytes;
-      const span = sectorSpan(within, n);
-      // Bytes of partly covered sectors are zeroed in place (a bit-0 sector already reads as zeros).
-      for (const [from, to] of span.edges) {
-        if (await this.sectorPresent(block, Math.floor(from / 512))) await this.zeroLowerRange(dataAt + from, to - from, false);
-      }
-      if (span.last > span.first) {
-        await this.zeroLowerRange(dataAt + span.first * 512, (span.last - span.first) * 512, true);
-        await this.markPresent(block, span.first, span.last - span.first, false);
-      }
+      // Zeros in place; the bits stay as they are (a zero sector reads as zeros whatever its bit).
+      await this.zeroLowerRange(entry * 512 + this.layout.bitmapBytes + within, n, true);
     }
   }
 

@@ -21,10 +21,19 @@ export interface Faults {
   stallMs: number;
   /** Answer 200 with the whole object to ranged GETs. */
   ignoreRange: boolean;
-  /** Answer 405 to HEAD. */
+  /** Answer HEAD with this status (405; 403 as S3 does for a URL presigned for GET). */
   refuseHead: boolean;
+  refuseHeadStatus?: number;
+  /** Answer 403 unless the query string holds this `name=value` (a presigned URL's signature). */
+  requireQuery?: string;
+  /** Answer ranged GETs with a Content-Range one byte off from what was asked. */
+  lieAboutRange: boolean;
   /** Require this `user:password` as Basic credentials. */
   basicAuth?: string;
+  /** Cut the next N ranged answers off after half their body (headers promise it all). */
+  truncate: number;
+  /** What identifies an object's version: a strong ETag (default), a weak one, Last-Modified only, or nothing. */
+  validator: 'etag' | 'weak-etag' | 'last-modified' | 'none';
 }
 
 export interface LoggedRequest {
@@ -33,10 +42,15 @@ export interface LoggedRequest {
   range?: string;
   ifMatch?: string;
   authorization?: string;
+  headers: http.IncomingHttpHeaders;
 }
 
 export class FaultServer {
-  readonly objects = new Map<string, { data: Buffer; etag: string }>();
+  readonly objects = new Map<string, { data: Buffer; etag: string; lastModified: string }>();
+  /** Requests being answered now, and the most seen at once. */
+  inFlight = 0;
+  maxInFlight = 0;
+  private puts = 0;
   /** path → Location: answered 302. */
   readonly redirects = new Map<string, string>();
   readonly log: LoggedRequest[] = [];
@@ -47,13 +61,15 @@ export class FaultServer {
   base = '';
 
   static noFaults(): Faults {
-    return { drop: 0, unavailable: 0, unavailableStatus: 503, stall: 0, stallMs: 0, ignoreRange: false, refuseHead: false };
+    return { drop: 0, unavailable: 0, unavailableStatus: 503, stall: 0, stallMs: 0, ignoreRange: false, refuseHead: false, lieAboutRange: false, truncate: 0, validator: 'etag' };
   }
 
   /** Puts (or replaces) an object; a replaced one gets a new ETag, as on a real server. */
   put(path: string, data: Buffer): void {
     const etag = `"${crypto.createHash('sha1').update(data).update(String(Math.random())).digest('hex').slice(0, 16)}"`;
-    this.objects.set(path, { data, etag });
+    // Whole seconds apart, so a replaced object always has a later Last-Modified.
+    const lastModified = new Date(Date.UTC(2024, 0, 1) + ++this.puts * 1000).toUTCString();
+    this.objects.set(path, { data, etag, lastModified });
   }
 
   async start(tls?: { key: string; cert: string }): Promise<this> {
@@ -72,8 +88,11 @@ export class FaultServer {
   }
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    this.inFlight++;
+    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+    res.once('close', () => this.inFlight--);
     const path = (req.url ?? '/').split('?')[0];
-    this.log.push({ method: req.method ?? '', path, range: req.headers.range, ifMatch: req.headers['if-match'] as string | undefined, authorization: req.headers.authorization });
+    this.log.push({ method: req.method ?? '', path, range: req.headers.range, ifMatch: req.headers['if-match'] as string | undefined, authorization: req.headers.authorization, headers: req.headers });
     const f = this.faults;
     if (f.drop > 0) {
       f.drop--;
@@ -96,6 +115,10 @@ export class FaultServer {
       res.writeHead(401, { 'www-authenticate': 'Basic realm="t"' }).end();
       return;
     }
+    if (f.requireQuery && !new URLSearchParams((req.url ?? '').split('?')[1] ?? '').toString().split('&').includes(f.requireQuery)) {
+      res.writeHead(403).end('SignatureDoesNotMatch');
+      return;
+    }
     const redirect = this.redirects.get(path);
     if (redirect) {
       res.writeHead(302, { location: redirect }).end();
@@ -106,14 +129,22 @@ export class FaultServer {
       res.writeHead(404).end('not found');
       return;
     }
-    const common = { etag: object.etag, 'content-type': 'application/octet-stream' };
+    const common: Record<string, string> = { 'content-type': 'application/octet-stream' };
+    if (f.validator === 'etag') common.etag = object.etag;
+    if (f.validator === 'weak-etag') common.etag = `W/${object.etag}`;
+    if (f.validator === 'etag' || f.validator === 'last-modified') common['last-modified'] = object.lastModified;
     if (req.method === 'HEAD') {
-      if (f.refuseHead) res.writeHead(405).end();
+      if (f.refuseHead) res.writeHead(f.refuseHeadStatus ?? 405).end();
       else res.writeHead(200, { ...common, 'content-length': object.data.length, ...(f.ignoreRange ? {} : { 'accept-ranges': 'bytes' }) }).end();
       return;
     }
     const ifMatch = req.headers['if-match'];
     if (ifMatch && ifMatch !== object.etag && ifMatch !== '*') {
+      res.writeHead(412, common).end();
+      return;
+    }
+    const ifUnmodifiedSince = req.headers['if-unmodified-since'];
+    if (ifUnmodifiedSince && Date.parse(object.lastModified) > Date.parse(ifUnmodifiedSince)) {
       res.writeHead(412, common).end();
       return;
     }
@@ -128,7 +159,13 @@ export class FaultServer {
       res.writeHead(416, { ...common, 'content-range': `bytes */${object.data.length}` }).end();
       return;
     }
-    res.writeHead(206, { ...common, 'content-length': end - start + 1, 'content-range': `bytes ${start}-${end}/${object.data.length}` });
+    const shift = f.lieAboutRange ? 1 : 0;
+    res.writeHead(206, { ...common, 'content-length': end - start + 1, 'content-range': `bytes ${start + shift}-${end + shift}/${object.data.length}` });
+    if (f.truncate > 0) {
+      f.truncate--;
+      res.write(object.data.subarray(start, start + Math.floor((end - start + 1) / 2)), () => res.destroy());
+      return;
+    }
     res.end(object.data.subarray(start, end + 1));
   }
 

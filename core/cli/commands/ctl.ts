@@ -17,7 +17,7 @@ async function call(command: Command, request: ControlRequest): Promise<unknown>
 const print = (value: unknown) => process.stdout.write(`${typeof value === 'string' ? value : JSON.stringify(value, null, 2)}\n`);
 
 function summaryLine(d: DeviceSummary): string {
-  const exports = d.exports.map((e) => `${e.kind}:${e.target}`).join(' ') || '-';
+  const exports = d.exports.map((e) => `${e.kind}:${e.target}${e.device ? ` (${e.device})` : ''}`).join(' ') || '-';
   return `${d.id.padEnd(4)} ${d.state.padEnd(8)} ${formatSize(d.size).padEnd(10)} ${d.spec}  exports: ${exports}  ops: ${d.counters.operations} errors: ${d.counters.errors}`;
 }
 

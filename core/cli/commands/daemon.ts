@@ -1,11 +1,23 @@
 /** `tapkit daemon [--config FILE] [--control PATH] [--metrics HOST:PORT]`: the long-running service. */
 import type { Command } from 'commander';
 import { runDaemon } from '../../daemon/daemon';
+// Contributes the `snapshot` control operation (live VHD snapshots).
+import '../../daemon/snapshot';
+import '../../nbd/daemon-export'; // registers the nbd export kind
+import '../../fuse/daemon-export'; // registers the fuse export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
 import '../../ring/export'; // the `xen` export kind
 
+/** Threads for the libuv pool: FUSE mounts keep reads of /dev/fuse waiting on it (core/fuse/export.ts). */
+const DAEMON_THREADPOOL = 128;
+
 export function register(program: Command): void {
+  // Before the program's preAction hook (plugins loaded as ES modules start the pool),
+  // since the pool's size is fixed when it starts.
+  program.hook('preSubcommand', (_program, sub) => {
+    if (sub.name() === 'daemon') process.env.UV_THREADPOOL_SIZE ??= String(DAEMON_THREADPOOL);
+  });
   program
     .command('daemon')
     .description('host many devices and their exports in one process, managed with `tapkit ctl`')

@@ -10,15 +10,14 @@
  * socket in /run/tapkit/fuse, keyed by the mount point).
  */
 import * as fs from 'node:fs';
-import type * as net from 'node:net';
-import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BlockError } from '../../errors';
 import { Vbd } from '../../vbd';
-import { DEFAULT_READERS, FUSE_FSTYPE, FuseExport } from '../../fuse/export';
-import { listenControl, readState, removeState, sendControl, writeState, type MountState } from '../../fuse/control';
-import { attachLoop, detachLoop, loopsBackedBy } from '../../fuse/loop';
-import { abortConnection, connectionOf, findMount } from '../../fuse/mounts';
+import { DEFAULT_READERS, FUSE_FSTYPE } from '../../fuse/export';
+import { readState, removeState, sendControl, type MountState } from '../../fuse/control';
+import { detachLoop, loopsBackedBy } from '../../fuse/loop';
+import { ServedMount } from '../../fuse/served';
+import { abortConnection, connectionOf, findMount, resolveMountpoint } from '../../fuse/mounts';
 import { MOUNT_EBUSY, umount2 } from '../../../native/mount';
 import type { NativeError } from '../../../native/libc';
 import { addOpenOptions, describeError, openerFor, UsageError, type OpenCliOptions } from '../context';
@@ -29,10 +28,13 @@ interface MountCliOptions extends OpenCliOptions {
   allowOther?: boolean;
 }
 
-/** How long shutdown waits for the VBD flush before unmounting anyway. */
-const SHUTDOWN_FLUSH_MS = 60_000;
-
 export function register(program: Command): void {
+  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
+  // provider's own file I/O. Set before the program's preAction hook (plugins loaded as
+  // ES modules start the pool), since the pool's size is fixed when it starts.
+  program.hook('preSubcommand', (_program, sub) => {
+    if (sub.name() === 'mount') process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
+  });
   addOpenOptions(
     program
       .command('mount')
@@ -54,31 +56,25 @@ export function register(program: Command): void {
 }
 
 async function serve(spec: string, mountpointArg: string, options: MountCliOptions): Promise<void> {
-  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
-  // provider's own file I/O. Must be set before the pool starts (on first use).
-  process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
   const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
   const mountpoint = resolveMountpoint(mountpointArg);
   if (findMount(mountpoint)?.fstype === FUSE_FSTYPE) throw new UsageError(`${mountpoint} is already a tapkit mount (tapkit unmount ${mountpoint})`);
   if (!fs.existsSync(mountpoint)) throw new UsageError(`mount point ${mountpointArg} does not exist`);
 
   const vbd = new Vbd(await openerFor(options).open(spec), { name: spec, readOnly: !!options.readOnly });
-  let exported: FuseExport;
+  let served: ServedMount;
   try {
-    exported = await FuseExport.mount(vbd, { mountpoint, name: options.name, readOnly: !!options.readOnly, allowOther: !!options.allowOther, log: (m) => log(`fuse: ${m}`) });
+    served = await ServedMount.start(vbd, { spec, mountpoint, name: options.name, readOnly: !!options.readOnly, allowOther: !!options.allowOther, loop: !!options.loop, log: (m) => log(`fuse: ${m}`) });
   } catch (e) {
     await vbd.close().catch(() => {});
     throw e;
   }
-  const state: MountState = { pid: process.pid, mountpoint, file: exported.file, spec, connection: exported.connection };
-  let control: net.Server | undefined;
-  let shuttingDown = false;
 
   // Whatever goes wrong from here on, users of the file get errors, never a hang.
   const die = (e: unknown) => {
     log(`fatal: ${describeError(e)}; aborting the FUSE connection of ${mountpoint}`);
     try {
-      exported.abort();
+      served.abort();
     } catch (abortError) {
       log(describeError(abortError));
     }
@@ -86,48 +82,18 @@ async function serve(spec: string, mountpointArg: string, options: MountCliOptio
   };
   process.on('uncaughtException', die);
   process.on('unhandledRejection', die);
-
-  const shutdown = async (why: string) => {
-    if (shuttingDown) return;
-    shuttingDown = true;
+  const shutdown = (why: string) => {
     log(`${why}: unmounting ${mountpoint}`);
-    if (state.loop) {
-      await detachLoop(state.loop, exported.file).catch((e) => log(describeError(e)));
-    }
-    await Promise.race([exported.flush(), new Promise((_, reject) => setTimeout(() => reject(new BlockError('ETIMEDOUT', 'flush took too long')), SHUTDOWN_FLUSH_MS).unref())]).catch((e) =>
-      log(`flush before unmount failed: ${describeError(e)}`),
-    );
-    if (!exported.unmount()) {
-      // Still in use: abort so nothing waits on a server that is leaving.
-      log(`${mountpoint} is still in use; aborting its FUSE connection (clean up with: tapkit unmount ${mountpoint})`);
-      process.exitCode = 1;
-      exported.abort();
-    }
+    void served.stop().then((clean) => {
+      if (!clean) process.exitCode = 1;
+    });
   };
-  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => void shutdown(signal));
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => shutdown(signal));
 
-  try {
-    writeState(state);
-    control = await listenControl(mountpoint, { flush: () => exported.flush(), status: () => state });
-    if (options.loop) {
-      const loop = await attachLoop(exported.file, { readOnly: !!options.readOnly || vbd.info().readOnly });
-      state.loop = loop.device;
-      writeState(state);
-      if (!loop.directIo) log(`${loop.device} does buffered I/O on ${exported.file} (direct I/O was refused)`);
-    }
-  } catch (e) {
-    log(describeError(e));
-    process.exitCode = 1;
-    await shutdown('setup failed');
-  }
-  if (!shuttingDown) {
-    process.stdout.write(`${exported.file}\n`);
-    if (state.loop) process.stdout.write(`${state.loop}\n`);
-  }
+  process.stdout.write(`${served.file}\n`);
+  if (served.loop) process.stdout.write(`${served.loop}\n`);
 
-  await exported.ended;
-  control?.close();
-  removeState(mountpoint);
+  await served.ended;
   await vbd.close().catch((e) => {
     log(`closing the disk failed: ${describeError(e)}`);
     process.exitCode = 1;
@@ -155,6 +121,9 @@ async function unmount(mountpointArg: string): Promise<void> {
     log(`${describeError(e)}; aborting the FUSE connection`);
     abortConnection(connectionOf(entry));
   }
+  if (server?.daemonDevice !== undefined) {
+    throw new UsageError(`${mountpoint} is served by tapkit daemon (pid ${server.pid}) as device ${server.daemonDevice}: end it with tapkit ctl destroy ${server.daemonDevice}`);
+  }
 
   const prefix = `${mountpoint}/`;
   for (const { device, file } of loopsBackedBy({ under: prefix })) {
@@ -169,19 +138,6 @@ async function unmount(mountpointArg: string): Promise<void> {
   }
   if (server) await waitForExit(server.pid, 10_000);
   else removeState(mountpoint);
-}
-
-/**
- * The absolute mount point with its parent's symlinks resolved. Only the parent: a stat of
- * a mount itself fails when its server is dead and waits forever when it is stopped.
- */
-function resolveMountpoint(arg: string): string {
-  const absolute = path.resolve(arg);
-  try {
-    return path.join(fs.realpathSync(path.dirname(absolute)), path.basename(absolute));
-  } catch {
-    return absolute;
-  }
 }
 
 function alive(pid: number): boolean {

@@ -14,6 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { NbdServer, type NbdExport } from '../../nbd';
+import { parseHostPort as parseAddress, tcpUri, unixUri } from '../../nbd/uri';
 import { formatSize, parseSize } from '../../size';
 import { Vbd } from '../../vbd';
 import { addOpenOptions, openerFor, UsageError, type OpenCliOptions } from '../context';
@@ -161,25 +162,15 @@ export function parseExportArg(arg: string): { name: string; spec: string } {
 
 /** `HOST:PORT`, `[v6]:PORT`, or `:PORT` (all addresses). */
 export function parseHostPort(text: string): { host: string; port: number } {
-  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
-  const port = m ? Number(m[3]) : NaN;
-  if (!m || port > 65535) throw new UsageError(`--listen expects HOST:PORT (got '${text}')`);
-  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+  const address = parseAddress(text);
+  if (!address) throw new UsageError(`--listen expects HOST:PORT (got '${text}')`);
+  return address;
 }
 
 export function defaultSocketPath(): string {
   const runtime = process.env.XDG_RUNTIME_DIR;
   if (runtime) return path.join(runtime, 'tapkit', 'nbd.sock');
   return path.join(os.tmpdir(), `tapkit-${process.getuid?.() ?? 'user'}`, 'nbd.sock');
-}
-
-function unixUri(name: string, socket: string, tls: boolean): string {
-  return `nbd${tls ? 's' : ''}+unix:///${encodeURIComponent(name)}?socket=${socket}`;
-}
-
-function tcpUri(name: string, host: string, port: number, tls: boolean): string {
-  const shown = host === '0.0.0.0' || host === '::' ? os.hostname() : host.includes(':') ? `[${host}]` : host;
-  return `nbd${tls ? 's' : ''}://${shown}:${port}/${encodeURIComponent(name)}`;
 }
 
 /** Resolves on the first SIGINT/SIGTERM; a second SIGINT ends the process at once. */

@@ -13,7 +13,8 @@ import type { Command } from 'commander';
 import { parseSize, formatSize } from '../../size';
 import { checkImage } from '../../../providers/vhd/check';
 import { coalesceChild } from '../../../providers/vhd/coalesce';
-import { createChild, createImage } from '../../../providers/vhd/create';
+import { createImage } from '../../../providers/vhd/create';
+import { snapshotOpenVhd } from '../../../providers/vhd/snapshot';
 import { diskTypeName, DiskType } from '../../../providers/vhd/footer';
 import { VhdProvider } from '../../../providers/vhd/provider';
 import { resizeImage } from '../../../providers/vhd/resize';
@@ -46,15 +47,10 @@ export function register(program: Command): void {
       .description('create a differencing child of a VHD'),
   ).action(async (child: string, options: OpenCliOptions & { parent: string; blockSize?: string }) => {
     await withProvider(options.parent, { ...options, readOnly: true }, async (parent) => {
-      const vhdParent = asVhd(parent, options.parent);
-      const parentPath = vhdParent.location;
-      if (!parentPath || /^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(parentPath)) throw new UsageError(`the parent ${options.parent} must be a local file`);
-      createChild(child, {
-        path: parentPath,
-        uniqueId: vhdParent.uniqueId,
-        size: vhdParent.info().size,
-        blockSize: vhdParent.type === DiskType.Fixed ? undefined : vhdParent.blockSize,
-      }, options.blockSize ? parseSize(options.blockSize, '--block-size') : undefined);
+      const made = await snapshotOpenVhd(asVhd(parent, options.parent), child, {
+        blockSize: options.blockSize ? parseSize(options.blockSize, '--block-size') : undefined,
+      });
+      const parentPath = made.parent;
       process.stdout.write(`created differencing VHD ${child} over ${path.relative(path.dirname(path.resolve(child)), parentPath) || parentPath}\n`);
     });
   });
