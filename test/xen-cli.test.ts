@@ -25,7 +25,7 @@ test('serve, attach, a frontend, detach, SIGTERM: the vbd is served from its par
     clearTimeout(killer);
     serve.kill('SIGKILL');
   });
-  for (let i = 0; i < 400 && !log.includes('serving'); i++) await new Promise((r) => setTimeout(r, 50));
+  for (let i = 0; i < 1200 && !log.includes('serving'); i++) await new Promise((r) => setTimeout(r, 50));
   t.regex(log, /tapkit xen: serving sim:/);
 
   const attach = await runCli(['xen', 'attach', '--platform', `sim:${dir}`, '--domid', '3', '--devid', '51728', `raw:${image}`]);
@@ -44,7 +44,7 @@ test('serve, attach, a frontend, detach, SIGTERM: the vbd is served from its par
   const detach = await runCli(['xen', 'detach', '--platform', `sim:${dir}`, '--domid', '3', '--devid', '51728', '--timeout', '20']);
   t.is(detach.code, 0, detach.stderr);
   t.is(detach.stderr, '', 'the backend reached Closed in time');
-  for (let i = 0; i < 200 && !/vbd 3\/51728: ended/.test(log); i++) await new Promise((r) => setTimeout(r, 50));
+  for (let i = 0; i < 600 && !/vbd 3\/51728: ended/.test(log); i++) await new Promise((r) => setTimeout(r, 50));
   t.regex(log, /vbd 3\/51728: ended/);
 
   serve.kill('SIGTERM');

@@ -12,7 +12,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { SimPlatform } from '../core/ring/sim/platform';
-import { MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
+import { MAX_BACKLOG, MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
 import { encodeMessage, MessageReader, nulTerminated, splitArgs, XS, type XsMessage } from '../core/ring/sim/xs-wire';
 import { tempDir } from './xen/harness';
 
@@ -64,7 +64,7 @@ class Wire {
   }
 
   /** Waits (bounded) until `n` messages have arrived, or the connection closed. */
-  async waitFor(n: number, timeoutMs = 5000): Promise<XsMessage[]> {
+  async waitFor(n: number, timeoutMs = 30_000): Promise<XsMessage[]> {
     const deadline = Date.now() + timeoutMs;
     while (this.received.length < n && !this.closed && Date.now() < deadline) {
       await new Promise<void>((r) => {
@@ -107,14 +107,15 @@ test('xenstore-watch sees the watch fire once when set and then on a change belo
   const { env, sim } = await platform(t);
   await sim.store.write('/w/x', '1');
   const child = spawn('xenstore-watch', ['-n', '2', '/w'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
   t.teardown(() => {
     clearTimeout(timer);
     child.kill('SIGKILL');
   });
   let out = '';
   child.stdout.on('data', (d) => (out += d));
-  while (!out.includes('/w')) await new Promise((r) => setTimeout(r, 20));
+  for (const deadline = Date.now() + 30_000; !out.includes('/w') && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+  t.regex(out, /\/w/, 'the first event arrived');
   await sim.store.write('/w/x/y', '2');
   const code = await new Promise((r) => child.on('close', r));
   t.is(code, 0);
@@ -207,6 +208,24 @@ test('wire: open transactions and watches are limited per connection (EQUOTA); e
   t.deepEqual(r.args, ['EQUOTA']);
 });
 
+test('wire: a client that watches and never reads is cut off past its backlog; the daemon and other clients go on', async (t) => {
+  const { dir, sim } = await platform(t);
+  const lazy = await Wire.connect(dir);
+  lazy.send(XS.WATCH, nulTerminated('/flood', 'tok'));
+  await lazy.waitFor(2);
+  lazy.socket.pause();
+  const good = await Wire.connect(dir);
+  t.teardown(() => good.close());
+  for (let i = 0; i < (4 * MAX_BACKLOG) / 32 && !lazy.closed; i++) {
+    await sim.store.write(`/flood/n${i}`, 'x');
+    if (i % 1000 === 0) await new Promise((r) => setImmediate(r));
+  }
+  lazy.socket.resume();
+  await lazy.waitFor(1e9, 30_000);
+  t.true(lazy.closed, 'the lazy client was disconnected');
+  t.deepEqual((await good.call(XS.WRITE, Buffer.concat([nulTerminated('/after'), Buffer.from('ok')]))).args, ['OK']);
+});
+
 test('wire: an oversized header closes that connection only; random bytes never take the daemon down', async (t) => {
   const { dir, sim } = await platform(t);
   const good = await Wire.connect(dir);
@@ -261,6 +280,12 @@ const u32 = (n: number) => {
   return b;
 };
 const settle = (ms = 100) => new Promise((r) => setTimeout(r, ms));
+/** Waits (bounded) until `cond` holds; the machine may be slow, so no fixed delays for positive checks. */
+async function until(cond: () => boolean, ms = 30_000): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!cond() && Date.now() < deadline) await settle(20);
+  return cond();
+}
 
 test('evtchn: a bound port carries notifications both ways; unbound ports, port 0 and domain 0 are refused', async (t) => {
   const { dir, sim } = await platform(t);
@@ -272,40 +297,44 @@ test('evtchn: a bound port carries notifications both ways; unbound ports, port 
   const guest = await evtConnect(dir, 5);
   t.teardown(() => guest.socket.destroy());
   guest.socket.write(Buffer.concat([u32(10), u32(11), u32(0)]));
+  t.true(await until(() => heard === 1), 'port 10 heard');
   await settle();
-  t.is(heard, 1, 'port 10 heard; 11 (unbound) and 0 dropped');
+  t.is(heard, 1, 'port 11 (unbound) and port 0 dropped');
   channel.notify();
-  await settle();
+  t.true(await until(() => guest.ports.length > 0));
   t.deepEqual(guest.ports, [10]);
   channel.close();
   guest.socket.write(u32(10));
   await settle();
   t.is(heard, 1, 'nothing after the channel closed');
   const dom0 = await evtConnect(dir, 0);
-  await settle();
-  t.true(dom0.closed(), 'a hello from domain 0 is refused');
+  t.true(await until(() => dom0.closed()), 'a hello from domain 0 is refused');
 });
 
 test('evtchn: a second hello for a domain replaces the first connection; a client that never reads is cut off, others are not', async (t) => {
   const { dir, sim } = await platform(t);
   const first = await evtConnect(dir, 6);
+  // The hub has taken the first hello when a notification reaches it.
+  const probe = sim.events.bind(6, 99, () => undefined);
+  t.true(await until(() => (probe.notify(), first.ports.length > 0)));
+  probe.close();
   const second = await evtConnect(dir, 6);
   t.teardown(() => second.socket.destroy());
-  await settle();
-  t.true(first.closed());
+  t.true(await until(() => first.closed()), 'the older connection of domain 6 was closed');
   t.false(second.closed());
   const channels = Array.from({ length: 1000 }, (_, i) => sim.events.bind(7, i + 1, () => undefined));
   const lazy = await evtConnect(dir, 7);
+  // Wait until the hub knows domain 7 (a notification arrives), then stop reading.
+  t.true(await until(() => (channels[0].notify(), lazy.ports.length > 0)));
   lazy.socket.pause();
   const other = sim.events.bind(6, 1, () => undefined);
-  for (let round = 0; round < 600 && !lazy.closed(); round++) {
+  for (let round = 0; round < 5000 && !lazy.closed(); round++) {
     for (const c of channels) c.notify();
     await new Promise((r) => setImmediate(r));
   }
   lazy.socket.resume();
-  await settle();
-  t.true(lazy.closed(), 'the client with an unread backlog was disconnected');
+  t.true(await until(() => lazy.closed()), 'the client with an unread backlog was disconnected');
   other.notify();
-  await settle();
+  t.true(await until(() => second.ports.length > 0));
   t.deepEqual(second.ports, [1], 'another domain still hears its notifications');
 });

@@ -286,7 +286,7 @@ test.serial('ts: an order-0 ring named by ring-ref0, and an absent protocol (x86
 
 // ---- hostile transport keys and guest files (XENSIM.md settled details 5 and 9) ----------
 
-const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null>, RegExp]> = [
+const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null | ((fe: TsFrontend) => string)>, RegExp]> = [
   ['a ring-ref that is not a number', {}, { 'ring-ref': 'twelve' }, /ring-ref/],
   ['a missing ring-ref', {}, { 'ring-ref': null }, /ring-ref/],
   ['a ring-ref outside the grant table', {}, { 'ring-ref': '4000000' }, /grant/],
@@ -297,6 +297,9 @@ const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null>
   ['a ring-page-order without its ring-refN', { order: 1 }, { 'ring-page-order': '2' }, /ring-ref2/],
   ['an unknown protocol', {}, { protocol: 'arm-abi' }, /protocol/],
   ['more queues than offered', { queues: 2 }, { 'multi-queue-num-queues': '9' }, /multi-queue-num-queues/],
+  // The first queue is mapped and bound before the second fails: both must be undone.
+  ['a second queue whose ring-ref is not granted', { queues: 2 }, { 'queue-1/ring-ref': '3' }, /grant 3/],
+  ['two queues on one event channel', { queues: 2 }, { 'queue-1/event-channel': (f: TsFrontend) => String(f.queues[0].port) }, /already bound/],
 ];
 
 for (const [what, options, override, reason] of hostileKeys) {
@@ -450,7 +453,7 @@ test.serial('ts: a vbd whose params cannot be opened gets an error node and Clos
   await sim.attach(DOMID, DEVID + 16, SPEC);
   await sim.waitForDevice(DOMID, DEVID + 16);
   const be = `/local/domain/0/backend/vbd/${DOMID}/${DEVID}`;
-  for (let i = 0; i < 200 && (await sim.platform.store.read(`${be}/state`)) !== '5'; i++) await new Promise((r) => setTimeout(r, 25));
+  for (const deadline = Date.now() + 30_000; (await sim.platform.store.read(`${be}/state`)) !== '5' && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 25));
   t.is(await sim.platform.store.read(`${be}/state`), '5');
   t.regex((await sim.platform.store.read(`${be}/error`)) ?? '', /cannot open 'raw:\/nonexistent\/disk.img'/);
   const fe = await TsFrontend.open(sim.dir, DOMID, DEVID + 16);
@@ -468,13 +471,13 @@ test.serial('ts: hot-unplug (online=0) asks a connected frontend to close; the d
   await fe.writeAndRead(0, 2, 1);
   const client = await XsClient.connect(path.join(sim.dir, 'xenstored.sock'));
   t.teardown(() => client.close());
-  const detached = detach(client, DOMID, DEVID, 20_000);
+  const detached = detach(client, DOMID, DEVID, 60_000);
   await fe.waitBackend(XenbusState.Closing);
   await fe.setState(XenbusState.Closed);
   t.true(await detached, 'the backend reached Closed');
   t.is(await client.read(fe.be + '/state'), undefined);
   t.is(await client.read(fe.fe + '/state'), undefined);
-  for (let i = 0; i < 100 && sim.backend.active.size > 0; i++) await new Promise((r) => setTimeout(r, 20));
+  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
   t.is(sim.backend.active.size, 0);
   // The same vbd may be attached again and serves.
   await sim.attach(DOMID, DEVID, 'memory:8M');

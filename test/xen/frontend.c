@@ -91,7 +91,7 @@ _Static_assert(sizeof(blkif_response_t) == 16, "x86_64 response");
 #define PAGE 4096
 #define MEM_PAGES 8192   /* 32 MiB of guest memory */
 #define GNT_ENTRIES 16384
-#define TIMEOUT_MS 20000
+#define TIMEOUT_MS 60000
 #define MAX_QUEUES 4
 
 static void fail(const char *fmt, ...)

@@ -113,7 +113,8 @@ export class SimBackend {
   }
 
   async waitForDevice(domid: number, devid: number): Promise<void> {
-    for (let i = 0; i < 200; i++) {
+    const deadline = Date.now() + 60_000; // a loaded machine can be slow; never a fixed count of tries
+    while (Date.now() < deadline) {
       if ((await this.platform.store.read(`/local/domain/0/backend/vbd/${domid}/${devid}/state`)) === '2') return;
       await new Promise((r) => setTimeout(r, 25));
     }

@@ -20,7 +20,7 @@ import { mapShared, type Mapping } from '../../native/mman';
 export const GTF_PERMIT_ACCESS = 1;
 export const GTF_READONLY = 4;
 const GRANT_ENTRIES = 16384;
-const TIMEOUT_MS = 20_000;
+const TIMEOUT_MS = 60_000;
 
 export type Request = Exclude<BlkifRequest, { kind: 'malformed' } | { kind: 'unknown' }>;
 /** A request to put: the id is optional (the frontend numbers them). */

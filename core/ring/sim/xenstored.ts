@@ -16,6 +16,8 @@ const HOME = '/local/domain/0';
  */
 export const MAX_TRANSACTIONS = 64;
 export const MAX_WATCHES = 1024;
+/** Bytes of replies and watch events a client may leave unread before it is cut off. */
+export const MAX_BACKLOG = 1 << 20;
 
 function absolute(path: string): string {
   if (path.startsWith('/')) return path;
@@ -53,7 +55,10 @@ class Connection {
   }
 
   private send(m: XsMessage): void {
-    if (!this.closed) this.socket.write(encodeMessage(m));
+    if (this.closed) return;
+    this.socket.write(encodeMessage(m));
+    // A client that sets watches and never reads would make the daemon buffer without end.
+    if (this.socket.writableLength > MAX_BACKLOG) this.close();
   }
 
   private reply(request: XsMessage, payload: Buffer, type = request.type): void {
