@@ -51,15 +51,19 @@ export class BackingPolicy {
    * Decides what a backing reference opens, or throws EACCES naming the rule it broke.
    * `level` is 0 for the top image's backing file, 1 for its backing file's, and so on.
    */
-  decide(name: string, childLocation: string | undefined, rootLocation: string | undefined, level: number, childSpec: string): BackingDecision {
+  decide(name: string, childLocation: string | undefined, rootLocation: string | undefined, level: number, childSpec: string, role: 'backing' | 'data-file' = 'backing'): BackingDecision {
     const refuse = (rule: string) =>
-      new BlockError('EACCES', `backing policy (${rule}): '${childSpec}' names backing file '${name}', which is refused`);
-    if (this.options.noBacking) throw refuse('--no-backing');
-    if (this.options.explicit && this.options.explicit.length > 0) {
+      new BlockError('EACCES', `backing policy (${rule}): '${childSpec}' names ${role === 'data-file' ? 'data file' : 'backing file'} '${printable(name)}', which is refused`);
+    // A data file is part of the image, not a layer: only the confinement rules apply to it.
+    const layer = role === 'backing';
+    if (layer && this.options.noBacking) throw refuse('--no-backing');
+    if (layer && this.options.explicit && this.options.explicit.length > 0) {
       const spec = this.options.explicit[level];
       if (spec === undefined) throw refuse(`--backing names ${this.options.explicit.length} level(s), the image names more`);
       return { target: spec, explicit: true };
     }
+    // A NUL cannot be in a path: such a name is damage, and no file system call may see it.
+    if (name.includes('\0')) throw refuse('a backing name may not hold a NUL byte');
     const resolved = resolveBacking(name, childLocation, childSpec);
     if (URL_RE.test(resolved)) {
       if (this.allowUrls.some((prefix) => resolved.startsWith(prefix))) return { target: resolved, explicit: false };
@@ -90,6 +94,11 @@ export class BackingPolicy {
     }
     return { target: lexical, explicit: false };
   }
+}
+
+/** A name as it can be shown: control characters escaped. */
+function printable(name: string): string {
+  return name.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** What identifies an image in a chain for loop detection: a URL as written, a path by its real path. */

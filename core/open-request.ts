@@ -8,6 +8,12 @@ import type { Provider } from './provider';
 export interface BackingOptions {
   /** A format named by the image (qcow2 backing-format, VHD's implied format); probed when absent. */
   format?: string;
+  /**
+   * 'data-file': a file the image is made of besides its chain (qcow2's external data file).
+   * It is confined like a backing file, but `--no-backing` and `--backing` (which are about
+   * the layers under an image) do not apply to it. Default 'backing'.
+   */
+  role?: 'backing' | 'data-file';
 }
 
 export class OpenRequest {

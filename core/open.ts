@@ -84,6 +84,20 @@ export class Opener {
     return top;
   }
 
+  /**
+   * Opens the bytes a spec names, without probing or opening any format: a path, a URL or
+   * a named source. For inspecting an image before trusting it (core/inspect.ts).
+   * `namedBy`: the image that named this one (an http backing file reuses its settings).
+   */
+  async openBytes(spec: string, namedBy?: Provider): Promise<Provider> {
+    const parsed = parseSpec(spec);
+    if (parsed.type === 'named' && this.lookup(parsed.name, spec).declaration.kind !== 'source') {
+      throw new SpecError('EINVAL', `'${parsed.name}' is not a source (in spec '${redactSpec(spec)}')`, true);
+    }
+    const chain: ChainState = { depth: 0, seen: [], root: {}, namedBy, memory: new MetadataBudget(this.limits.get('metadata-memory')) };
+    return this.openSpec(spec, true, chain, false);
+  }
+
   private lookup(name: string, spec: string): RegisteredProvider {
     const entry = this.registry.get(name);
     if (!entry) {
@@ -185,7 +199,7 @@ export class Opener {
     if (chain.depth + 1 > this.maxChainDepth) {
       throw new BlockError('ELOOP', `backing chain deeper than ${this.maxChainDepth} (limit chain-depth; raise it with --max-chain-depth N) at '${name}' named by '${childSpec}'`);
     }
-    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec);
+    const decision = this.policy.decide(name, location, chain.root.location, chain.depth, childSpec, options.role);
     // Judged on the real file, so a name that reaches the same image through a symlink is a loop too.
     if (chain.seen.includes(chainIdentity(decision.target))) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);

@@ -11,6 +11,8 @@ import 'reflect-metadata';
 import { container as rootContainer, injectable, type DependencyContainer } from 'tsyringe';
 import type { Provider } from './provider';
 import { OpenRequest } from './open-request';
+import type { Limits } from './limits';
+import type { ImageReference, StructureProblem } from './inspect';
 
 export type ProviderKind = 'source' | 'format' | 'filter';
 
@@ -35,6 +37,13 @@ export interface ProviderDeclaration {
   options?: string[];
   /** Probe order among formats: higher first (a format that only looks at the tail goes last). */
   probePriority?: number;
+  /**
+   * Formats: the files an image names (backing file, data file, parent candidates), read
+   * from its metadata alone, opening none of them (`tapkit info --inspect`, `tapkit check`).
+   */
+  references?: (image: Provider, limits: Limits) => Promise<ImageReference[]>;
+  /** Formats: structural checks of the image's metadata, without serving it; [] when sound. */
+  check?: (image: Provider, limits: Limits) => Promise<StructureProblem[]>;
 }
 
 export type ProviderClass = new (...args: any[]) => Provider;

@@ -11,7 +11,7 @@ import { CLI, startDaemon, type RunningDaemon } from './helpers/daemon';
 import type { DeviceStats, DeviceSummary } from '../core/daemon/devices';
 import { loopsBackedBy } from '../core/fuse/loop';
 import { parseFuseArgument } from '../core/fuse/daemon-export';
-import { cleanupMount, isMounted, must, run, sha256, tapkit, tempDir } from './fuse-helpers';
+import { cleanupMount, isMounted, mountExt4, must, run, sha256, tapkit, tempDir } from './fuse-helpers';
 
 const MiB = 2 ** 20;
 
@@ -74,6 +74,14 @@ test.serial('ctl create --export fuse:MNT,loop: writes through the loop device a
   t.deepEqual(loopsBackedBy({ under: mnt }).map((l) => l.device), [fuse.device]);
   t.regex((await ctl(daemon, 'list')).stdout, new RegExp(`fuse:${fuse.target} \\(${fuse.device}\\)`));
 
+  // examples/daemon/block-tapkit picks the loop device out of `ctl list --json` with an
+  // inline node program; run that very program on this daemon's answer.
+  const script = fs.readFileSync(path.join(__dirname, '..', '..', 'examples', 'daemon', 'block-tapkit'), 'utf8');
+  const picker = /node -e '([\s\S]*?)' "\$id"/.exec(script);
+  t.truthy(picker, 'block-tapkit still has its node -e picker');
+  const picked = await must(t, 'bash', ['-c', `"$1" ${CLI} ctl --control "$2" list --json | "$1" -e "$3" "$4"`, 'pick', process.execPath, daemon.control, picker![1], id], 30_000);
+  t.is(picked, fuse.device!, 'block-tapkit would hand this loop device to blkback');
+
   // One MiB through the loop device (direct I/O, past the page cache), one through the file.
   const viaLoop = randomBytes(MiB);
   const viaFile = randomBytes(MiB);
@@ -122,6 +130,15 @@ test.serial('a bad fuse export fails the create and leaves no device, mount or l
   const missing = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${path.join(dir, 'nope')},loop`);
   t.is(missing.code, 1);
   t.regex(missing.stderr, /nope/);
+  // A mount point this daemon already serves is refused without touching it (a stat of
+  // its own mount would wait on itself), and the first device keeps serving.
+  const first = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt}`);
+  t.is(first.code, 0, first.stderr);
+  const twice = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt}`);
+  t.is(twice.code, 1);
+  t.regex(twice.stderr, /already a FUSE mount/);
+  t.is(fs.statSync(path.join(mnt, 'disk')).size, 8 * MiB);
+  t.is((await ctl(daemon, 'destroy', first.stdout.trim())).code, 0);
   // The second export fails after the first mounted: the first is taken down again.
   const second = path.join(dir, 'second');
   const half = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt},loop`, '--export', `fuse:${second}`);
@@ -189,4 +206,89 @@ test.serial('SIGKILL of the daemon: users of the mount get errors, and tapkit un
   const unmounted = await tapkit(['unmount', mnt], 90_000);
   t.is(unmounted.code, 0, unmounted.stderr);
   gone(t, mnt);
+});
+
+test.serial('the daemon sizes the thread pool before plugins load, so a plugin does not shrink the room for mounts', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-plugin-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const plugin = path.join(__dirname, '..', 'examples', 'pattern.js');
+  const daemon = await startDaemon(['--plugin', plugin]);
+  t.teardown(async () => {
+    await daemon.stop();
+    await cleanupMount(mnt, daemon.child, Promise.resolve());
+  });
+  await daemon.ok({ op: 'create', spec: 'pattern:16M', readOnly: true, exports: [`fuse:${mnt}`] });
+  const read = await run('dd', [`if=${path.join(mnt, 'disk')}`, 'of=/dev/null', 'bs=1M', 'status=none'], 30_000);
+  t.is(read.code, 0, read.stderr);
+  // A read-only device makes a read-only mount.
+  const write = await run('dd', ['if=/dev/zero', `of=${path.join(mnt, 'disk')}`, 'bs=4k', 'count=1', 'conv=notrunc', 'status=none'], 30_000);
+  t.not(write.code, 0);
+  t.regex(write.stderr, /Read-only file system/);
+  // libuv starts every pool thread at once: the daemon's threads number more than 128.
+  t.true(fs.readdirSync(`/proc/${daemon.child.pid}/task`).length > 128);
+});
+
+test.serial('destroying a paused device unmounts at once; what was written before the pause is in the image', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-paused-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const image = path.join(dir, 'disk.raw');
+  fs.writeFileSync(image, Buffer.alloc(4 * MiB));
+  const daemon = await daemonFor(t, [mnt]);
+  const { id } = await daemon.ok<DeviceSummary>({ op: 'create', spec: `raw:${image}`, exports: [`fuse:${mnt},loop`] });
+  const [device] = await daemon.ok<DeviceSummary[]>({ op: 'list' });
+  const data = randomBytes(MiB);
+  fs.writeFileSync(device.exports[0].device!, data);
+  await daemon.ok({ op: 'pause', device: id });
+  const destroyed = await ctl(daemon, 'destroy', id);
+  t.is(destroyed.code, 0, destroyed.stderr);
+  t.notRegex(daemon.log(), /flush before unmount failed/, 'the export did not wait on a flush the pause holds');
+  gone(t, mnt);
+  t.deepEqual(fs.readFileSync(image).subarray(0, MiB), data);
+});
+
+test.serial('a mount unmounted behind the daemon\'s back is reported (stats, log) and the device still destroys cleanly', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-umount-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const daemon = await daemonFor(t, [mnt]);
+  const { id } = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:8M', exports: [`fuse:${mnt}`] });
+  t.like((await daemon.ok<DeviceStats>({ op: 'stats', device: id })).exports[0].stats, { mounted: true });
+  await must(t, 'umount', [mnt], 30_000);
+  let stats: DeviceStats | undefined;
+  for (let i = 0; i < 100; i++) {
+    stats = await daemon.ok<DeviceStats>({ op: 'stats', device: id });
+    if (stats.exports[0].stats?.mounted === false) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  t.like(stats!.exports[0].stats, { mounted: false });
+  t.regex(daemon.log(), /the FUSE mount went away/);
+  const destroyed = await ctl(daemon, 'destroy', id);
+  t.is(destroyed.code, 0, destroyed.stderr);
+  t.false(isMounted(mnt));
+});
+
+test.serial('destroy while a file system on the loop device is mounted: aborted, not hung; tapkit unmount cleans up after', async (t) => {
+  const dir = tempDir(t, 'fuse-daemon-busy-');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const daemon = await daemonFor(t, [mnt]);
+  const { id } = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:64M', exports: [`fuse:${mnt},loop`] });
+  const loop = (await daemon.ok<DeviceSummary[]>({ op: 'list' }))[0].exports[0].device!;
+  await must(t, 'mkfs.ext4', ['-q', '-F', loop], 120_000);
+  const ext4 = await mountExt4(t, loop, dir);
+  const destroyed = await ctl(daemon, 'destroy', id);
+  t.is(destroyed.code, 0, 'the device is gone from the daemon either way');
+  t.regex(daemon.log(), /still in use; aborting its FUSE connection/);
+  t.deepEqual(await daemon.ok({ op: 'list' }), []);
+  // The file system's I/O now fails instead of waiting on a server that left.
+  const write = await run('dd', ['if=/dev/zero', `of=${path.join(ext4.path, 'late')}`, 'bs=64k', 'count=16', 'oflag=direct', 'status=none'], 60_000);
+  t.is(write.signal, null, 'dd did not hang');
+  t.not(write.code, 0);
+  await run('umount', ['-l', ext4.path], 30_000);
+  const unmounted = await tapkit(['unmount', mnt], 90_000);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  gone(t, mnt);
+  t.true((await daemon.call({ op: 'ping' })).ok);
 });

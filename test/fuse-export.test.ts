@@ -19,8 +19,8 @@ const DISK = '256M';
 
 interface ImageCase {
   name: string;
-  /** Makes the image (with the real tool) and returns the spec tapkit mounts. */
-  create(t: ExecutionContext, dir: string): Promise<string>;
+  /** Makes the image (with the real tool); returns the spec tapkit mounts and its size. */
+  create(t: ExecutionContext, dir: string): Promise<{ spec: string; size: number }>;
   /** For images that outlive the server: the image's content as a raw file, by qemu-img. */
   qemuToRaw?(t: ExecutionContext, dir: string): Promise<string>;
 }
@@ -32,7 +32,9 @@ function qemuImage(name: string, qemuFormat: string, specName: string): ImageCas
     name,
     create: async (t, dir) => {
       await must(t, 'qemu-img', ['create', '-q', '-f', qemuFormat, image(dir), DISK]);
-      return `${specName}:${image(dir)}`;
+      // The virtual size as qemu sees it (VHD rounds up to its CHS geometry).
+      const info = JSON.parse(await must(t, 'qemu-img', ['info', '--output=json', '-f', qemuFormat, image(dir)])) as { 'virtual-size': number };
+      return { spec: `${specName}:${image(dir)}`, size: info['virtual-size'] };
     },
     qemuToRaw: async (t, dir) => {
       const out = path.join(dir, `${name}-qemu.raw`);
@@ -44,9 +46,9 @@ function qemuImage(name: string, qemuFormat: string, specName: string): ImageCas
 
 /** Every disk the ext4 round trip runs on. Another format is one more line here. */
 const CASES: ImageCase[] = [
-  { name: 'memory', create: async () => `memory:${DISK}` },
+  { name: 'memory', create: async () => ({ spec: `memory:${DISK}`, size: 256 * 2 ** 20 }) },
   qemuImage('raw', 'raw', 'raw'),
-  // qemuImage('vhd', 'vpc', 'vhd'),  ← once providers/vhd has landed
+  qemuImage('vhd', 'vpc', 'vhd'),
 ];
 
 function gone(t: ExecutionContext, served: Served): void {
@@ -57,11 +59,12 @@ function gone(t: ExecutionContext, served: Served): void {
 for (const c of CASES) {
   test.serial(`${c.name}: ext4 on the loop device survives write, remount, fsck, unmount and reopen`, async (t) => {
     const dir = tempDir(t, `fuse-${c.name}-`);
-    const spec = await c.create(t, dir);
+    const { spec, size } = await c.create(t, dir);
     const served = await serve(t, spec, ['--loop'], dir);
     t.true(served.file.endsWith('/mnt/disk'));
     t.regex(served.device!, /^\/dev\/loop\d+$/);
-    t.is(fs.statSync(served.file).size, 256 * 2 ** 20);
+    t.is(fs.statSync(served.file).size, size);
+    t.is(fs.readFileSync(`/sys/block/${path.basename(served.device!)}/loop/dio`, 'utf8').trim(), '1', 'the loop device does direct I/O on the file');
 
     await must(t, 'mkfs.ext4', ['-q', '-F', served.device!], 180_000);
     const ext4 = await mountExt4(t, served.device!, dir);
@@ -276,4 +279,53 @@ test.serial('tapkit unmount refuses while a file system is mounted on the loop d
   t.is(unmounted.code, 0, unmounted.stderr);
   gone(t, served);
   t.is((await served.exit).code, 0);
+});
+
+test.serial("a provider's error reaches the writer through the kernel as its errno (ENOSPC), and the mount keeps serving", async (t) => {
+  const dir = tempDir(t, 'fuse-enospc-');
+  const served = await serve(t, 'memory,limit=1M:16M', [], dir);
+  const dd = await run('dd', ['if=/dev/urandom', `of=${served.file}`, 'bs=64k', 'count=64', 'conv=notrunc,fsync', 'status=none'], 60_000);
+  t.not(dd.code, 0);
+  t.regex(dd.stderr, /No space left on device/);
+  // Reading is still fine, and so is writing over what is already allocated.
+  const again = await run('dd', ['if=/dev/zero', `of=${served.file}`, 'bs=64k', 'count=4', 'conv=notrunc,fsync', 'status=none'], 60_000);
+  t.is(again.code, 0, again.stderr);
+  t.is(fs.readFileSync(served.file).length, 16 * 2 ** 20);
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  t.is((await served.exit).code, 0, served.stderr());
+});
+
+test.serial('--allow-other lets another user read the file (permissions still apply); without it the kernel refuses them', async (t) => {
+  const asNobody = (args: string[]) => run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', ...args], 30_000);
+  for (const allowOther of [false, true]) {
+    const dir = tempDir(t, 'fuse-other-');
+    fs.chmodSync(dir, 0o755); // let the other user reach the mount point
+    const served = await serve(t, 'memory:4M', allowOther ? ['--allow-other'] : [], dir);
+    const read = await asNobody(['dd', `if=${served.file}`, 'of=/dev/null', 'bs=4k', 'count=1', 'status=none']);
+    const write = await asNobody(['dd', 'if=/dev/zero', `of=${served.file}`, 'bs=4k', 'count=1', 'conv=notrunc', 'status=none']);
+    if (allowOther) {
+      t.is(read.code, 0, `read as nobody: ${read.stderr}`);
+      t.not(write.code, 0, 'the file is 0644 and owned by root');
+    } else {
+      t.not(read.code, 0, 'without allow_other only the mounting user gets in');
+      t.not(write.code, 0);
+    }
+    t.regex(allowOther ? write.stderr : read.stderr, /Permission denied/);
+    const unmounted = await tapkit(['unmount', served.mountpoint]);
+    t.is(unmounted.code, 0, unmounted.stderr);
+  }
+});
+
+test.serial('with a plugin loaded, tapkit mount still has threads for its readers and the file reads', async (t) => {
+  // Loading a plugin (an ES module import) starts libuv's pool; tapkit mount must have
+  // sized it first, or its 8 waiting reads of /dev/fuse would take every thread.
+  const plugin = path.join(__dirname, '..', 'examples', 'pattern.js');
+  const served = await serve(t, 'pattern:16M', ['--read-only', '--plugin', plugin]);
+  const read = await run('dd', [`if=${served.file}`, 'of=/dev/null', 'bs=1M', 'status=none'], 30_000);
+  t.is(read.signal, null, 'the read did not hang');
+  t.is(read.code, 0, read.stderr);
+  t.true(fs.readdirSync(`/proc/${served.proc.pid}/task`).length > 16);
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
 });

@@ -11,6 +11,8 @@ import { Opener } from '../core/open';
 import { Vbd } from '../core/vbd';
 import { OneFileFs, FILE_ID } from '../core/fuse/filesystem';
 import * as P from '../core/fuse/protocol';
+import { NO_CAPABILITIES, type Provider } from '../core/provider';
+import { BlockError } from '../core/errors';
 
 const ENOSYS = 38;
 
@@ -254,4 +256,79 @@ test('truncated bodies are answered EINVAL, and garbage never breaks the dispatc
   fs.dispatch(Buffer.alloc(10));
   await fs.idle();
   t.is(replies.length, before);
+});
+
+/** A provider whose reads wait until the test lets each one finish (in any order). */
+class GatedProvider implements Provider {
+  readonly name = 'gated';
+  readonly pending: Array<{ offset: number; finish(fill: number): void; fail(e: Error): void }> = [];
+  info() {
+    return { size: 1 << 20, logicalBlockSize: 512, physicalBlockSize: 4096, readOnly: true };
+  }
+  capabilities() {
+    return { ...NO_CAPABILITIES, concurrent: true };
+  }
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.pending.push({ offset, finish: (fill) => (buf.fill(fill), resolve()), fail: reject });
+    });
+  }
+  async close(): Promise<void> {}
+}
+
+test('requests are served concurrently: a slow READ does not hold back the next, replies go out as each finishes', async (t) => {
+  const provider = new GatedProvider();
+  const vbd = new Vbd(provider);
+  const replies: Reply[] = [];
+  const fs = new OneFileFs(vbd, { send: (r) => replies.push(decodeReply(Buffer.from(r))) }, { name: 'disk', readOnly: true, uid: 0, gid: 0, maxWrite: 1 << 20 });
+  const init = request(P.Opcode.INIT, 0, initBody(7, 41, 128 * 1024, 0xffffffff));
+  fs.dispatch(init.msg);
+  await fs.initialized();
+  const settle = () => new Promise((r) => setImmediate(r));
+  const first = request(P.Opcode.READ, FILE_ID, ioBody(1, 0, 4096));
+  const second = request(P.Opcode.READ, FILE_ID, ioBody(1, 8192, 4096));
+  const third = request(P.Opcode.READ, FILE_ID, ioBody(1, 16384, 4096));
+  for (const r of [first, second, third]) fs.dispatch(r.msg);
+  await settle();
+  t.deepEqual(provider.pending.map((p) => p.offset), [0, 8192, 16384], 'all three reached the provider before any finished');
+  const before = replies.length;
+  provider.pending[1].finish(0xbb);
+  await settle();
+  t.deepEqual(replies.slice(before).map((r) => r.unique), [second.unique], 'the second is answered while the first still waits');
+  t.true(replies[replies.length - 1].body.every((b) => b === 0xbb));
+  provider.pending[2].fail(new BlockError('EIO', 'medium error'));
+  provider.pending[0].finish(0xaa);
+  await fs.idle();
+  await settle();
+  const tail = replies.slice(before + 1);
+  t.is(tail.find((r) => r.unique === third.unique)?.error, -5, 'a failed read is EIO, alone');
+  const one = tail.find((r) => r.unique === first.unique)!;
+  t.is(one.error, 0);
+  t.true(one.body.every((b) => b === 0xaa));
+});
+
+test('INTERRUPT of a request still running gets no reply, and the request is answered normally when it finishes', async (t) => {
+  const provider = new GatedProvider();
+  const replies: Reply[] = [];
+  const fs = new OneFileFs(new Vbd(provider), { send: (r) => replies.push(decodeReply(Buffer.from(r))) }, { name: 'disk', readOnly: true, uid: 0, gid: 0, maxWrite: 1 << 20 });
+  fs.dispatch(request(P.Opcode.INIT, 0, initBody(7, 41, 128 * 1024, 0xffffffff)).msg);
+  await fs.initialized();
+  const read = request(P.Opcode.READ, FILE_ID, ioBody(1, 4096, 4096));
+  fs.dispatch(read.msg);
+  await new Promise((r) => setImmediate(r));
+  t.is(provider.pending.length, 1);
+  const interrupt = Buffer.alloc(8);
+  interrupt.writeBigUInt64LE(read.unique, 0);
+  const before = replies.length;
+  fs.dispatch(request(P.Opcode.INTERRUPT, 0, interrupt).msg);
+  await new Promise((r) => setImmediate(r));
+  t.is(replies.length, before, 'neither the INTERRUPT nor the READ answered yet');
+  provider.pending[0].finish(0x5a);
+  await fs.idle();
+  await new Promise((r) => setImmediate(r));
+  const answers = replies.slice(before);
+  t.is(answers.length, 1);
+  t.is(answers[0].unique, read.unique);
+  t.is(answers[0].error, 0);
+  t.true(answers[0].body.every((b) => b === 0x5a));
 });

@@ -128,6 +128,9 @@ test('bad nbd export arguments fail the create and leave nothing behind', async 
   const bad = await ctl(daemon.control, 'create', 'memory:1M', '--export', 'nbd:nowhere');
   t.is(bad.code, 1);
   t.regex(bad.stderr, /nbd export: 'nowhere' is neither a socket path/);
+  const relative = await ctl(daemon.control, 'create', 'memory:1M', '--export', 'nbd:unix:relative.sock');
+  t.is(relative.code, 1);
+  t.regex(relative.stderr, /must be absolute/);
 
   // A socket someone else serves is not stolen; the half-made device is closed.
   const socket = path.join(dir, 'taken.sock');

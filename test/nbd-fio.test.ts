@@ -16,7 +16,7 @@ for (const transport of TRANSPORTS) {
     const server = await serve(t, [...listenArgs(t, transport), `raw:${image}`]);
     const common = [
       '--ioengine=nbd', `--uri=${server.uri}`, '--size=32M', '--bsrange=4k-256k', '--iodepth=16', '--thread',
-      '--verify=crc32c', '--verify_fatal=1', '--randseed=7', '--output-format=json',
+      '--verify=crc32c', '--verify_fatal=1', '--verify_state_save=0', '--randseed=7', '--output-format=json',
     ];
     const out = await must(t, 'fio', ['--name=write-verify', '--rw=randwrite', '--do_verify=1', ...common], { timeout: 120_000 });
     const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];

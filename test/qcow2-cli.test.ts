@@ -7,7 +7,7 @@ import test from 'ava';
 import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createEncrypted, mixedContent, qemuImg, qemuIo, qemuRaw, tempDir } from './helpers/qemu-images';
+import { createEncrypted, mixedContent, qemuImg, qemuIo, qemuRaw, tempDir, tool } from './helpers/qemu-images';
 
 const CLI = path.join(__dirname, '..', 'core', 'cli', 'main.js');
 
@@ -83,4 +83,21 @@ test('tapkit convert of a compressed qcow2 with a backing file gives qemu\'s byt
   t.true(fs.readFileSync(out).equals(reference), 'tapkit convert writes what qemu-img convert reads');
   const allocated = fs.statSync(out).blocks * 512;
   t.true(allocated < 4 * 1024 * 1024, `output is sparse (${allocated} bytes allocated of ${reference.length})`);
+});
+
+test('tapkit info says a dirty lazy-refcounts image is dirty, and reads it', async (t) => {
+  const dir = tempDir();
+  dirs.push(dir);
+  const image = path.join(dir, 'dirty.qcow2');
+  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', image, '1M']);
+  // Killed before it can clear the dirty bit.
+  tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', '-c', 'sigraise 9', image], { allowFailure: true });
+  t.is(fs.readFileSync(image).readBigUInt64BE(72) & 1n, 1n, 'the dirty bit is set');
+  const info = await tapkit(['info', image]);
+  t.is(info.code, 0, info.stderr);
+  t.regex(info.stdout, /qcow2\.dirty: yes \(lazy refcounts not flushed; data is sound, read-only\)/);
+  const out = path.join(dir, 'out.raw');
+  const convert = await tapkit(['convert', image, out]);
+  t.is(convert.code, 0, convert.stderr);
+  t.true(fs.readFileSync(out).equals(qemuRaw(image)));
 });

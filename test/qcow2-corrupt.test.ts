@@ -6,6 +6,7 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import fc from 'fast-check';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError, CorruptImageError, isBlockError, type ErrnoName } from '../core';
@@ -29,8 +30,15 @@ test.before(() => {
   fs.writeFileSync(src, mixedContent(1024 * 1024, 3));
   images.compressed = path.join(dir, 'compressed.qcow2');
   qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', src, images.compressed]);
+  // LUKS creation times its key derivation for seconds: done here, before any test's timer runs.
+  for (const format of ['aes', 'luks'] as const) {
+    images[`enc-${format}`] = path.join(dir, `enc-${format}.qcow2`);
+    createEncrypted(images[`enc-${format}`], format);
+  }
 });
 
+// Serial: the tools run synchronously inside some tests, and a blocked event loop would
+// make another test's hang timer (bounded below) fire for no fault of the code under test.
 test.after.always(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
@@ -110,15 +118,14 @@ function firstL2(image: string): number {
   return Number(readU64(image, l1Offset) & 0x00fffffffffffe00n);
 }
 
-test('encrypted images (AES and LUKS) are refused', async (t) => {
+test.serial('encrypted images (AES and LUKS) are refused', async (t) => {
   for (const format of ['aes', 'luks'] as const) {
-    const image = path.join(dir, `enc-${format}.qcow2`);
-    createEncrypted(image, format);
+    const image = images[`enc-${format}`];
     await assertRefusedAtOpen(t, image, format === 'aes' ? /encrypted image \(legacy AES-CBC\)/ : /encrypted image \(LUKS\)/, 'EOPNOTSUPP');
   }
 });
 
-test('unknown incompatible feature bits, the corrupt bit and bad versions are refused', async (t) => {
+test.serial('unknown incompatible feature bits, the corrupt bit and bad versions are refused', async (t) => {
   let image = copyOf('plain');
   writeU64(image, 72, 1n << 7n);
   await assertRefusedAtOpen(t, image, /unknown incompatible feature bit 7/, 'EOPNOTSUPP');
@@ -132,7 +139,7 @@ test('unknown incompatible feature bits, the corrupt bit and bad versions are re
   }
 });
 
-test('header fields out of range are refused, naming the field', async (t) => {
+test.serial('header fields out of range are refused, naming the field', async (t) => {
   const cases: Array<[string, (image: string) => void, RegExp]> = [
     ['refcount order', (i) => setU32(i, 96, 7), /refcount_order 7 is out of range/],
     ['header length past the cluster', (i) => setU32(i, 100, 0x20000), /header_length 131072 is invalid/],
@@ -160,7 +167,43 @@ test('header fields out of range are refused, naming the field', async (t) => {
   }
 });
 
-test('a header extension that overruns its area is refused', async (t) => {
+test.serial('hostile L1 sizes: the limit bounds what is allocated, and a larger claim is refused before any allocation', async (t) => {
+  const MiB = 1024 * 1024;
+  // At the limit: 4 Mi entries (32 MiB), inside a file made long enough (sparse).
+  const atLimit = copyOf('plain');
+  const { l1Offset } = headerFields(atLimit);
+  setU32(atLimit, 36, 4 * MiB);
+  fs.truncateSync(atLimit, l1Offset + 32 * MiB);
+  const before = process.memoryUsage().arrayBuffers;
+  const vbd = await bounded(openVbd(`qcow2:${atLimit}`), 'open');
+  const grown = process.memoryUsage().arrayBuffers - before;
+  try {
+    t.true(grown <= 40 * MiB, `an L1 at the 32 MiB limit costs about 32 MiB (grew ${(grown / MiB).toFixed(1)} MiB)`);
+    const head = Buffer.alloc(64 * 1024);
+    await vbd.read(head, 0);
+    t.true(head.every((b) => b === 0x11), 'and the image still reads');
+  } finally {
+    await vbd.close();
+  }
+  // Beyond it, up to the largest u32: refused by the limit, whatever the file's size.
+  for (const entries of [4 * MiB + 1, 0xffffffff]) {
+    const hostile = copyOf('plain');
+    setU32(hostile, 36, entries);
+    const start = process.memoryUsage().arrayBuffers;
+    await assertRefusedAtOpen(t, hostile, /larger than the 32 MiB limit/);
+    const used = process.memoryUsage().arrayBuffers - start;
+    t.true(used < 8 * MiB, `${entries} entries refused without allocating them (grew ${(used / MiB).toFixed(1)} MiB)`);
+  }
+  // A snapshot claiming a huge L1 is refused when the snapshot table is read.
+  const snap = path.join(dir, 'hostile-snap.qcow2');
+  qemuImg(['create', '-q', '-f', 'qcow2', snap, '1M']);
+  qemuImg(['snapshot', '-c', 's1', snap]);
+  const snapshotsOffset = Number(readU64(snap, 64));
+  setU32(snap, snapshotsOffset + 8, 0x7fffffff);
+  await assertRefusedAtOpen(t, snap, /snapshot 0 has an L1 table of 2147483647 entries/);
+});
+
+test.serial('a header extension that overruns its area is refused', async (t) => {
   const image = copyOf('plain');
   const bytes = fs.readFileSync(image);
   // qemu writes a feature-name table (0x6803f857) in every v3 image.
@@ -170,7 +213,7 @@ test('a header extension that overruns its area is refused', async (t) => {
   await assertRefusedAtOpen(t, image, /header extension 0x6803f857 .* overruns the extension area/);
 });
 
-test('a backing-format extension that is too long is refused', async (t) => {
+test.serial('a backing-format extension that is too long is refused', async (t) => {
   const base = path.join(dir, 'fmt-base.qcow2');
   qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
   const image = path.join(dir, 'fmt-top.qcow2');
@@ -180,7 +223,7 @@ test('a backing-format extension that is too long is refused', async (t) => {
   await assertRefusedAtOpen(t, image, /backing format name of 40 bytes is too long/);
 });
 
-test('an L1 entry pointing past the end of the file fails the read (no silent zeros)', async (t) => {
+test.serial('an L1 entry pointing past the end of the file fails the read (no silent zeros)', async (t) => {
   const image = copyOf('plain');
   const { l1Offset } = headerFields(image);
   writeU64(image, l1Offset, (1n << 63n) | (1n << 40n));
@@ -190,7 +233,7 @@ test('an L1 entry pointing past the end of the file fails the read (no silent ze
   await assertReadFails(t, misaligned, /L1 entry 0 points to .* not aligned/);
 });
 
-test('an L2 entry pointing past the end, or misaligned, fails the read', async (t) => {
+test.serial('an L2 entry pointing past the end, or misaligned, fails the read', async (t) => {
   const image = copyOf('plain');
   const l2 = firstL2(image);
   writeU64(image, l2, (1n << 63n) | (1n << 36n));
@@ -204,7 +247,7 @@ test('an L2 entry pointing past the end, or misaligned, fails the read', async (
   await assertReadFails(t, v2, /past the end/);
 });
 
-test('a compressed descriptor past the end, and damaged compressed data, fail the read', async (t) => {
+test.serial('a compressed descriptor past the end, and damaged compressed data, fail the read', async (t) => {
   const image = copyOf('compressed');
   const l2 = firstL2(image);
   let index = 0;
@@ -222,14 +265,70 @@ test('a compressed descriptor past the end, and damaged compressed data, fail th
   await assertReadFails(t, garbled, /compressed cluster at guest offset \d+ .*(damaged|decodes to)/);
 });
 
-test('an extended L2 entry marked both allocated and zero fails the read', async (t) => {
+test.serial('an extended L2 entry marked both allocated and zero fails the read', async (t) => {
   const image = copyOf('extl2');
   const l2 = firstL2(image);
   writeU64(image, l2 + 8, (1n << 32n) | 1n);
   await assertReadFails(t, image, /both allocated and zero/);
 });
 
-test('truncated files are refused at open or fail the read, never read as zeros', async (t) => {
+/** `qemu-img check`'s verdict: its exit code (2: corruptions found) and the corruption count. */
+function qemuCheck(image: string): { code: number | null; corruptions: number } {
+  const r = spawnSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', timeout: 60_000 });
+  let corruptions = 0;
+  try {
+    corruptions = (JSON.parse(r.stdout) as { corruptions?: number }).corruptions ?? 0;
+  } catch {
+    // No JSON: the image did not even open; the exit code says so.
+  }
+  return { code: r.status, corruptions };
+}
+
+/** What qemu-io gives for a read of the first bytes: 'eio', or the bytes it returned. */
+function qemuIoRead(image: string, offset = 0): 'eio' | 'zeros' | 'data' {
+  const r = spawnSync('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -v ${offset} 16`, image], { encoding: 'utf8', timeout: 60_000 });
+  if (/Input\/output error/.test(r.stdout + r.stderr)) return 'eio';
+  return /^[0-9a-f]{8}: +00( 00){15} /m.test(r.stdout) ? 'zeros' : 'data';
+}
+
+test.serial('damage qemu-img check finds is refused too, including L1/L2 pointers past the end that qemu-io reads as zeros', async (t) => {
+  // The first compressed cluster of the 'compressed' image (64 KiB clusters).
+  let compressedIndex = 0;
+  const l2c = firstL2(images.compressed);
+  while (compressedIndex < 16 && (readU64(images.compressed, l2c + compressedIndex * 8) & (1n << 62n)) === 0n) compressedIndex++;
+  t.true(compressedIndex < 16, 'the compressed image has a compressed cluster');
+  const cases: Array<{ what: string; from: string; damage: (image: string) => void; qemuIo: 'eio' | 'zeros'; ours: RegExp; at?: number }> = [
+    { what: 'L1 entry past the end', from: 'plain', damage: (i) => writeU64(i, headerFields(i).l1Offset, (1n << 63n) | (1n << 40n)), qemuIo: 'zeros', ours: /L1 entry 0 .* past the end/ },
+    { what: 'L1 entry misaligned', from: 'plain', damage: (i) => writeU64(i, headerFields(i).l1Offset, readU64(i, headerFields(i).l1Offset) + 512n), qemuIo: 'eio', ours: /L1 entry 0 .* not aligned/ },
+    { what: 'L2 entry past the end', from: 'plain', damage: (i) => writeU64(i, firstL2(i), (1n << 63n) | (1n << 36n)), qemuIo: 'zeros', ours: /guest offset 0 maps to .* past the end/ },
+    { what: 'L2 entry misaligned', from: 'plain', damage: (i) => writeU64(i, firstL2(i), readU64(i, firstL2(i)) + 4096n), qemuIo: 'eio', ours: /L2 entry 0 .* not aligned/ },
+    { what: 'subclusters both allocated and zero', from: 'extl2', damage: (i) => writeU64(i, firstL2(i) + 8, (1n << 32n) | 1n), qemuIo: 'eio', ours: /both allocated and zero/ },
+    {
+      what: 'compressed data past the end',
+      from: 'compressed',
+      damage: (i) => {
+        const at = firstL2(i) + compressedIndex * 8;
+        const offsetMask = (1n << 54n) - 1n;
+        writeU64(i, at, (readU64(i, at) & ~offsetMask) | (1n << 40n));
+      },
+      qemuIo: 'eio',
+      ours: /compressed data at 1099511627776 .* past the end/,
+      at: compressedIndex * 65536,
+    },
+  ];
+  for (const c of cases) {
+    const image = copyOf(c.from);
+    t.is(qemuCheck(image).code, 0, `${c.what}: the undamaged copy passes qemu-img check`);
+    c.damage(image);
+    const verdict = qemuCheck(image);
+    t.is(verdict.code, 2, `${c.what}: qemu-img check reports corruption`);
+    t.true(verdict.corruptions > 0, `${c.what}: qemu-img check counts corruptions`);
+    t.is(qemuIoRead(image, c.at), c.qemuIo, `${c.what}: qemu-io reads ${c.qemuIo === 'eio' ? 'fail' : 'silent zeros'}`);
+    await assertReadFails(t, image, c.ours);
+  }
+});
+
+test.serial('truncated files are refused at open or fail the read, never read as zeros', async (t) => {
   const image = copyOf('plain');
   const size = fs.statSync(image).size;
   // The data at 3 MiB is the last cluster written: cut into it.
@@ -243,7 +342,7 @@ test('truncated files are refused at open or fail the read, never read as zeros'
   }
 });
 
-test('a backing loop and a missing backing file are refused with their names', async (t) => {
+test.serial('a backing loop and a missing backing file are refused with their names', async (t) => {
   const a = path.join(dir, 'loop-a.qcow2');
   const b = path.join(dir, 'loop-b.qcow2');
   qemuImg(['create', '-q', '-f', 'qcow2', a, '1M']);
@@ -260,7 +359,7 @@ test('a backing loop and a missing backing file are refused with their names', a
   await assertRefusedAtOpen(t, orphan, /cannot open backing file 'gone.raw'/, 'ENOENT');
 });
 
-test('fuzzed headers are refused with typed errors or read, never crash or hang', async (t) => {
+test.serial('fuzzed headers are refused with typed errors or read, never crash or hang', async (t) => {
   const original = fs.readFileSync(images.plain);
   const target = path.join(dir, 'fuzz-header.qcow2');
   await fc.assert(
@@ -279,7 +378,7 @@ test('fuzzed headers are refused with typed errors or read, never crash or hang'
   t.pass();
 });
 
-test('fuzzed L1 and L2 tables are refused with typed errors or read, never crash or hang', async (t) => {
+test.serial('fuzzed L1 and L2 tables are refused with typed errors or read, never crash or hang', async (t) => {
   for (const name of ['plain', 'extl2', 'compressed']) {
     const original = fs.readFileSync(images[name]);
     const { l1Offset } = headerFields(images[name]);

@@ -261,3 +261,28 @@ test('concurrent small reads over compressed clusters agree with qemu', async (t
   );
   t.true(results.every(Boolean));
 });
+
+test('persistent bitmaps and unknown compatible or autoclear bits do not stop a reader', async (t) => {
+  const dir = workDir();
+  const image = path.join(dir, 'bitmaps.qcow2');
+  qemuImg(['create', '-q', '-f', 'qcow2', image, SIZE]);
+  qemuImg(['bitmap', '--add', image, 'backup-0']);
+  qemuImg(['bitmap', '--add', image, 'backup-1']);
+  qemuIo(image, ['write -P 0x3c 64k 192k']);
+  // A bitmap left "in use" by a writer that was killed.
+  tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x3d 1m 64k', '-c', 'sigraise 9', image], { allowFailure: true });
+  const vbd = await assertReadsLikeQemu(t, `qcow2:${image}`, qemuRaw(image));
+  t.is(vbd.top.describe!().bitmaps, 2);
+  t.regex(String(vbd.top.describe!().features), /bitmaps/);
+
+  // Feature bits a reader may ignore (compatible bit 9, autoclear bit 13): read as qemu reads them.
+  const odd = path.join(dir, 'odd-bits.qcow2');
+  fs.copyFileSync(image, odd);
+  const compat = Buffer.alloc(8);
+  compat.writeBigUInt64BE(fs.readFileSync(odd).readBigUInt64BE(80) | (1n << 9n));
+  writeBytes(odd, 80, compat);
+  const autoclear = Buffer.alloc(8);
+  autoclear.writeBigUInt64BE(fs.readFileSync(odd).readBigUInt64BE(88) | (1n << 13n));
+  writeBytes(odd, 88, autoclear);
+  await assertReadsLikeQemu(t, `qcow2:${odd}`, qemuRaw(odd));
+});

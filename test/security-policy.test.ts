@@ -233,3 +233,20 @@ test('images on nginx never reach local files unless a directory is allowed', as
     await nginx?.stop();
   }
 });
+
+test('a backing name holding a NUL byte is refused by the policy, shown escaped (found by the fuzzer)', async (t) => {
+  const tr = tree();
+  const image = qcow2Naming(path.join(tr.vm, 'nul.qcow2'), 'sibling.raw');
+  fs.copyFileSync(tr.baseRaw, path.join(tr.vm, 'sibling.raw'));
+  const bytes = fs.readFileSync(image);
+  const at = bytes.indexOf('sibling.raw');
+  bytes[at + 3] = 0;
+  fs.writeFileSync(image, bytes);
+  const error = await refusal(image);
+  t.is(error.code, 'EACCES');
+  t.regex(error.message, /backing policy \(a backing name may not hold a NUL byte\): .* names backing file 'sib\\x00ing\.raw'/);
+  // A VHD whose locators hold a NUL: every candidate refused the same way, none reaches the file system.
+  const child = vhdChild(path.join(tr.vm, 'nul.vhd'), tr.baseVhd);
+  plantVhdParent(child, 'base\0.vhd');
+  t.regex((await refusal(`vhd:${child}`)).message, /a backing name may not hold a NUL byte/);
+});

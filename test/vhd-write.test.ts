@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Vbd } from '../core/vbd';
 import { createImage } from '../providers/vhd/create';
-import { snapshotVhd } from '../providers/vhd/snapshot';
+import { snapshotOpenVhd, snapshotVhd } from '../providers/vhd/snapshot';
 import { VhdProvider } from '../providers/vhd/provider';
 import { checkImage } from '../providers/vhd/check';
 import { firstDifference, openSpec, prng, qemuRaw, randomBytesFrom, sevenZipRaw, tapkitRaw, tempDir, tool } from './helpers/vhd';
@@ -185,4 +185,27 @@ test('qemu-img makes a qcow2 child over a tapkit-written VHD (-F vpc -b): tapkit
   const ours = await tapkitRaw(top);
   t.is(firstDifference(ours, qemu), -1);
   t.is(firstDifference(ours, model), -1);
+});
+
+test('snapshotOpenVhd on a live image: unflushed writes reach the parent first, the child then reads them', async (t) => {
+  const base = path.join(dir, 'live.vhd');
+  const size = createImage(base, { size: 6 * MiB, type: 'dynamic' });
+  const live = (await openSpec(`vhd:${base}`, false)) as VhdProvider;
+  const model = Buffer.alloc(size);
+  // Allocating writes whose BAT entries are still only in memory.
+  for (const [at, len, byte] of [[100, 5000, 0x81], [3 * MiB, 2 * MiB, 0x82]] as const) {
+    await live.write(Buffer.alloc(len, byte), at, {});
+    model.fill(byte, at, at + len);
+  }
+  const child = path.join(dir, 'live-child.vhd');
+  const made = await snapshotOpenVhd(live, child);
+  t.is(made.parent, base);
+  // The daemon stops writing to the parent here and reopens the device on the child.
+  const top = await openSpec(`vhd:${child}`, false);
+  await top.write!(Buffer.alloc(512, 0x83), 0, {});
+  model.fill(0x83, 0, 512);
+  await top.close();
+  await live.close();
+  await sameAsModel(t, child, model, ['7zz']);
+  t.is(firstDifference(await qemuRaw(base, dir), model.fill(0x81, 0, 512).fill(0, 0, 100)), -1, 'the parent holds what was written before the snapshot');
 });

@@ -12,6 +12,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { SimPlatform } from '../core/ring/sim/platform';
+import { MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
 import { encodeMessage, MessageReader, nulTerminated, splitArgs, XS, type XsMessage } from '../core/ring/sim/xs-wire';
 import { tempDir } from './xen/harness';
 
@@ -183,6 +184,27 @@ test('wire: a transaction that read a node changed since it started ends EAGAIN 
   await w.call(XS.WRITE, Buffer.concat([nulTerminated('/t/c'), Buffer.from('x')]), tx3);
   t.deepEqual((await w.call(XS.TRANSACTION_END, nulTerminated('F'), tx3)).args, ['OK']);
   t.is(await sim.store.read('/t/c'), undefined, 'an aborted transaction changes nothing');
+});
+
+test('wire: open transactions and watches are limited per connection (EQUOTA); ending one makes room', async (t) => {
+  const { dir } = await platform(t);
+  const w = await Wire.connect(dir);
+  t.teardown(() => w.close());
+  const ids: number[] = [];
+  for (let i = 0; i < MAX_TRANSACTIONS; i++) ids.push(Number((await w.call(XS.TRANSACTION_START, nulTerminated(''))).args[0]));
+  t.deepEqual((await w.call(XS.TRANSACTION_START, nulTerminated(''))).args, ['EQUOTA']);
+  t.deepEqual((await w.call(XS.TRANSACTION_END, nulTerminated('F'), ids[0])).args, ['OK']);
+  t.true(Number((await w.call(XS.TRANSACTION_START, nulTerminated(''))).args[0]) > 0);
+  const other = await Wire.connect(dir);
+  t.teardown(() => other.close());
+  t.true(Number((await other.call(XS.TRANSACTION_START, nulTerminated(''))).args[0]) > 0, 'the quota is per connection');
+  const before = w.received.length;
+  for (let i = 0; i < MAX_WATCHES; i++) w.send(XS.WATCH, nulTerminated(`/q${i}`, 'tok'), 10_000 + i);
+  // Each watch answers its reply and then its first event.
+  const answered = await w.waitFor(before + 2 * MAX_WATCHES, 20_000);
+  t.is(answered.slice(before).filter((m) => m.type === XS.WATCH).length, MAX_WATCHES);
+  const r = await w.call(XS.WATCH, nulTerminated('/one-more', 'tok'));
+  t.deepEqual(r.args, ['EQUOTA']);
 });
 
 test('wire: an oversized header closes that connection only; random bytes never take the daemon down', async (t) => {

@@ -179,6 +179,20 @@ test.serial('ts: two queues with their own rings and channels, persistent grants
   await fe.disconnect();
 });
 
+for (const persistent of [false, true]) {
+  test.serial(`ts: ${persistent ? 'with' : 'without'} persistent grants, a grant revoked after use is ${persistent ? 'still mapped (kept for the connection)' : 'refused (the entry is read at every use)'}`, async (t) => {
+    const { fe } = await setup(t, { persistent });
+    await fe.connect();
+    const page = fe.mem.allocPages(1);
+    const seg = fe.segment(page, false);
+    t.is((await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [seg] })).status, RSP_OKAY);
+    fe.mem.table.bytes.writeUInt16LE(0, seg.gref * 8); // end foreign access
+    const again = await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [seg] });
+    t.is(again.status, persistent ? RSP_OKAY : RSP_ERROR);
+    await fe.disconnect();
+  });
+}
+
 test.serial('ts: refused grants (not granted, another domain, read-only for a READ, out of range, transitive) write nothing; later requests succeed', async (t) => {
   const { sim, fe } = await setup(t);
   await fe.connect();
@@ -261,6 +275,15 @@ test.serial('ts: a read-only vbd says so, offers no discard or barrier, refuses 
   await fe.disconnect();
 });
 
+test.serial('ts: an order-0 ring named by ring-ref0, and an absent protocol (x86_64-abi), connect (XENSIM.md settled details 9, 11)', async (t) => {
+  const { sim, fe } = await setup(t);
+  await fe.connect({ override: { 'ring-ref': null, 'ring-ref0': (f) => String(f.queues[0].refs[0]), protocol: null } });
+  await fe.writeAndRead(0, 2, 12);
+  await holdsPattern(t, sim, 0, 2, 12);
+  t.regex(sim.log.join('\n'), /connected: x86_64-abi/);
+  await fe.disconnect();
+});
+
 // ---- hostile transport keys and guest files (XENSIM.md settled details 5 and 9) ----------
 
 const hostileKeys: Array<[string, FrontendOptions, Record<string, string | null>, RegExp]> = [
@@ -308,6 +331,21 @@ test.serial('ts hostile files: missing guest memory, then a grant table too smal
   await fe.waitBackend(XenbusState.Closing);
   t.regex((await fe.xs.read(`${fe.be}/error`)) ?? '', /grant/);
   t.true(sim.platform.tree !== undefined, 'the process serves on');
+});
+
+test.serial('ts hostile files: memory shrunk while connected gets refused requests, not a crash; grown back, it serves again', async (t) => {
+  const { sim, fe } = await setup(t, { memPages: 4096 });
+  await fe.connect();
+  const memoryFile = path.join(sim.dir, `dom${DOMID}`, 'memory');
+  fs.truncateSync(memoryFile, 2048 * PAGE);
+  const far = { gref: fe.mem.grant(4000, false), firstSect: 0, lastSect: 7 };
+  const refused = await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [far] });
+  t.is(refused.status, RSP_ERROR);
+  t.regex(sim.log.join('\n'), /memory file shrank/);
+  fs.truncateSync(memoryFile, 4096 * PAGE);
+  const served = await fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [far] });
+  t.is(served.status, RSP_OKAY);
+  await fe.disconnect();
 });
 
 // ---- random request slots on a live ring -------------------------------------------
@@ -403,6 +441,23 @@ test.serial('ts isolation: a frontend that overruns its ring and lies about gran
     t.is(firstMismatch(data, i * 64 * 512, 40 + i), -1);
   }
   await good.disconnect();
+});
+
+test.serial('ts: a vbd whose params cannot be opened gets an error node and Closing; a vbd beside it serves', async (t) => {
+  const sim = await SimBackend.start();
+  t.teardown(() => sim.close());
+  await sim.attach(DOMID, DEVID, 'raw:/nonexistent/disk.img');
+  await sim.attach(DOMID, DEVID + 16, SPEC);
+  await sim.waitForDevice(DOMID, DEVID + 16);
+  const be = `/local/domain/0/backend/vbd/${DOMID}/${DEVID}`;
+  for (let i = 0; i < 200 && (await sim.platform.store.read(`${be}/state`)) !== '5'; i++) await new Promise((r) => setTimeout(r, 25));
+  t.is(await sim.platform.store.read(`${be}/state`), '5');
+  t.regex((await sim.platform.store.read(`${be}/error`)) ?? '', /cannot open 'raw:\/nonexistent\/disk.img'/);
+  const fe = await TsFrontend.open(sim.dir, DOMID, DEVID + 16);
+  t.teardown(() => fe.close());
+  await fe.connect();
+  await fe.writeAndRead(0, 2, 5);
+  await fe.disconnect();
 });
 
 // ---- hot-unplug ------------------------------------------------------------------

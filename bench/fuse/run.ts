@@ -17,6 +17,7 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { readMounts } from '../../core/fuse/mounts';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
@@ -190,6 +191,11 @@ const fmt = (x: number, digits = 0) => x.toLocaleString('en-US', { maximumFracti
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('run as root (mount, losetup)');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-bench-fuse-'));
+  // Runs last (cleanups run in reverse): the mounts under it are gone by then; if one is
+  // not, the directory is left rather than walked into.
+  cleanups.push(async () => {
+    if (!readMounts().some((m) => m.mountpoint.startsWith(`${dir}/`))) fs.rmSync(dir, { recursive: true, force: true });
+  });
   const content = path.join('/dev/shm', `tapkit-bench-${process.pid}.bin`);
   cleanups.push(async () => fs.rmSync(content, { force: true }));
   console.log(`# FUSE export bench: ${ROUNDS} rounds × ${RUNTIME} s, server CPU ${SERVER_CPU}, fio CPU ${CLIENT_CPU}, ${os.cpus()[0]?.model}, ${os.release()}`);

@@ -139,6 +139,8 @@ function must(cmd: string[], timeoutSeconds: number): string {
 }
 
 function startServer(def: ServerDef, socket: string, image: string): void {
+  // A server killed in the last repetition may have left its socket file behind.
+  fs.rmSync(socket, { force: true });
   const [cmd, ...args] = [...serverCpu, ...def.command(socket, image)];
   running = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] });
   const uri = uriOf(socket);
@@ -386,10 +388,11 @@ function main(): void {
   } finally {
     fs.rmSync(runDir, { recursive: true, force: true });
     if (process.env.KEEP_DATA !== '1') fs.rmSync(DATA_DIR, { recursive: true, force: true });
+    // Even a run that failed half-way reports what it measured.
+    const table = `Machine: ${machine()}\n\n${report(samples, servers, workloads.filter((w) => !ONLY || servers.some((s) => ONLY.test(`${s.id}/${w.id}`))))}\n`;
+    fs.writeFileSync(path.join(OUT, 'summary.md'), table);
+    process.stdout.write(table);
   }
-  const table = `Machine: ${machine()}\n\n${report(samples, servers, workloads.filter((w) => !ONLY || servers.some((s) => ONLY.test(`${s.id}/${w.id}`))))}\n`;
-  fs.writeFileSync(path.join(OUT, 'summary.md'), table);
-  process.stdout.write(table);
 }
 
 main();

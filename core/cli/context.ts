@@ -93,6 +93,11 @@ export function collect(value: string, previous: string[]): string[] {
 }
 
 export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Opener {
+  return new Opener(openOptionsFor(options, extra));
+}
+
+/** The open options the CLI flags ask for (also used by inspection, which opens nothing). */
+export function openOptionsFor(options: OpenCliOptions, extra: OpenOptions = {}): OpenOptions {
   const limits: Partial<LimitValues> = {};
   for (const text of options.limit ?? []) {
     try {
@@ -114,7 +119,7 @@ export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Ope
   };
   const http = httpOptions(options);
   const providerOptions = Object.keys(http).length ? { http } : undefined;
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, providerOptions, ...extra });
+  return { readOnly: !!options.readOnly, filters: options.filter ?? [], limits, backing, providerOptions, ...extra };
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {

@@ -16,6 +16,7 @@ import * as serve from './commands/serve';
 import * as mount from './commands/mount';
 import * as xen from './commands/xen';
 import * as vhd from './commands/vhd';
+import * as check from './commands/check';
 
 /** Every command module, in the order `tapkit --help` lists them. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -28,6 +29,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   vhd,
   daemon,
   ctl,
+  check,
 ];
 
 export function buildProgram(): Command {

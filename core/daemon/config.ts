@@ -5,7 +5,7 @@
  *     "control": "/run/tapkit/control.sock",
  *     "metrics": "127.0.0.1:9101",
  *     "log": { "level": "info" },
- *     "limits": { "maxChainDepth": 16, "allowBacking": ["/srv/images"] },
+ *     "limits": { "maxChainDepth": 16, "allowBacking": ["/srv/images"], "l1-size": 67108864 },
  *     "devices": [
  *       { "name": "vm1", "spec": "vhd:/srv/images/vm1.vhd", "exports": ["nbd:/run/tapkit/vm1.sock"] }
  *     ]
@@ -15,6 +15,7 @@
  */
 import * as fs from 'node:fs';
 import { SpecError } from '../errors';
+import { isLimitName, type LimitValues } from '../limits';
 import { isLevel, type Level } from './log';
 import type { DeviceRequest } from './devices';
 
@@ -22,7 +23,8 @@ export interface DaemonConfig {
   control?: string;
   metrics?: string;
   log?: { level?: Level };
-  limits?: { maxChainDepth?: number; allowBacking?: string[] };
+  /** maxChainDepth, allowBacking, and any resource limit of core/limits.ts by its name (`"l1-size": 67108864`). */
+  limits?: { maxChainDepth?: number; allowBacking?: string[]; values?: Partial<LimitValues> };
   devices: Array<DeviceRequest & { name: string }>;
 }
 
@@ -57,6 +59,13 @@ export function validateConfig(raw: unknown, file = 'config'): DaemonConfig {
   if (limits.allowBacking !== undefined && !(Array.isArray(limits.allowBacking) && limits.allowBacking.every((d) => typeof d === 'string'))) {
     throw bad("'limits.allowBacking' must be a list of paths or URL prefixes");
   }
+  const values: Partial<LimitValues> = {};
+  for (const [key, value] of Object.entries(limits)) {
+    if (key === 'maxChainDepth' || key === 'allowBacking') continue;
+    if (!isLimitName(key)) throw bad(`unknown limit 'limits.${key}'`);
+    if (!Number.isSafeInteger(value) || (value as number) < 0) throw bad(`'limits.${key}' must be a whole number`);
+    values[key] = value as number;
+  }
   const devices = c.devices ?? [];
   if (!Array.isArray(devices)) throw bad("'devices' must be a list");
   const names = new Set<string>();
@@ -86,7 +95,7 @@ export function validateConfig(raw: unknown, file = 'config'): DaemonConfig {
     control: c.control as string | undefined,
     metrics: c.metrics as string | undefined,
     log: { level: log.level as Level | undefined },
-    limits: { maxChainDepth: limits.maxChainDepth as number | undefined, allowBacking: limits.allowBacking as string[] | undefined },
+    limits: { maxChainDepth: limits.maxChainDepth as number | undefined, allowBacking: limits.allowBacking as string[] | undefined, values },
     devices: out,
   };
 }

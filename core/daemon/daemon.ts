@@ -42,6 +42,7 @@ export class Daemon {
     this.log = options.log ?? new Logger(process.stderr, this.config.log?.level ?? 'info');
     this.devices = new DeviceTable(this.log, {
       maxChainDepth: this.config.limits?.maxChainDepth,
+      limits: this.config.limits?.values,
       backing: { allow: this.config.limits?.allowBacking ?? [] },
     });
   }

@@ -51,14 +51,16 @@ registerExportKind('fuse', async (vbd, argument, context): Promise<ExportHandle>
   });
   // Unmounted from outside (umount, tapkit unmount after a crash): say so once.
   let closing = false;
+  let mounted = true;
   void served.ended.then(() => {
+    mounted = false;
     if (!closing) context.log.warn('the FUSE mount went away', { export: 'fuse', mountpoint: served.mountpoint });
   });
   return {
     kind: 'fuse',
     target: served.file,
     ...(served.loop ? { device: served.loop } : {}),
-    stats: () => ({ mountpoint: served.mountpoint, file: served.file, ...(served.loop ? { loop: served.loop, directIo: served.state.directIo } : {}) }),
+    stats: () => ({ mountpoint: served.mountpoint, file: served.file, mounted, ...(served.loop ? { loop: served.loop, directIo: served.state.directIo } : {}) }),
     async close() {
       closing = true;
       const clean = await served.stop();

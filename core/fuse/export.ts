@@ -11,7 +11,7 @@ import { MNT_DETACH, MOUNT_EBUSY, MOUNT_EINVAL, MS_NODEV, MS_NOSUID, MS_RDONLY, 
 import type { NativeError } from '../../native/libc';
 import { DevFuseChannel } from './channel';
 import { OneFileFs } from './filesystem';
-import { abortConnection, connectionOf, findMount } from './mounts';
+import { abortConnection, connectionOf, findMount, resolveMountpoint } from './mounts';
 import { IN_HEADER_SIZE, WRITE_IN_SIZE } from './protocol';
 
 export const FUSE_FSTYPE = 'fuse.tapkit';
@@ -86,9 +86,13 @@ export class FuseExport {
   }
 
   static async mount(vbd: Vbd, options: FuseExportOptions): Promise<FuseExport> {
-    let mountpoint: string;
+    let mountpoint = resolveMountpoint(options.mountpoint);
+    // Never stat a FUSE mount: this very process may be the one serving it (a daemon asked
+    // twice for the same mount point), and a stat would wait for itself.
+    const existing = findMount(mountpoint);
+    if (existing?.fstype.startsWith('fuse')) throw new BlockError('EBUSY', `${mountpoint} is already a FUSE mount (${existing.fstype})`);
     try {
-      mountpoint = fs.realpathSync(path.resolve(options.mountpoint));
+      mountpoint = fs.realpathSync(mountpoint);
     } catch {
       throw new BlockError('ENOENT', `mount point ${options.mountpoint} does not exist`);
     }

@@ -2,4 +2,5 @@
 export { FuseExport, FUSE_FSTYPE, type FuseExportOptions } from './export';
 export { OneFileFs, FuseError, FILE_ID, type ReplySink, type OneFileOptions } from './filesystem';
 export { DevFuseChannel } from './channel';
+export { ServedMount, type ServeOptions } from './served';
 export * as protocol from './protocol';

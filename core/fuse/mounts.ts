@@ -37,6 +37,20 @@ export function readMounts(): MountEntry[] {
   return out;
 }
 
+/**
+ * The absolute mount point with its parent's symlinks resolved. Only the parent: a stat of
+ * a FUSE mount itself fails when its server is dead, waits forever when it is stopped,
+ * and deadlocks when the process asking is the one serving it.
+ */
+export function resolveMountpoint(arg: string): string {
+  const absolute = path.resolve(arg);
+  try {
+    return path.join(fs.realpathSync(path.dirname(absolute)), path.basename(absolute));
+  } catch {
+    return absolute;
+  }
+}
+
 /** The topmost mount at `mountpoint` (an absolute, resolved path), if any. */
 export function findMount(mountpoint: string): MountEntry | undefined {
   const matches = readMounts().filter((m) => m.mountpoint === mountpoint);

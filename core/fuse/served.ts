@@ -91,19 +91,26 @@ export class ServedMount {
   stop(): Promise<boolean> {
     this.stopping ??= (async () => {
       if (this.state.loop) await detachLoop(this.state.loop, this.file).catch((e) => this.log((e as Error).message));
-      let timer: NodeJS.Timeout | undefined;
-      const tooLong = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new BlockError('ETIMEDOUT', `flush took longer than ${STOP_FLUSH_MS / 1000} s`)), STOP_FLUSH_MS);
-      });
-      await Promise.race([this.exported.flush(), tooLong])
-        .catch((e) => this.log(`flush before unmount failed: ${(e as Error).message}`))
-        .finally(() => clearTimeout(timer));
+      // A paused VBD (the daemon's pause) would hold the flush until resumed; the
+      // daemon flushes when it closes the device after its exports.
+      if (!this.exported.vbd.isPaused) await this.flushBounded();
       if (this.exported.unmount()) return true;
       this.log(`${this.mountpoint} is still in use; aborting its FUSE connection (clean up with: tapkit unmount ${this.mountpoint})`);
       this.abort();
       return false;
     })();
     return this.stopping;
+  }
+
+  /** Flushes the VBD, giving up (with a log line) after STOP_FLUSH_MS. */
+  private async flushBounded(): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const tooLong = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new BlockError('ETIMEDOUT', `flush took longer than ${STOP_FLUSH_MS / 1000} s`)), STOP_FLUSH_MS);
+    });
+    await Promise.race([this.exported.flush(), tooLong])
+      .catch((e) => this.log(`flush before unmount failed: ${(e as Error).message}`))
+      .finally(() => clearTimeout(timer));
   }
 
   /** Aborts the connection at once (a fatal error in the server): users get errors, not a hang. */

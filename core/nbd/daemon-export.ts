@@ -7,6 +7,7 @@
  * Importing this module registers the kind; `tapkit daemon` imports it.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { registerExportKind } from '../daemon/exports';
 import { BlockError } from '../errors';
 import { NbdServer } from './server';
@@ -18,6 +19,10 @@ registerExportKind('nbd', async (vbd, argument, { deviceId, log }) => {
     target = parseListenTarget(argument);
   } catch (e) {
     throw new BlockError('EINVAL', `nbd export: ${(e as Error).message}`);
+  }
+  // The daemon's working directory means nothing to whoever sent the request.
+  if ('path' in target && !path.isAbsolute(argument.replace(/^unix:/, ''))) {
+    throw new BlockError('EINVAL', `nbd export: the socket path '${argument}' must be absolute`);
   }
   const server = new NbdServer({
     exports: [{ name: '', vbd, description: `tapkit device ${deviceId}` }],

@@ -11,7 +11,7 @@
 import type { BlockSizes, NbdExport } from './export';
 import { blockSizes, transmissionFlags } from './export';
 import {
-  BASE_ALLOCATION, BASE_ALLOCATION_ID, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, ERR_INVALID, ERR_POLICY,
+  BASE_ALLOCATION, BASE_ALLOCATION_ID, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, ERR_EXT_HEADER_REQD, ERR_INVALID, ERR_POLICY,
   ERR_TLS_REQD, ERR_UNKNOWN, ERR_UNSUP, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
   INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, NBD_MAGIC, Opt, OPTION_REPLY_MAGIC,
   REP_ACK, REP_INFO, REP_META_CONTEXT, REP_SERVER, optionName,
@@ -39,6 +39,8 @@ export interface HandshakePolicy {
 export interface Negotiated {
   export: NbdExport;
   structured: boolean;
+  /** 32-byte extended request and reply headers (implies structured replies). */
+  extended: boolean;
   /** base:allocation was selected for this export. */
   allocationContext: boolean;
   flags: number;
@@ -59,6 +61,7 @@ const MAX_STRING = 4096;
 
 export class Handshake {
   private structured = false;
+  private extended = false;
   private tlsUp = false;
   /** Export whose base:allocation context was selected by SET_META_CONTEXT. */
   private metaExport: string | undefined;
@@ -114,6 +117,14 @@ export class Handshake {
         return this.infoOrGo(option, data);
       case Opt.STRUCTURED_REPLY:
         if (data.length !== 0) return this.error(option, ERR_INVALID, 'STRUCTURED_REPLY carries no data');
+        if (this.extended) return this.error(option, ERR_EXT_HEADER_REQD, 'extended headers are on already');
+        this.structured = true;
+        this.reply(option, REP_ACK);
+        return undefined;
+      case Opt.EXTENDED_HEADERS:
+        if (data.length !== 0) return this.error(option, ERR_INVALID, 'EXTENDED_HEADERS carries no data');
+        // Extended headers carry structured replies with them.
+        this.extended = true;
         this.structured = true;
         this.reply(option, REP_ACK);
         return undefined;
@@ -127,6 +138,8 @@ export class Handshake {
   }
 
   private exportName(data: Buffer): Negotiated {
+    // EXPORT_NAME has no way to say no, and a client with extended headers must use GO.
+    if (this.extended) throw new HandshakeEnd('EXPORT_NAME after EXTENDED_HEADERS');
     const name = data.toString('utf8');
     const found = this.policy.exports.get(name);
     // EXPORT_NAME cannot report errors: an unknown export ends the connection.
@@ -166,6 +179,7 @@ export class Handshake {
     this.tlsUp = true;
     // Whatever was agreed in clear is forgotten.
     this.structured = false;
+    this.extended = false;
     this.metaExport = undefined;
   }
 
@@ -225,6 +239,7 @@ export class Handshake {
     return {
       export: exp,
       structured: this.structured,
+      extended: this.extended,
       allocationContext: this.structured && this.metaExport === exp.name,
       flags: transmissionFlags(exp.vbd, this.structured),
       blockSizes: blockSizes(exp.vbd, this.policy.maxRequest),

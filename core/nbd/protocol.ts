@@ -51,6 +51,8 @@ export const ERR_UNKNOWN = REP_ERR + 6;
 export const ERR_SHUTDOWN = REP_ERR + 7;
 export const ERR_BLOCK_SIZE_REQD = REP_ERR + 8;
 export const ERR_TOO_BIG = REP_ERR + 9;
+/** STRUCTURED_REPLY after EXTENDED_HEADERS: no going back to 20-byte chunks. */
+export const ERR_EXT_HEADER_REQD = REP_ERR + 10;
 
 /** Info types carried in REP_INFO. */
 export const INFO_EXPORT = 0;
@@ -73,6 +75,9 @@ export const TF_SEND_CACHE = 1 << 10;
 export const TF_SEND_FAST_ZERO = 1 << 11;
 
 export const REQUEST_MAGIC = 0x25609513;
+/** Extended headers (NBD_OPT_EXTENDED_HEADERS): 32-byte requests and reply chunks, 64-bit lengths. */
+export const EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 export const SIMPLE_REPLY_MAGIC = 0x67446698;
 export const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 
@@ -80,6 +85,10 @@ export const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 export const REQUEST_SIZE = 28;
 export const SIMPLE_REPLY_SIZE = 16;
 export const CHUNK_HEADER_SIZE = 20;
+/** Extended request header: magic, flags, type, cookie, offset, length u64. */
+export const EXTENDED_REQUEST_SIZE = 32;
+/** Extended reply chunk header: magic, flags, type, cookie, offset (the request's), length u64. */
+export const EXTENDED_CHUNK_HEADER_SIZE = 32;
 
 export const enum Cmd {
   READ = 0,
@@ -97,11 +106,13 @@ export const CMD_FLAG_NO_HOLE = 1 << 1;
 export const CMD_FLAG_DF = 1 << 2;
 export const CMD_FLAG_REQ_ONE = 1 << 3;
 export const CMD_FLAG_FAST_ZERO = 1 << 4;
+/** Extended headers only: `length` is the size of a payload that follows the header. */
+export const CMD_FLAG_PAYLOAD_LEN = 1 << 5;
 
 /** Flags each command accepts (FUA is accepted on every command, as the spec asks). */
 export const ALLOWED_FLAGS: Record<number, number> = {
   [Cmd.READ]: CMD_FLAG_FUA | CMD_FLAG_DF,
-  [Cmd.WRITE]: CMD_FLAG_FUA,
+  [Cmd.WRITE]: CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
   [Cmd.DISC]: CMD_FLAG_FUA,
   [Cmd.FLUSH]: CMD_FLAG_FUA,
   [Cmd.TRIM]: CMD_FLAG_FUA,
@@ -116,6 +127,8 @@ export const REPLY_NONE = 0;
 export const REPLY_OFFSET_DATA = 1;
 export const REPLY_OFFSET_HOLE = 2;
 export const REPLY_BLOCK_STATUS = 5;
+/** Block status with 64-bit lengths and flags, the only block status form with extended headers. */
+export const REPLY_BLOCK_STATUS_EXT = 6;
 export const REPLY_ERROR = 0x8001;
 export const REPLY_ERROR_OFFSET = 0x8002;
 

@@ -9,6 +9,11 @@
  * until something completes or the socket drains, and the connection stops reading from
  * the socket once a request's worth of bytes waits unparsed. A client that never reads
  * its replies therefore stops its own reads from being scheduled and nothing else.
+ *
+ * With extended headers (NBD_OPT_EXTENDED_HEADERS) requests are 32 bytes with a 64-bit
+ * length that is a payload length when PAYLOAD_LEN is set (WRITE must set it) and an
+ * effect length otherwise; every reply, even a bare success, is a 32-byte chunk header that
+ * echoes the request's offset, and block status goes out as BLOCK_STATUS_EXT.
  */
 import { isBlockError, type BlockError } from '../errors';
 import type { Extent } from '../provider';
@@ -16,9 +21,10 @@ import type { ByteQueue } from './byte-queue';
 import type { Negotiated } from './handshake';
 import {
   ALLOWED_FLAGS, BASE_ALLOCATION_ID, CHUNK_HEADER_SIZE, Cmd, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA,
-  CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, NBD_EINVAL, NBD_EIO, NBD_EOVERFLOW, NBD_EPERM, REPLY_BLOCK_STATUS,
-  REPLY_ERROR, REPLY_ERROR_OFFSET, REPLY_FLAG_DONE, REPLY_NONE, REPLY_OFFSET_DATA, REPLY_OFFSET_HOLE,
-  REQUEST_MAGIC, REQUEST_SIZE, SIMPLE_REPLY_MAGIC, SIMPLE_REPLY_SIZE, STATE_HOLE, STATE_ZERO,
+  CMD_FLAG_NO_HOLE, CMD_FLAG_PAYLOAD_LEN, CMD_FLAG_REQ_ONE, EXTENDED_CHUNK_HEADER_SIZE, EXTENDED_REPLY_MAGIC,
+  EXTENDED_REQUEST_MAGIC, EXTENDED_REQUEST_SIZE, NBD_EINVAL, NBD_EIO, NBD_EOVERFLOW, NBD_EPERM, REPLY_BLOCK_STATUS,
+  REPLY_BLOCK_STATUS_EXT, REPLY_ERROR, REPLY_ERROR_OFFSET, REPLY_FLAG_DONE, REPLY_NONE, REPLY_OFFSET_DATA,
+  REPLY_OFFSET_HOLE, REQUEST_MAGIC, REQUEST_SIZE, SIMPLE_REPLY_MAGIC, SIMPLE_REPLY_SIZE, STATE_HOLE, STATE_ZERO,
   STRUCTURED_REPLY_MAGIC, TF_READ_ONLY, TF_SEND_FAST_ZERO, nbdErrorFor,
 } from './protocol';
 
@@ -78,13 +84,17 @@ export class Transmission {
   private inFlightBytes = 0;
   /** A WRITE whose payload has not fully arrived yet. */
   private pendingWrite: Request | undefined;
-  /** Payload bytes of a refused WRITE still to be dropped. */
+  /** Payload bytes of a refused request still to be dropped, and the refusal to send then. */
   private skipping = 0;
-  private skipped: Request | undefined;
+  private skipped: { request: Request; message: string } | undefined;
   /** No more requests are parsed (DISC, shutdown, protocol error). */
   private stopped = false;
   private pumping = false;
   private readonly structured: boolean;
+  private readonly extended: boolean;
+  /** Request and reply chunk header sizes: compact or extended. */
+  private readonly requestSize: number;
+  private readonly chunkHeaderSize: number;
   private readonly size: number;
 
   constructor(
@@ -95,6 +105,9 @@ export class Transmission {
     private readonly host: TransmissionHost,
   ) {
     this.structured = negotiated.structured;
+    this.extended = negotiated.extended;
+    this.requestSize = this.extended ? EXTENDED_REQUEST_SIZE : REQUEST_SIZE;
+    this.chunkHeaderSize = this.extended ? EXTENDED_CHUNK_HEADER_SIZE : CHUNK_HEADER_SIZE;
     this.size = negotiated.export.vbd.info().size;
   }
 
@@ -105,7 +118,7 @@ export class Transmission {
 
   /** Unparsed bytes the connection may hold before it stops reading the socket. */
   get receiveLimit(): number {
-    return this.limits.maxRequest + REQUEST_SIZE + 64 * 1024;
+    return this.limits.maxRequest + EXTENDED_REQUEST_SIZE + 64 * 1024;
   }
 
   /** Stops parsing; `finished` fires once every running request is answered. */
@@ -125,7 +138,7 @@ export class Transmission {
           if (this.skipping > 0) break;
           const refused = this.skipped!;
           this.skipped = undefined;
-          this.replyError(refused, NBD_EINVAL, `write of ${refused.length} bytes is over the maximum of ${this.limits.maxRequest}`);
+          this.replyError(refused.request, NBD_EINVAL, refused.message);
           continue;
         }
         if (this.pendingWrite) {
@@ -136,7 +149,7 @@ export class Transmission {
           continue;
         }
         if (!this.admits()) break;
-        if (this.queue.length < REQUEST_SIZE) break;
+        if (this.queue.length < this.requestSize) break;
         this.parseRequest();
       }
     } finally {
@@ -153,10 +166,11 @@ export class Transmission {
   }
 
   private parseRequest(): void {
-    const { buf, at } = this.queue.takeView(REQUEST_SIZE);
-    if (buf.readUInt32BE(at) !== REQUEST_MAGIC) {
+    const { buf, at } = this.queue.takeView(this.requestSize);
+    const magic = buf.readUInt32BE(at);
+    if (magic !== (this.extended ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC)) {
       this.stopped = true;
-      this.host.protocolError(`bad request magic 0x${buf.readUInt32BE(at).toString(16)}`);
+      this.host.protocolError(`bad request magic 0x${magic.toString(16)}`);
       return;
     }
     const request: Request = {
@@ -165,20 +179,44 @@ export class Transmission {
       cookieHi: buf.readUInt32BE(at + 8),
       cookieLo: buf.readUInt32BE(at + 12),
       // Exact below 2^53; anything larger is past the end of every disk and refused.
-      offset: buf.readUInt32BE(at + 16) * 0x100000000 + buf.readUInt32BE(at + 20),
-      length: buf.readUInt32BE(at + 24),
+      offset: readU64(buf, at + 16),
+      length: this.extended ? readU64(buf, at + 24) : buf.readUInt32BE(at + 24),
     };
+    if (this.extended) return this.parseExtended(request);
     if (request.type === Cmd.WRITE) {
       if (request.length > this.limits.maxRequest) {
         // Drop the payload as it streams in (never buffered), then refuse the write.
-        this.skipping = request.length;
-        this.skipped = request;
+        this.skip(request, `write of ${request.length} bytes is over the maximum of ${this.limits.maxRequest}`);
       } else {
         this.pendingWrite = request;
       }
       return;
     }
     this.start(request);
+  }
+
+  /** Extended headers: a payload follows exactly when PAYLOAD_LEN is set. */
+  private parseExtended(request: Request): void {
+    const payload = (request.flags & CMD_FLAG_PAYLOAD_LEN) !== 0;
+    if (payload && request.length > this.limits.maxRequest) {
+      // The protocol asks for a hard disconnect: such a payload cannot be told from garbage.
+      this.stopped = true;
+      this.host.protocolError(`payload of ${request.length} bytes is over the maximum of ${this.limits.maxRequest}`);
+      return;
+    }
+    if (request.type === Cmd.WRITE) {
+      if (payload) this.pendingWrite = request;
+      else this.track(request, 0, () => this.replyError(request, NBD_EINVAL, 'WRITE without PAYLOAD_LEN under extended headers'));
+      return;
+    }
+    // No other command takes a payload here (BLOCK_STATUS_PAYLOAD is not offered): read it, refuse.
+    if (payload) return this.skip(request, `command ${request.type} takes no payload`);
+    this.start(request);
+  }
+
+  private skip(request: Request, message: string): void {
+    this.skipping = request.length;
+    this.skipped = { request, message };
   }
 
   // ---- running requests -------------------------------------------------------------
@@ -273,6 +311,7 @@ export class Transmission {
     if (allowed === undefined) return [NBD_EINVAL, `unknown command ${request.type}`];
     let valid = allowed;
     if (!this.structured) valid &= ~CMD_FLAG_DF;
+    if (!this.extended) valid &= ~CMD_FLAG_PAYLOAD_LEN;
     if (!(this.negotiated.flags & TF_SEND_FAST_ZERO)) valid &= ~CMD_FLAG_FAST_ZERO;
     if (request.flags & ~valid) return [NBD_EINVAL, `flags 0x${request.flags.toString(16)} are not valid on command ${request.type}`];
     return undefined;
@@ -305,7 +344,7 @@ export class Transmission {
     const runs = !df && length >= HOLE_SPLIT_MIN && vbd.capabilities().extents ? await this.readRuns(offset, length) : undefined;
     if (!runs) {
       const chunk = this.dataChunk(request, offset, length);
-      await vbd.read(chunk.subarray(CHUNK_HEADER_SIZE + 8), offset);
+      await vbd.read(chunk.subarray(this.chunkHeaderSize + 8), offset);
       chunk.writeUInt16BE(REPLY_FLAG_DONE, 4);
       this.out.send(chunk);
       return;
@@ -317,14 +356,14 @@ export class Transmission {
       runs.map(async (run) => {
         if (run.type !== 'data') {
           const hole = this.chunkHeader(request, 0, REPLY_OFFSET_HOLE, 12, 12);
-          writeU64(hole, run.offset, CHUNK_HEADER_SIZE);
-          hole.writeUInt32BE(run.length, CHUNK_HEADER_SIZE + 8);
+          writeU64(hole, run.offset, this.chunkHeaderSize);
+          hole.writeUInt32BE(run.length, this.chunkHeaderSize + 8);
           chunks.push(hole);
           return;
         }
         const chunk = this.dataChunk(request, run.offset, run.length);
         try {
-          await vbd.read(chunk.subarray(CHUNK_HEADER_SIZE + 8), run.offset);
+          await vbd.read(chunk.subarray(this.chunkHeaderSize + 8), run.offset);
           chunks.push(chunk);
         } catch (error) {
           failures.push({ offset: run.offset, error });
@@ -372,13 +411,30 @@ export class Transmission {
     let extents = await this.negotiated.export.vbd.extents(request.offset, request.length);
     if (request.flags & CMD_FLAG_REQ_ONE) extents = extents.slice(0, 1);
     else if (extents.length > MAX_EXTENTS) extents = extents.slice(0, MAX_EXTENTS);
+    const state = (e: Extent) => (e.type === 'data' ? 0 : e.type === 'zero' ? STATE_ZERO : STATE_HOLE | STATE_ZERO);
+    const h = this.chunkHeaderSize;
+    if (this.extended) {
+      // BLOCK_STATUS_EXT: context id, descriptor count, then (length u64, status u64) each.
+      const payload = 8 + 16 * extents.length;
+      const chunk = this.chunkHeader(request, REPLY_FLAG_DONE, REPLY_BLOCK_STATUS_EXT, payload, payload);
+      chunk.writeUInt32BE(BASE_ALLOCATION_ID, h);
+      chunk.writeUInt32BE(extents.length, h + 4);
+      let at = h + 8;
+      for (const e of extents) {
+        writeU64(chunk, e.length, at);
+        writeU64(chunk, state(e), at + 8);
+        at += 16;
+      }
+      this.out.send(chunk);
+      return;
+    }
     const payload = 4 + 8 * extents.length;
     const chunk = this.chunkHeader(request, REPLY_FLAG_DONE, REPLY_BLOCK_STATUS, payload, payload);
-    chunk.writeUInt32BE(BASE_ALLOCATION_ID, CHUNK_HEADER_SIZE);
-    let at = CHUNK_HEADER_SIZE + 4;
+    chunk.writeUInt32BE(BASE_ALLOCATION_ID, h);
+    let at = h + 4;
     for (const e of extents) {
       chunk.writeUInt32BE(e.length, at);
-      chunk.writeUInt32BE(e.type === 'data' ? 0 : e.type === 'zero' ? STATE_ZERO : STATE_HOLE | STATE_ZERO, at + 4);
+      chunk.writeUInt32BE(state(e), at + 4);
       at += 8;
     }
     this.out.send(chunk);
@@ -387,6 +443,8 @@ export class Transmission {
   // ---- replies ----------------------------------------------------------------------
 
   private replyOk(request: Request): void {
+    // Extended headers allow no simple replies: success is an empty NONE chunk.
+    if (this.extended) return this.out.send(this.chunkHeader(request, REPLY_FLAG_DONE, REPLY_NONE, 0));
     const reply = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
     this.writeSimpleHeader(reply, request, 0);
     this.out.send(reply);
@@ -418,33 +476,39 @@ export class Transmission {
     reply.writeUInt32BE(request.cookieLo, 12);
   }
 
-  /** A chunk header followed by `extra` bytes of room for the payload. */
+  /** A chunk header (structured or extended) followed by `extra` bytes of room for the payload. */
   private chunkHeader(request: Request, flags: number, type: number, payloadLength: number, extra = 0): Buffer {
-    const chunk = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + extra);
-    chunk.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
+    const chunk = Buffer.allocUnsafe(this.chunkHeaderSize + extra);
+    chunk.writeUInt32BE(this.extended ? EXTENDED_REPLY_MAGIC : STRUCTURED_REPLY_MAGIC, 0);
     chunk.writeUInt16BE(flags, 4);
     chunk.writeUInt16BE(type, 6);
     chunk.writeUInt32BE(request.cookieHi, 8);
     chunk.writeUInt32BE(request.cookieLo, 12);
-    chunk.writeUInt32BE(payloadLength, 16);
+    if (this.extended) {
+      writeU64(chunk, request.offset, 16);
+      writeU64(chunk, payloadLength, 24);
+    } else {
+      chunk.writeUInt32BE(payloadLength, 16);
+    }
     return chunk;
   }
 
   /** An OFFSET_DATA chunk whose data area (after header and offset) the read fills in place. */
   private dataChunk(request: Request, offset: number, length: number): Buffer {
     const chunk = this.chunkHeader(request, 0, REPLY_OFFSET_DATA, 8 + length, 8 + length);
-    writeU64(chunk, offset, CHUNK_HEADER_SIZE);
+    writeU64(chunk, offset, this.chunkHeaderSize);
     return chunk;
   }
 
   private errorChunk(request: Request, type: number, error: number, message: string, offset?: number): Buffer {
     const text = Buffer.from(message.slice(0, MAX_MESSAGE), 'utf8');
     const payload = 6 + text.length + (offset === undefined ? 0 : 8);
+    const h = this.chunkHeaderSize;
     const chunk = this.chunkHeader(request, REPLY_FLAG_DONE, type, payload, payload);
-    chunk.writeUInt32BE(error, CHUNK_HEADER_SIZE);
-    chunk.writeUInt16BE(text.length, CHUNK_HEADER_SIZE + 4);
-    text.copy(chunk, CHUNK_HEADER_SIZE + 6);
-    if (offset !== undefined) writeU64(chunk, offset, CHUNK_HEADER_SIZE + 6 + text.length);
+    chunk.writeUInt32BE(error, h);
+    chunk.writeUInt16BE(text.length, h + 4);
+    text.copy(chunk, h + 6);
+    if (offset !== undefined) writeU64(chunk, offset, h + 6 + text.length);
     return chunk;
   }
 
@@ -456,6 +520,11 @@ export class Transmission {
 function describe(error: unknown): { code: BlockError['code'] | undefined; message: string } {
   if (isBlockError(error)) return { code: error.code, message: error.message };
   return { code: undefined, message: error instanceof Error ? error.message : String(error) };
+}
+
+/** A u64 as a number: exact below 2^53, which covers every offset and length that can be valid. */
+function readU64(buf: Buffer, at: number): number {
+  return buf.readUInt32BE(at) * 0x100000000 + buf.readUInt32BE(at + 4);
 }
 
 function writeU64(buf: Buffer, value: number, at: number): void {

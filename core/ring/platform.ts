@@ -1,8 +1,29 @@
 /**
  * The three things a blkif backend needs from the machine it runs on, as small
  * interfaces: grant mapping, event channels and XenStore. `sim/` implements them with
- * files and Unix sockets (XENSIM.md); a `xen` implementation binds libxengnttab,
- * libxenevtchn and libxenstore the same way.
+ * files and Unix sockets (XENSIM.md); a `xen` implementation (a real dom0) binds
+ * libxengnttab, libxenevtchn and libxenstore behind the same interfaces and registers
+ * itself with `registerPlatformKind('xen', ...)` (platforms.ts). These interfaces are the
+ * whole contract between the ring engine (queue.ts, device.ts) and a platform; keep them
+ * small and change them only with both sides.
+ *
+ * What the engine promises a platform:
+ *  - everything runs on the Node.js event loop (no threads); calls never overlap a
+ *    platform's own callbacks;
+ *  - one GrantMapper per connection (a frontend's Initialised..Closing): every mapRing is
+ *    unmapped and every mapPages released before `close()`, and no I/O touches a page
+ *    after its release;
+ *  - it never writes a grant table, and never binds the same (domid, port) twice.
+ *
+ * What a platform promises the engine:
+ *  - refusals are GrantError (a request answered BLKIF_RSP_ERROR or a failed connection),
+ *    never a crash; a mapping is all or nothing;
+ *  - `onEvent` runs on a later turn of the event loop, never inside `bind` or `notify`;
+ *    notifications may coalesce (the engine always re-checks its ring);
+ *  - XenStore paths are absolute; a missing node reads as `undefined` and lists as
+ *    `[]`; `rm` of a missing node succeeds; a watch fires once when set (asynchronously)
+ *    and then on every change at or below its path; a conflicting commit resolves
+ *    `false` (EAGAIN), any other failure rejects.
  */
 
 /** Grant access for one connection to one frontend domain. */
@@ -14,8 +35,10 @@ export interface GrantMapper {
   mapRing(refs: number[]): RingMapping;
   /**
    * Maps data pages, all or nothing: throws GrantError if any reference is refused.
-   * `writable`: the backend will write into them (a READ request). Each page is a view
-   * of the mapped memory (adjacent views of one region may be merged into one I/O).
+   * `writable`: the backend will write into them (a READ request). Each page is a
+   * 4096-byte view of the mapped memory, valid until `release()` (adjacent views of one
+   * region may be merged into one I/O). With persistent grants the platform may keep the
+   * mappings until `close()`; `release()` is still called once per `mapPages`.
    */
   mapPages(refs: number[], writable: boolean): PageMapping;
   /** Drops every mapping this connection made (persistent ones included). */
@@ -37,12 +60,18 @@ export class GrantError extends Error {}
 /** An event channel bound to a frontend's port. */
 export interface EventChannel {
   readonly remotePort: number;
+  /** Raises the channel towards the frontend; never blocks, may coalesce. */
   notify(): void;
+  /** Unbinds (idempotent); no `onEvent` runs afterwards. */
   close(): void;
 }
 
 export interface EventChannels {
-  /** Binds to (domid, remotePort); `onEvent` runs for every notification the frontend raises. */
+  /**
+   * Binds to (domid, remotePort); `onEvent` runs for every notification the frontend
+   * raises (coalesced). Throws (an Error) when the port cannot be bound: the engine
+   * fails that connection.
+   */
   bind(domid: number, remotePort: number, onEvent: () => void): EventChannel;
 }
 

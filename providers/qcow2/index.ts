@@ -24,6 +24,7 @@ import {
   parseHeader,
   type Qcow2Header,
 } from './header';
+import { checkQcow2, qcow2References } from './check';
 import { PromiseLru } from './lru';
 import { ClusterMap, type Run } from './mapping';
 import { readSnapshotTable, type Snapshot } from './snapshots';
@@ -34,6 +35,29 @@ const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
 const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
 /** extents() stops after this many L2 tables per call (the caller asks again from there). */
 const EXTENTS_TABLES_PER_CALL = 64;
+/**
+ * Neighbouring clusters of one request are fetched from the image file in one read when
+ * the gap between them is at most this (qemu-img writes clusters in guest order, so a
+ * converted image's stored and compressed clusters lie back to back) ...
+ */
+const COALESCE_GAP = 64 * 1024;
+/** ... and the merged read is at most this long. */
+const COALESCE_MAX = 4 * 1024 * 1024;
+/** Spare merge buffers kept between requests. */
+const SPARE_SPANS = 4;
+
+/** One run of a request and the part of the caller's buffer it fills. */
+interface Piece {
+  run: Run;
+  slice: Uint8Array;
+}
+
+/** Pieces whose bytes come from one stretch [start, end) of the image file. */
+interface Span {
+  start: number;
+  end: number;
+  pieces: Piece[];
+}
 
 /** Names qemu writes in the backing-format extension → our provider names. */
 const BACKING_FORMATS: Record<string, string> = { raw: 'raw', file: 'raw', qcow2: 'qcow2', vpc: 'vhd', vhd: 'vhd' };
@@ -45,6 +69,8 @@ const BACKING_FORMATS: Record<string, string> = { raw: 'raw', file: 'raw', qcow2
   probe: ({ head }) => looksLikeQcow2(head),
   options: ['snapshot', 'l2-cache-size'],
   probePriority: 10,
+  references: qcow2References,
+  check: checkQcow2,
 })
 export class Qcow2Provider implements Provider {
   readonly name = 'qcow2';
@@ -60,6 +86,8 @@ export class Qcow2Provider implements Provider {
   private l2CacheBytes = DEFAULT_L2_CACHE_BYTES;
   private decompressed!: PromiseLru<Uint8Array>;
   private concurrent = true;
+  /** Merge buffers for readSpan, reused between requests. */
+  private readonly spares: Uint8Array[] = [];
 
   constructor(private readonly request: OpenRequest) {
     if (!request.lower) throw new BlockError('EINVAL', `qcow2 needs an image to read (qcow2:/path/x.qcow2) in spec '${request.spec}'`);
@@ -151,7 +179,7 @@ export class Qcow2Provider implements Provider {
     if (hasBit(this.header.autoclearFeatures, AUTOCLEAR.rawExternalData) && this.header.backingFile !== undefined) {
       throw new CorruptImageError('autoclear_features', `qcow2: ${this.where} has a raw external data file and a backing file, which cannot go together`);
     }
-    this.dataFile = await this.request.openBacking(name, { format: 'raw' });
+    this.dataFile = await this.request.openBacking(name, { format: 'raw', role: 'data-file' });
   }
 
   private async openBackingFile(name: string): Promise<void> {
@@ -177,17 +205,65 @@ export class Qcow2Provider implements Provider {
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
     const tasks: Array<() => Promise<void>> = [];
+    let span: Span | undefined;
+    const flush = () => {
+      if (!span) return;
+      const done = span;
+      tasks.push(done.pieces.length === 1 ? () => this.readRun(done.pieces[0]) : () => this.readSpan(done));
+      span = undefined;
+    };
     for (let pos = 0; pos < buf.length; ) {
       const run = await this.map.run(offset + pos, buf.length - pos);
-      const slice = buf.subarray(pos, pos + run.length);
-      tasks.push(() => this.readRun(run, slice));
+      const piece = { run, slice: buf.subarray(pos, pos + run.length) };
       pos += run.length;
+      const range = this.hostRange(piece);
+      if (!range) {
+        tasks.push(() => this.readRun(piece));
+        continue;
+      }
+      const [start, end] = range;
+      if (span && start >= span.start && start <= span.end + COALESCE_GAP && Math.max(span.end, end) - span.start <= COALESCE_MAX) {
+        span.pieces.push(piece);
+        span.end = Math.max(span.end, end);
+      } else {
+        flush();
+        span = { start, end, pieces: [piece] };
+      }
     }
+    flush();
     if (this.concurrent) await Promise.all(tasks.map((task) => task()));
     else for (const task of tasks) await task();
   }
 
-  private async readRun(run: Run, slice: Uint8Array): Promise<void> {
+  /** Where a piece's bytes lie in the image file, when they can share a read with its neighbours. */
+  private hostRange({ run, slice }: Piece): [number, number] | undefined {
+    if (run.kind === 'compressed') return [run.compressed!.offset, run.compressed!.offset + run.compressed!.length];
+    // Data past the end is left to readData, which names the damage.
+    if (run.kind === 'data' && !this.dataFile && run.host! + slice.length <= this.imageSize) return [run.host!, run.host! + slice.length];
+    return undefined;
+  }
+
+  /** Reads neighbouring clusters with one read of the image file, then places each piece. */
+  private async readSpan(span: Span): Promise<void> {
+    const scratch = this.spares.pop() ?? new Uint8Array(COALESCE_MAX);
+    try {
+      const bytes = scratch.subarray(0, span.end - span.start);
+      await this.lower.read(bytes, span.start);
+      for (const { run, slice } of span.pieces) {
+        if (run.kind === 'data') {
+          slice.set(bytes.subarray(run.host! - span.start, run.host! - span.start + slice.length));
+        } else {
+          const extent = run.compressed!;
+          const input = bytes.subarray(extent.offset - span.start, extent.offset - span.start + extent.length);
+          await this.placeCompressed(run, slice, () => Promise.resolve(this.decompress(extent, input)));
+        }
+      }
+    } finally {
+      if (this.spares.length < SPARE_SPANS) this.spares.push(scratch);
+    }
+  }
+
+  private async readRun({ run, slice }: Piece): Promise<void> {
     switch (run.kind) {
       case 'zero':
         slice.fill(0);
@@ -197,12 +273,23 @@ export class Qcow2Provider implements Provider {
       case 'data':
         return this.readData(slice, run.host!, run.guest);
       case 'compressed': {
-        const cluster = await this.compressedCluster(run.compressed!);
-        const start = run.guest - run.compressed!.clusterGuest;
-        slice.set(cluster.subarray(start, start + slice.length));
-        return;
+        const extent = run.compressed!;
+        return this.placeCompressed(run, slice, async () => this.decompress(extent, await this.readImage(extent.offset, extent.length)));
       }
     }
+  }
+
+  /**
+   * Copies a compressed run's bytes into place. A read of a whole cluster (a sequential
+   * reader) decodes it straight away; parts of clusters go through the cache of decoded
+   * clusters, so small reads within one cluster decode it once.
+   */
+  private async placeCompressed(run: Run, slice: Uint8Array, decode: () => Promise<Uint8Array>): Promise<void> {
+    const extent = run.compressed!;
+    const whole = slice.length === this.header.clusterSize;
+    const cluster = whole ? await decode() : await this.decompressed.get(extent.offset, decode);
+    const start = run.guest - extent.clusterGuest;
+    slice.set(cluster.subarray(start, start + slice.length));
   }
 
   /** Data clusters: in the image file, or in the external data file. Never past its end. */
@@ -227,16 +314,13 @@ export class Qcow2Provider implements Provider {
     if (present < slice.length) slice.fill(0, present);
   }
 
-  private compressedCluster(extent: NonNullable<Run['compressed']>): Promise<Uint8Array> {
-    return this.decompressed.get(extent.offset, async () => {
-      const input = await this.readImage(extent.offset, extent.length);
-      try {
-        return await decompressCluster(this.header.compressionType, input, this.header.clusterSize);
-      } catch (e) {
-        if (!(e instanceof DecompressError)) throw e;
-        throw new CorruptImageError('compressed_cluster', `qcow2: ${this.where}: compressed cluster at guest offset ${extent.clusterGuest} (data at ${extent.offset}): ${e.message}`, 'EIO');
-      }
-    });
+  private decompress(extent: NonNullable<Run['compressed']>, input: Uint8Array): Uint8Array {
+    try {
+      return decompressCluster(this.header.compressionType, input, this.header.clusterSize);
+    } catch (e) {
+      if (!(e instanceof DecompressError)) throw e;
+      throw new CorruptImageError('compressed_cluster', `qcow2: ${this.where}: compressed cluster at guest offset ${extent.clusterGuest} (data at ${extent.offset}): ${e.message}`, 'EIO');
+    }
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
@@ -329,6 +413,7 @@ export class Qcow2Provider implements Provider {
   async close(): Promise<void> {
     this.map?.clearCaches();
     this.decompressed?.clear();
+    this.spares.length = 0;
     await this.closeOpened();
     await this.lower.close();
   }

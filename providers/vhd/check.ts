@@ -42,13 +42,16 @@ export async function checkImage(file: string, opener: Opener = new Opener({ rea
         if (copy.problems.length) problems.push({ field: 'footer copy', message: `the footer copy at offset 0 is bad: ${copy.problems[0].message}` });
         else if (!sameFooter(copy.footer, layout.footer)) problems.push({ field: 'footer copy', message: 'the footer copy at offset 0 differs from the footer at the end' });
       }
-      const bat = layout.bat!;
-      for (let i = 0; i < bat.length; i++) {
-        if (bat[i] === UNALLOCATED) continue;
-        try {
-          await source.read(new Uint8Array(layout.bitmapBytes), bat[i] * 512);
-        } catch (e) {
-          problems.push({ field: `bat[${i}]`, message: `cannot read the bitmap of block ${i}: ${(e as Error).message}` });
+      // Every sound block's bitmap must be readable (a file cut short under a block is not).
+      if (problems.length === 0) {
+        const bat = layout.bat!;
+        for (let i = 0; i < bat.length; i++) {
+          if (bat[i] === UNALLOCATED) continue;
+          try {
+            await source.read(new Uint8Array(layout.bitmapBytes), bat[i] * 512);
+          } catch (e) {
+            problems.push({ field: `bat[${i}]`, message: `cannot read the bitmap of block ${i}: ${(e as Error).message}` });
+          }
         }
       }
       unreferencedBytes = Math.max(0, layout.footerOffset - layout.dataEnd);

@@ -19,6 +19,8 @@ export const UNALLOCATED = 0xffffffff;
 export const MAX_BAT_ENTRIES = DEFAULT_LIMITS.get('bat-entries');
 /** The largest block we accept (the bitmap and reads are sized from it). */
 export const MAX_BLOCK_SIZE = 2 ** 30;
+/** `tapkit vhd check` lists this many bad BAT entries, then counts the rest. */
+const MAX_LISTED_BAT_PROBLEMS = 64;
 
 export interface Problem {
   field: string;
@@ -43,6 +45,8 @@ export interface VhdLayout {
   dataEnd: number;
   /** Bytes of blktap's batmap after the BAT, when one is present. */
   batmap?: { headerOffset: number; mapOffset: number; mapSectors: number };
+  /** Allocated blocks whose BAT entries are sound. */
+  blocks?: number;
 }
 
 export interface LoadOptions {
@@ -108,6 +112,8 @@ async function walk(
     endBytes = tail.subarray(tail.length - LEGACY_FOOTER_SIZE);
   }
   const atEnd = endBytes ? inspectFooter(endBytes) : undefined;
+  // No footer at the end at all (a torn append): blocks may reach the end of the file.
+  if (!endBytes) footerOffset = fileSize;
   let footer: Footer;
   let footerFromCopy = false;
   if (atEnd && atEnd.problems.length === 0) {
@@ -228,6 +234,11 @@ async function walk(
   // ---- every allocated block: after the metadata, before the footer, not overlapping another.
   const blocks: Array<[number, number, number]> = [];
   let dataEnd = metaEnd;
+  // A damaged BAT may hold millions of bad entries: list the first ones, count the rest.
+  let badEntries = 0;
+  const badEntry = (i: number, message: string): void => {
+    if (++badEntries <= MAX_LISTED_BAT_PROBLEMS) fail(`bat[${i}]`, message);
+  };
   for (let i = 0; i < entries; i++) {
     const entry = bat[i];
     if (entry === UNALLOCATED) continue;
@@ -237,11 +248,11 @@ async function walk(
     const end = start + bitmapBytes + Math.ceil(within / 512) * 512;
     const hit = regions.find(([from, to]) => start < to && from < end);
     if (hit) {
-      fail(`bat[${i}]`, `BAT entry ${i} (sector ${entry}) points inside the image's metadata (${hit[2]}, bytes ${hit[0]}-${hit[1]})`);
+      badEntry(i, `BAT entry ${i} (sector ${entry}) points inside the image's metadata (${hit[2]}, bytes ${hit[0]}-${hit[1]})`);
       continue;
     }
     if (end > footerOffset) {
-      fail(`bat[${i}]`, `BAT entry ${i} (sector ${entry}) points past the end of the file: its block ends at ${end}, the footer is at ${footerOffset}`);
+      badEntry(i, `BAT entry ${i} (sector ${entry}) points past the end of the file: its block ends at ${end}, the footer is at ${footerOffset}`);
       continue;
     }
     blocks.push([start, start + bitmapBytes + blockSize, i]);
@@ -250,9 +261,11 @@ async function walk(
   blocks.sort((a, b) => a[0] - b[0]);
   for (let k = 1; k < blocks.length; k++) {
     if (blocks[k][0] < blocks[k - 1][1]) {
-      fail(`bat[${blocks[k][2]}]`, `BAT entries ${blocks[k - 1][2]} and ${blocks[k][2]} point to overlapping blocks (sectors ${blocks[k - 1][0] / 512} and ${blocks[k][0] / 512})`);
+      badEntry(blocks[k][2], `BAT entries ${blocks[k - 1][2]} and ${blocks[k][2]} point to overlapping blocks (sectors ${blocks[k - 1][0] / 512} and ${blocks[k][0] / 512})`);
     }
   }
+  if (badEntries > MAX_LISTED_BAT_PROBLEMS) fail('bat', `${badEntries - MAX_LISTED_BAT_PROBLEMS} more BAT entries are bad (only the first ${MAX_LISTED_BAT_PROBLEMS} are listed)`);
+  base.blocks = blocks.length;
   base.dataEnd = Math.ceil(dataEnd / 512) * 512;
   return base;
 }

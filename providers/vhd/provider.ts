@@ -19,6 +19,7 @@ import { DiskType, diskTypeName, FOOTER_SIZE, isFooterCookie, LEGACY_FOOTER_SIZE
 import { HEADER_COOKIE } from './header';
 import { loadLayout, UNALLOCATED, type VhdLayout } from './layout';
 import { parentCandidates } from './locators';
+import { checkVhd, vhdReferences } from './inspect';
 import { Mutex } from './mutex';
 import { sameUuid, uuidText } from './uuid';
 
@@ -44,6 +45,8 @@ export function probeVhd({ head, tail }: { head: Uint8Array; tail: Uint8Array })
   // The footer is at the end: after formats recognised by their first bytes.
   probePriority: -10,
   options: ['ignore-parent-uuid'],
+  references: vhdReferences,
+  check: checkVhd,
 })
 export class VhdProvider implements Provider {
   readonly name = 'vhd';
@@ -228,8 +231,34 @@ export class VhdProvider implements Provider {
       sectors.set(data, within - first * 512);
     }
     const entry = await this.ensureBlock(block);
-    await this.writeLower(sectors, entry * 512 + this.layout.bitmapBytes + first * 512);
-    await this.markPresent(block, first, last - first, true);
+    if (this.type === DiskType.Dynamic) {
+      // Dynamic: bits before data, so a bit-0 sector never holds data (see bitsBeforeData).
+      await this.bitsBeforeData(block, entry, first, last - first);
+      await this.writeLower(sectors, entry * 512 + this.layout.bitmapBytes + first * 512);
+    } else {
+      // Differencing: data before bits, so a set bit never hides the parent behind bytes not yet written.
+      await this.writeLower(sectors, entry * 512 + this.layout.bitmapBytes + first * 512);
+      await this.markPresent(block, first, last - first, true);
+    }
+  }
+
+  /**
+   * In a dynamic image a sector whose bit is 0 must hold zeros on disk (readers that ignore
+   * the bitmap, like qemu, read the data area; 7-Zip reports a data error otherwise). The
+   * bytes under a bit-0 sector are zeros, so setting the bit first changes nothing a reader
+   * sees; the data written after it is then covered whether or not it reaches the disk.
+   * Blocks we allocate have every bit set from the start (their data area is a hole), so
+   * this costs a bitmap write and a flush only for blocks other producers left partly set.
+   */
+  private async bitsBeforeData(block: number, entry: number, first: number, count: number): Promise<void> {
+    const map = await this.bitmaps.get(block);
+    let missing = false;
+    for (let s = first; s < first + count && !missing; s++) missing = !testBit(map, s);
+    if (!missing) return;
+    setBits(map, first, count, true);
+    if (this.bitmaps.dirty.has(block)) return; // not on disk yet: the flush writes it before the BAT entry
+    await this.writeLower(map, entry * 512);
+    await this.lower.flush?.();
   }
 
   private async readEdge(sectors: Uint8Array, base: number, first: number, last: number, within: number, length: number): Promise<void> {
@@ -266,7 +295,9 @@ export class VhdProvider implements Provider {
     this.nextBlockAt = end;
     this.bat[block] = at / 512;
     this.dirtyBat.add(block);
-    this.bitmaps.install(block, new Uint8Array(this.layout.bitmapBytes));
+    // Dynamic: every bit set (the data area is a hole, so unwritten sectors read as zeros
+    // either way); differencing: no bit set, the parent shows through until written.
+    this.bitmaps.install(block, new Uint8Array(this.layout.bitmapBytes).fill(this.type === DiskType.Dynamic ? 0xff : 0));
     return at / 512;
   }
 
@@ -366,7 +397,7 @@ export class VhdProvider implements Provider {
     });
   }
 
-  /** Dynamic: whole blocks are freed, partly covered ones lose their sectors (bit 0, zeros on disk). */
+  /** Dynamic: whole blocks are freed (on a file), partly covered ones get zeros in place. */
   private async zeroDynamic(offset: number, length: number): Promise<void> {
     const pieces: Array<[number, number, number]> = [];
     this.forEachBlock(offset, length, (block, within, n) => pieces.push([block, within, n]));
@@ -380,19 +411,13 @@ export class VhdProvider implements Provider {
         this.bat[block] = UNALLOCATED;
         this.dirtyBat.add(block);
         this.bitmaps.forget(block);
-        await this.zeroLowerRange(entry * 512, this.layout.bitmapBytes + Math.ceil(blockBytes / 512) * 512, true);
+        // Data first, then the bitmap: a bit-0 sector never holds data, even after a crash.
+        await this.zeroLowerRange(entry * 512 + this.layout.bitmapBytes, Math.ceil(blockBytes / 512) * 512, true);
+        await this.zeroLowerRange(entry * 512, this.layout.bitmapBytes, true);
         continue;
       }
-      const dataAt = entry * 512 + this.layout.bitmapBytes;
-      const span = sectorSpan(within, n);
-      // Bytes of partly covered sectors are zeroed in place (a bit-0 sector already reads as zeros).
-      for (const [from, to] of span.edges) {
-        if (await this.sectorPresent(block, Math.floor(from / 512))) await this.zeroLowerRange(dataAt + from, to - from, false);
-      }
-      if (span.last > span.first) {
-        await this.zeroLowerRange(dataAt + span.first * 512, (span.last - span.first) * 512, true);
-        await this.markPresent(block, span.first, span.last - span.first, false);
-      }
+      // Zeros in place; the bits stay as they are (a zero sector reads as zeros whatever its bit).
+      await this.zeroLowerRange(entry * 512 + this.layout.bitmapBytes + within, n, true);
     }
   }
 

@@ -27,7 +27,9 @@ export async function resizeImage(file: string, requested: number): Promise<{ ol
   if (newSize < oldSize) throw new BlockError('EINVAL', `${file}: shrinking is not supported (${oldSize} → ${newSize} bytes)`);
   if (newSize === oldSize) return { oldSize, newSize };
   if (layout.footer.savedState) throw new BlockError('EROFS', `${file} holds a saved VM state; it must not be resized`);
-  const footer = { ...layout.footer, currentSize: newSize, geometry: geometryFor(newSize) };
+  // The original size changes too: the spec calls it informational, but libvhdi (20210425)
+  // reports it as the disk's size, so an unchanged one would hide the growth from it.
+  const footer = { ...layout.footer, currentSize: newSize, originalSize: newSize, geometry: geometryFor(newSize) };
   const footerBytes = serializeFooter(footer);
   const fd = fs.openSync(file, 'r+');
   try {

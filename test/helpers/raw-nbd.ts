@@ -124,6 +124,31 @@ export class RawClient {
     this.write(payload ? Buffer.concat([header, payload]) : header);
   }
 
+  /** An extended request (after EXTENDED_HEADERS): 64-bit length, payload only with PAYLOAD_LEN (0x20). */
+  sendExtendedRequest(type: number, offset: number, length: number, cookie: bigint, flags = 0, payload?: Buffer): void {
+    const header = Buffer.alloc(32);
+    header.writeUInt32BE(0x21e41c71, 0);
+    header.writeUInt16BE(flags, 4);
+    header.writeUInt16BE(type, 6);
+    header.writeBigUInt64BE(cookie, 8);
+    header.writeBigUInt64BE(BigInt(offset), 16);
+    header.writeBigUInt64BE(BigInt(length), 24);
+    this.write(payload ? Buffer.concat([header, payload]) : header);
+  }
+
+  /** One extended reply chunk: its header also echoes the request's offset. */
+  async readExtendedChunk(): Promise<{ flags: number; type: number; cookie: bigint; offset: bigint; payload: Buffer }> {
+    const header = await this.read(32);
+    if (header.readUInt32BE(0) !== 0x6e8a278c) throw new Error(`not an extended chunk: magic 0x${header.readUInt32BE(0).toString(16)}`);
+    return {
+      flags: header.readUInt16BE(4),
+      type: header.readUInt16BE(6),
+      cookie: header.readBigUInt64BE(8),
+      offset: header.readBigUInt64BE(16),
+      payload: await this.read(Number(header.readBigUInt64BE(24))),
+    };
+  }
+
   /** A simple reply: error and cookie (data, if any, is left for the caller). */
   async readSimpleReply(): Promise<{ error: number; cookie: bigint }> {
     const reply = await this.read(16);

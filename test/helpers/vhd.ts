@@ -40,11 +40,15 @@ export async function tapkit(args: string[], timeoutMs = 60_000): Promise<{ code
 
 /** The disk as `qemu-img convert -O raw` gives it. */
 export async function qemuRaw(image: string, dir: string, format = 'vpc'): Promise<Buffer> {
-  const out = path.join(dir, `${path.basename(image)}.qemu.raw`);
-  await tool('qemu-img', ['convert', '-f', format, '-O', 'raw', image, out]);
-  const data = fs.readFileSync(out);
-  fs.rmSync(out);
-  return data;
+  // A directory of its own: tests running at once may convert the same image.
+  const own = fs.mkdtempSync(path.join(dir, 'qemu-'));
+  const out = path.join(own, `${path.basename(image)}.raw`);
+  try {
+    await tool('qemu-img', ['convert', '-f', format, '-O', 'raw', image, out]);
+    return fs.readFileSync(out);
+  } finally {
+    fs.rmSync(own, { recursive: true, force: true });
+  }
 }
 
 /** The disk as 7-Zip extracts it from a VHD (following parents and sector bitmaps). */

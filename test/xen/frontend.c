@@ -12,7 +12,7 @@
  * --random, --sectors N (disk sectors to use).
  *
  * Scenarios: rw, flush, discard, indirect, wrap, queues, hostile, overrun, reconnect,
- * readonly, bench. Each prints "ok SCENARIO ..." and exits 0, or prints "FAIL: ..."
+ * readonly, bench, fill. Each prints "ok SCENARIO ..." and exits 0, or prints "FAIL: ..."
  * and exits 1. Data written is pattern(offset, seed) so that the caller can check the
  * backend's disk afterwards.
  */
@@ -780,6 +780,23 @@ static void scenario_readonly(void)
     printf("ok readonly\n");
 }
 
+/* Writes the whole disk with 1 MiB indirect writes of non-zero data (a bench's untimed fill). */
+static void scenario_fill(void)
+{
+    struct queue *Q = &queues[0];
+    unsigned nseg = max_indirect < 256 ? max_indirect : 256;
+    if (nseg < 8) fail("fill needs indirect segments");
+    unsigned src = alloc_pages(nseg);
+    for (size_t i = 0; i < (size_t)nseg * PAGE; i++) mem[(size_t)src * PAGE + i] = (uint8_t)(i * 7 + 1);
+    uint64_t step = (uint64_t)nseg * 8, filled = 0;
+    for (uint64_t sector = 0; sector + step <= disk_sectors; sector += step, filled++) {
+        uint64_t id = put_indirect(Q, BLKIF_OP_WRITE, sector, src, nseg, 1);
+        push(Q);
+        expect(id, BLKIF_RSP_OKAY, BLKIF_OP_WRITE, "fill write");
+    }
+    printf("ok fill %llu requests\n", (unsigned long long)filled);
+}
+
 static double seconds_since(struct timespec *t0)
 {
     struct timespec t;
@@ -924,6 +941,7 @@ int main(int argc, char **argv)
     else if (!strcmp(scenario, "queues")) scenario_queues();
     else if (!strcmp(scenario, "hostile")) scenario_hostile();
     else if (!strcmp(scenario, "bench")) scenario_bench();
+    else if (!strcmp(scenario, "fill")) scenario_fill();
     else if (!strcmp(scenario, "readonly")) scenario_readonly();
     else if (!strcmp(scenario, "overrun")) {
         scenario_overrun();

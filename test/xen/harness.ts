@@ -35,7 +35,9 @@ let compiled: Promise<string> | undefined;
 /** Compiles frontend.c once per test process; resolves with the binary's path. */
 export function frontendBinary(): Promise<string> {
   compiled ??= (async () => {
-    const out = path.join(tempDir('frontend-'), 'frontend');
+    const dir = tempDir('frontend-');
+    process.once('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+    const out = path.join(dir, 'frontend');
     await run('gcc', ['-O2', '-Wall', '-Werror', '-Wno-format-truncation', '-Wno-unused-local-typedefs', '-o', out, FRONTEND_SOURCE, '-lxenstore'], { timeout: 60_000 });
     return out;
   })();

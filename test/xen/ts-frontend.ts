@@ -250,7 +250,7 @@ export class TsFrontend {
    * keys after the normal ones are written (a value of null removes the key), and
    * `expectConnected: false` stops after Initialised (for hostile keys).
    */
-  async connect(options: { override?: Record<string, string | null>; expectConnected?: boolean } = {}): Promise<void> {
+  async connect(options: { override?: Record<string, string | null | ((fe: TsFrontend) => string)>; expectConnected?: boolean } = {}): Promise<void> {
     await this.setState(XenbusState.Initialising);
     await this.waitBackend(XenbusState.InitWait);
     this.sectors = Number(await this.xs.read(`${this.be}/sectors`));
@@ -277,7 +277,7 @@ export class TsFrontend {
       await this.xs.write(`${this.fe}/feature-persistent`, persistent ? '1' : '0', tx);
       for (const [key, value] of Object.entries(options.override ?? {})) {
         if (value === null) await this.xs.rm(`${this.fe}/${key}`, tx);
-        else await this.xs.write(`${this.fe}/${key}`, value, tx);
+        else await this.xs.write(`${this.fe}/${key}`, typeof value === 'function' ? value(this) : value, tx);
       }
       await this.xs.write(`${this.fe}/state`, String(XenbusState.Initialised), tx);
     });

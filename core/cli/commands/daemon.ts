@@ -4,14 +4,20 @@ import { runDaemon } from '../../daemon/daemon';
 // Contributes the `snapshot` control operation (live VHD snapshots).
 import '../../daemon/snapshot';
 import '../../nbd/daemon-export'; // registers the nbd export kind
+import '../../fuse/daemon-export'; // registers the fuse export kind
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
-import '../../fuse/daemon-export';
+import '../../ring/export'; // the `xen` export kind
 
 /** Threads for the libuv pool: FUSE mounts keep reads of /dev/fuse waiting on it (core/fuse/export.ts). */
 const DAEMON_THREADPOOL = 128;
 
 export function register(program: Command): void {
+  // Before the program's preAction hook (plugins loaded as ES modules start the pool),
+  // since the pool's size is fixed when it starts.
+  program.hook('preSubcommand', (_program, sub) => {
+    if (sub.name() === 'daemon') process.env.UV_THREADPOOL_SIZE ??= String(DAEMON_THREADPOOL);
+  });
   program
     .command('daemon')
     .description('host many devices and their exports in one process, managed with `tapkit ctl`')
@@ -20,7 +26,6 @@ export function register(program: Command): void {
     .option('--metrics <host:port>', 'serve Prometheus metrics on this loopback address')
     .option('--log-level <level>', 'debug, info, warn or error', 'info')
     .action(async (options: { config?: string; control?: string; metrics?: string; logLevel: string }) => {
-      process.env.UV_THREADPOOL_SIZE ??= String(DAEMON_THREADPOOL);
       if (!isLevel(options.logLevel)) throw new UsageError(`--log-level must be debug, info, warn or error (got '${options.logLevel}')`);
       await runDaemon({
         configFile: options.config,

@@ -1,8 +1,12 @@
 /** `tapkit info SPEC [--json]`: size, format, the provider chain, capabilities, allocation. */
 import type { Command } from 'commander';
+import { Inspector } from '../../inspect';
+import { inspectionText } from '../inspection';
 import { redactSpec } from '../../redact';
 import { formatSize } from '../../size';
-import { addOpenOptions, withProvider, type OpenCliOptions } from '../context';
+import { addOpenOptions, describeError, openOptionsFor, withProvider, type OpenCliOptions } from '../context';
+import { isBlockError } from '../../errors';
+import { LimitError } from '../../limits';
 import { chainText, formatOf, layersOf } from '../layers';
 
 export function register(program: Command): void {
@@ -13,42 +17,62 @@ export function register(program: Command): void {
       .description('show what a spec opens: size, format, provider chain, capabilities'),
   )
     .option('--json', 'print JSON')
-    .action(async (spec: string, options: OpenCliOptions & { json?: boolean }) => {
-      await withProvider(spec, { ...options, readOnly: true }, async (top) => {
-        const info = top.info();
-        const caps = top.capabilities();
-        const layers = layersOf(top);
-        const allocated = top.allocatedBytes ? await top.allocatedBytes() : undefined;
-        const report = {
-          // Never print credentials a URL carries.
-          spec: redactSpec(spec),
-          size: info.size,
-          format: formatOf(layers),
-          logicalBlockSize: info.logicalBlockSize,
-          physicalBlockSize: info.physicalBlockSize,
-          chain: layers,
-          capabilities: caps,
-          allocatedBytes: allocated ?? null,
-        };
-        if (options.json) {
-          process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
-          return;
+    .option('--inspect', 'for untrusted images: report the chain the image names and what the backing policy decides for each name, reading metadata only (nothing refused is touched, nothing is opened as a disk)')
+    .action(async (spec: string, options: OpenCliOptions & { json?: boolean; inspect?: boolean }) => {
+      const inspect = async (refusal?: string) => {
+        const inspection = await new Inspector(openOptionsFor(options)).inspect(spec);
+        const opened = refusal === undefined ? {} : { opened: false, error: refusal };
+        if (options.json) process.stdout.write(`${JSON.stringify({ spec: redactSpec(spec), ...opened, ...inspection }, null, 2)}\n`);
+        else process.stdout.write(`${inspectionText(inspection, false).join('\n')}\n`);
+      };
+      if (options.inspect) return inspect();
+      try {
+        await show(spec, options);
+      } catch (e) {
+        // Refused by the policy or a limit: say what the chain would have been, then fail.
+        if (isBlockError(e) && (e.code === 'EACCES' || e.code === 'ELOOP' || e instanceof LimitError)) {
+          await inspect(describeError(e)).catch(() => {});
         }
-        const capList = Object.entries(caps).filter(([, v]) => v).map(([k]) => k).join(', ') || 'none';
-        const out = [
-          `spec:            ${report.spec}`,
-          `virtual size:    ${formatSize(info.size)} (${info.size} bytes)`,
-          `format:          ${report.format}`,
-          `block sizes:     logical ${info.logicalBlockSize}, physical ${info.physicalBlockSize}`,
-          `allocated:       ${allocated === undefined ? 'unknown' : `${formatSize(allocated)} (${allocated} bytes)`}`,
-          `capabilities:    ${capList}`,
-          'chain:',
-          ...chainText(layers, '  '),
-        ];
-        for (const layer of layers) {
-          for (const [k, v] of Object.entries(layer.details ?? {})) out.push(`  ${layer.provider}.${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
-        }
-        process.stdout.write(`${out.join('\n')}\n`);
-      });
+        throw e;
+      }
     });
+}
+
+async function show(spec: string, options: OpenCliOptions & { json?: boolean }): Promise<void> {
+  await withProvider(spec, { ...options, readOnly: true }, async (top) => {
+    const info = top.info();
+    const caps = top.capabilities();
+    const layers = layersOf(top);
+    const allocated = top.allocatedBytes ? await top.allocatedBytes() : undefined;
+    const report = {
+      // Never print credentials a URL carries.
+      spec: redactSpec(spec),
+      size: info.size,
+      format: formatOf(layers),
+      logicalBlockSize: info.logicalBlockSize,
+      physicalBlockSize: info.physicalBlockSize,
+      chain: layers,
+      capabilities: caps,
+      allocatedBytes: allocated ?? null,
+    };
+    if (options.json) {
+      process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+      return;
+    }
+    const capList = Object.entries(caps).filter(([, v]) => v).map(([k]) => k).join(', ') || 'none';
+    const out = [
+      `spec:            ${report.spec}`,
+      `virtual size:    ${formatSize(info.size)} (${info.size} bytes)`,
+      `format:          ${report.format}`,
+      `block sizes:     logical ${info.logicalBlockSize}, physical ${info.physicalBlockSize}`,
+      `allocated:       ${allocated === undefined ? 'unknown' : `${formatSize(allocated)} (${allocated} bytes)`}`,
+      `capabilities:    ${capList}`,
+      'chain:',
+      ...chainText(layers, '  '),
+    ];
+    for (const layer of layers) {
+      for (const [k, v] of Object.entries(layer.details ?? {})) out.push(`  ${layer.provider}.${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`);
+    }
+    process.stdout.write(`${out.join('\n')}\n`);
+  });
 }

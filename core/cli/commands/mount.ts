@@ -10,7 +10,6 @@
  * socket in /run/tapkit/fuse, keyed by the mount point).
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BlockError } from '../../errors';
 import { Vbd } from '../../vbd';
@@ -18,7 +17,7 @@ import { DEFAULT_READERS, FUSE_FSTYPE } from '../../fuse/export';
 import { readState, removeState, sendControl, type MountState } from '../../fuse/control';
 import { detachLoop, loopsBackedBy } from '../../fuse/loop';
 import { ServedMount } from '../../fuse/served';
-import { abortConnection, connectionOf, findMount } from '../../fuse/mounts';
+import { abortConnection, connectionOf, findMount, resolveMountpoint } from '../../fuse/mounts';
 import { MOUNT_EBUSY, umount2 } from '../../../native/mount';
 import type { NativeError } from '../../../native/libc';
 import { addOpenOptions, describeError, openerFor, UsageError, type OpenCliOptions } from '../context';
@@ -30,6 +29,12 @@ interface MountCliOptions extends OpenCliOptions {
 }
 
 export function register(program: Command): void {
+  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
+  // provider's own file I/O. Set before the program's preAction hook (plugins loaded as
+  // ES modules start the pool), since the pool's size is fixed when it starts.
+  program.hook('preSubcommand', (_program, sub) => {
+    if (sub.name() === 'mount') process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
+  });
   addOpenOptions(
     program
       .command('mount')
@@ -51,9 +56,6 @@ export function register(program: Command): void {
 }
 
 async function serve(spec: string, mountpointArg: string, options: MountCliOptions): Promise<void> {
-  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
-  // provider's own file I/O. Must be set before the pool starts (on first use).
-  process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
   const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
   const mountpoint = resolveMountpoint(mountpointArg);
   if (findMount(mountpoint)?.fstype === FUSE_FSTYPE) throw new UsageError(`${mountpoint} is already a tapkit mount (tapkit unmount ${mountpoint})`);
@@ -136,19 +138,6 @@ async function unmount(mountpointArg: string): Promise<void> {
   }
   if (server) await waitForExit(server.pid, 10_000);
   else removeState(mountpoint);
-}
-
-/**
- * The absolute mount point with its parent's symlinks resolved. Only the parent: a stat of
- * a mount itself fails when its server is dead and waits forever when it is stopped.
- */
-function resolveMountpoint(arg: string): string {
-  const absolute = path.resolve(arg);
-  try {
-    return path.join(fs.realpathSync(path.dirname(absolute)), path.basename(absolute));
-  } catch {
-    return absolute;
-  }
 }
 
 function alive(pid: number): boolean {

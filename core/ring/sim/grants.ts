@@ -26,7 +26,10 @@ interface Grant {
 
 export class SimGrantMapper implements GrantMapper {
   private readonly memoryFd: number;
+  private readonly tableFd?: number;
   private readonly memory: Mapping;
+  /** The memory as a plain Uint8Array: its subarrays are cheaper than a Buffer's. */
+  private readonly memoryView: Uint8Array;
   private readonly table?: Mapping;
   private readonly pages: number;
   private readonly entries: number;
@@ -40,23 +43,41 @@ export class SimGrantMapper implements GrantMapper {
     const tablePath = path.join(domDir, 'grant-table');
     let fd: number | undefined;
     let tableFd: number | undefined;
+    let memory: Mapping | undefined;
     try {
       fd = fs.openSync(memoryPath, 'r+');
       this.pages = Math.floor(fs.fstatSync(fd).size / PAGE);
       if (this.pages === 0) throw new GrantError(`${memoryPath} holds no whole page`);
       tableFd = fs.openSync(tablePath, 'r');
       this.entries = Math.floor(fs.fstatSync(tableFd).size / ENTRY_SIZE);
-      this.memory = mapShared(fd, this.pages * PAGE, 0, true);
+      memory = mapShared(fd, this.pages * PAGE, 0, true);
       if (this.entries > 0) this.table = mapShared(tableFd, this.entries * ENTRY_SIZE, 0, false);
     } catch (e) {
+      memory?.unmap();
       if (fd !== undefined) fs.closeSync(fd);
+      if (tableFd !== undefined) fs.closeSync(tableFd);
       if (e instanceof GrantError) throw e;
       throw new GrantError(`cannot map domain ${domid}'s memory: ${(e as Error).message}`);
-    } finally {
-      if (tableFd !== undefined) fs.closeSync(tableFd);
     }
     this.memoryFd = fd;
+    this.memory = memory;
+    this.memoryView = new Uint8Array(memory.bytes.buffer, memory.bytes.byteOffset, memory.bytes.length);
+    if (this.table) this.tableFd = tableFd;
+    else fs.closeSync(tableFd);
     if (persistent) this.persistentGrants = new Map();
+  }
+
+  /**
+   * The files must still be as large as when they were mapped: touching a page of a
+   * MAP_SHARED file beyond its end raises SIGBUS, which would take the whole process
+   * down. XENSIM.md (detail 5) forbids shrinking them while connected; this check turns
+   * a frontend that does it anyway into refused requests (a shrink racing with the I/O
+   * itself is not caught).
+   */
+  private checkSizes(): void {
+    const memory = fs.fstatSync(this.memoryFd).size;
+    if (memory < this.pages * PAGE) throw new GrantError(`domain ${this.domid}'s memory file shrank to ${memory} bytes while connected`);
+    if (this.tableFd !== undefined && fs.fstatSync(this.tableFd).size < this.entries * ENTRY_SIZE) throw new GrantError(`domain ${this.domid}'s grant table shrank while connected`);
   }
 
   /** Reads and checks grant `ref` for the backend's use. */
@@ -81,6 +102,7 @@ export class SimGrantMapper implements GrantMapper {
   }
 
   mapRing(refs: number[]): RingMapping {
+    this.checkSizes();
     const frames = refs.map((r) => this.grant(r, true).frame);
     const mapping = mapPagesContiguous(this.memoryFd, frames, PAGE, true);
     this.rings.add(mapping);
@@ -93,8 +115,10 @@ export class SimGrantMapper implements GrantMapper {
   }
 
   mapPages(refs: number[], writable: boolean): PageMapping {
+    if (this.closed) throw new GrantError('connection closed');
+    this.checkSizes();
     const frames = refs.map((r) => this.grant(r, writable).frame);
-    const bytes = this.memory.bytes;
+    const bytes = this.memoryView;
     return { pages: frames.map((f) => bytes.subarray(f * PAGE, (f + 1) * PAGE)), release() {} };
   }
 
@@ -106,6 +130,7 @@ export class SimGrantMapper implements GrantMapper {
     this.memory.unmap();
     this.table?.unmap();
     fs.closeSync(this.memoryFd);
+    if (this.tableFd !== undefined) fs.closeSync(this.tableFd);
     this.persistentGrants?.clear();
   }
 }

@@ -10,7 +10,7 @@
 
 export class StoreError extends Error {
   constructor(
-    readonly code: 'ENOENT' | 'EINVAL' | 'EACCES' | 'EEXIST' | 'EISDIR' | 'ENOTEMPTY' | 'EAGAIN' | 'E2BIG' | 'ENOSYS' | 'EIO' | 'ENOSPC',
+    readonly code: 'ENOENT' | 'EINVAL' | 'EACCES' | 'EEXIST' | 'EISDIR' | 'ENOTEMPTY' | 'EAGAIN' | 'E2BIG' | 'ENOSYS' | 'EIO' | 'ENOSPC' | 'EQUOTA',
     message?: string,
   ) {
     super(message ?? code);

@@ -10,6 +10,12 @@ import { checkPath, Store, StoreError, type WatchRegistration } from './store';
 import { encodeMessage, MessageReader, nulTerminated, PAYLOAD_MAX, splitArgs, XS, type XsMessage } from './xs-wire';
 
 const HOME = '/local/domain/0';
+/**
+ * Per-connection quotas, as Xen's daemon has: each open transaction holds a copy of the
+ * tree, so a client that starts them without end would otherwise exhaust memory.
+ */
+export const MAX_TRANSACTIONS = 64;
+export const MAX_WATCHES = 1024;
 
 function absolute(path: string): string {
   if (path.startsWith('/')) return path;
@@ -107,6 +113,7 @@ class Connection {
       }
       case XS.TRANSACTION_START: {
         if (tx !== 0) throw new StoreError('EINVAL', 'nested transaction');
+        if (this.transactions.size >= MAX_TRANSACTIONS) throw new StoreError('EQUOTA');
         const id = this.store.transactionStart();
         this.transactions.add(id);
         return this.reply(m, nulTerminated(String(id)));
@@ -136,6 +143,7 @@ class Connection {
     const [given, token] = args;
     const key = `${given}\0${token}`;
     if (this.watches.has(key)) throw new StoreError('EEXIST');
+    if (this.watches.size >= MAX_WATCHES) throw new StoreError('EQUOTA');
     const relative = !given.startsWith('/') && !given.startsWith('@');
     const registration: WatchRegistration = {
       path: given.startsWith('@') ? given : absolute(given),
