@@ -142,16 +142,21 @@ function retryAfterMs(headers: IncomingHttpHeaders): number | undefined {
   return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), RETRY_AFTER_MAX_MS) : undefined;
 }
 
-/** Parses Content-Range: `bytes START-END/TOTAL` (TOTAL may be a star), or a star range on a 416. */
+/**
+ * Parses Content-Range: `bytes START-END/TOTAL` (TOTAL may be a star), or a star range on
+ * a 416. Numbers past 2^53 (a hostile or broken server) make it unparsable.
+ */
 export function parseContentRange(value: string | undefined): { start?: number; end?: number; total?: number } | undefined {
   if (!value) return undefined;
   const m = /^\s*bytes\s+(?:(\d+)-(\d+)|\*)\/(\d+|\*)\s*$/i.exec(value);
   if (!m) return undefined;
-  return {
+  const range = {
     start: m[1] === undefined ? undefined : Number(m[1]),
     end: m[2] === undefined ? undefined : Number(m[2]),
     total: m[3] === '*' ? undefined : Number(m[3]),
   };
+  for (const v of [range.start, range.end, range.total]) if (v !== undefined && !Number.isSafeInteger(v)) return undefined;
+  return range;
 }
 
 function validatorOf(headers: IncomingHttpHeaders): Validator {
@@ -233,7 +238,7 @@ export class HttpClient {
       const length = header(res.headers, 'content-length');
       const encoding = header(res.headers, 'content-encoding');
       // Without a plain length, or when ranges are not announced, ask with a ranged GET.
-      if (length === undefined || !/^\d+$/.test(length) || (encoding && encoding !== 'identity')) return undefined;
+      if (length === undefined || !/^\d+$/.test(length) || !Number.isSafeInteger(Number(length)) || (encoding && encoding !== 'identity')) return undefined;
       if (header(res.headers, 'accept-ranges')?.toLowerCase() !== 'bytes') return undefined;
       return { url: res.url, size: Number(length), validator: validatorOf(res.headers), server: header(res.headers, 'server') };
     }
