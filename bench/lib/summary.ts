@@ -57,5 +57,5 @@ export function summaryTable(records: RatioRecord[]): string {
       : '–';
     return [r.bench, r.workload, r.pair, ratio, String(r.ratios.length), r.target ?? '', flags.length ? `⚠ ${flags.join(', ')}` : 'ok'];
   });
-  return markdownTable(['bench', 'workload', 'tapkit / peer', 'paired ratio median [min–max]', 'rounds', 'target', 'noise'], rows);
+  return markdownTable(['bench', 'workload', 'A / B (tapkit first)', 'paired ratio median [min–max]', 'rounds', 'target', 'noise'], rows);
 }
