@@ -13,19 +13,18 @@
  * CPU (everything not server or fio, which here includes the kernel's loop workers)
  * recorded per cell; each measurement waits (bounded) for a quiet machine first.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { readMounts } from '../../core/fuse/mounts';
+import { median, pairedRatios, placement, recordRatios, startCpuMeter, startProcess, waitQuiet } from '../lib';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
 const SIZE = 1 << 30;
-const SERVER_CPU = process.env.SERVER_CPU ?? '1';
-const CLIENT_CPU = process.env.CLIENT_CPU ?? '0';
+const pin = placement();
 const CLI = path.join(__dirname, '..', '..', 'core', 'cli', 'main.js');
-const CLK_TCK = 100;
 
 interface Workload {
   id: string;
@@ -70,35 +69,6 @@ async function waitFor(what: string, check: () => boolean | Promise<boolean>, ti
   }
 }
 
-function cpuTicks(pid: number | 'self', children = false): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  // utime, stime are fields 14, 15 (index 11, 12 here); cutime, cstime 16, 17.
-  return children ? Number(fields[13]) + Number(fields[14]) : Number(fields[11]) + Number(fields[12]);
-}
-
-function threadTicks(pid: number): number {
-  try {
-    return cpuTicks(pid);
-  } catch {
-    return 0;
-  }
-}
-
-function systemTicks(): { busy: number; steal: number } {
-  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].split(/\s+/).slice(1).map(Number);
-  return { busy: f[0] + f[1] + f[2] + f[5] + f[6], steal: f[7] };
-}
-
-/** Waits (up to 20 s) until the machine uses less than 15 % of a CPU. */
-async function waitQuiet(): Promise<void> {
-  for (let i = 0; i < 20; i++) {
-    const a = systemTicks().busy;
-    await new Promise((r) => setTimeout(r, 1000));
-    if (((systemTicks().busy - a) / CLK_TCK) * 100 < 15) return;
-  }
-}
-
 async function fill(device: string, content: string): Promise<void> {
   await sh('dd', [`if=${content}`, `of=${device}`, 'bs=1M', 'oflag=direct', 'status=none'], 600_000);
 }
@@ -106,7 +76,7 @@ async function fill(device: string, content: string): Promise<void> {
 async function startTapkit(dir: string, content: string): Promise<Server> {
   const mnt = path.join(dir, 'tapkit');
   fs.mkdirSync(mnt);
-  const proc = spawn('taskset', ['-c', SERVER_CPU, process.execPath, CLI, 'mount', `memory:${SIZE}`, mnt, '--loop'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = startProcess([...pin.server, process.execPath, CLI, 'mount', `memory:${SIZE}`, mnt, '--loop'], { stdio: ['ignore', 'pipe', 'inherit'] });
   children.add(proc);
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
@@ -127,10 +97,10 @@ async function startNbdfuse(dir: string, content: string): Promise<Server> {
   const sock = path.join(dir, 'nbdkit.sock');
   const pidfile = path.join(dir, 'nbdfuse.pid');
   fs.mkdirSync(mnt);
-  const nbdkit = spawn('taskset', ['-c', SERVER_CPU, 'nbdkit', '-f', '--exit-with-parent', '-U', sock, 'memory', String(SIZE)], { stdio: 'inherit' });
+  const nbdkit = startProcess([...pin.server, 'nbdkit', '-f', '--exit-with-parent', '-U', sock, 'memory', String(SIZE)], { stdio: 'inherit' });
   children.add(nbdkit);
   await waitFor('nbdkit socket', () => fs.existsSync(sock));
-  const nbdfuse = spawn('taskset', ['-c', SERVER_CPU, 'nbdfuse', '-P', pidfile, path.join(mnt, 'nbd'), '--unix', sock], { stdio: 'inherit' });
+  const nbdfuse = startProcess([...pin.server, 'nbdfuse', '-P', pidfile, path.join(mnt, 'nbd'), '--unix', sock], { stdio: 'inherit' });
   children.add(nbdfuse);
   await waitFor('nbdfuse', () => fs.existsSync(pidfile));
   const device = (await sh('losetup', ['--find', '--show', '--direct-io=on', path.join(mnt, 'nbd')])).trim();
@@ -156,21 +126,15 @@ interface Cell {
 }
 
 async function measure(server: Server, w: Workload): Promise<Cell> {
-  await waitQuiet();
-  const serverBefore = server.pids().reduce((s, p) => s + threadTicks(p), 0);
-  const clientBefore = cpuTicks('self', true);
-  const sysBefore = systemTicks();
-  const started = process.hrtime.bigint();
+  waitQuiet(server.pids());
+  const meter = startCpuMeter(server.pids());
   const out = await sh(
-    'taskset',
-    ['-c', CLIENT_CPU, 'timeout', String(RUNTIME + 60), 'fio', '--name=b', `--filename=${server.device}`, '--direct=1', '--time_based', `--runtime=${RUNTIME}`, '--ramp_time=1', '--output-format=json', ...w.args],
+    pin.client[0] ?? 'env',
+    [...pin.client.slice(1), 'timeout', String(RUNTIME + 60), 'fio', '--name=b', `--filename=${server.device}`, '--direct=1', '--time_based', `--runtime=${RUNTIME}`, '--ramp_time=1', '--output-format=json', ...w.args],
     (RUNTIME + 90) * 1000,
   );
-  const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-  const serverCpu = (server.pids().reduce((s, p) => s + threadTicks(p), 0) - serverBefore) / CLK_TCK;
-  const clientCpu = (cpuTicks('self', true) - clientBefore) / CLK_TCK;
-  const sys = systemTicks();
-  const total = (sys.busy - sysBefore.busy) / CLK_TCK;
+  const cpu = meter();
+  const serverCpu = cpu.serverSeconds;
   const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0].read;
   const bytes = job.io_bytes as number;
   const requests = job.total_ios as number;
@@ -180,12 +144,11 @@ async function measure(server: Server, w: Workload): Promise<Cell> {
     unit: w.bs >= 1 << 20 ? 'MiB/s' : 'IOPS',
     cpuPerGiB: bytes ? serverCpu / (bytes / 2 ** 30) : 0,
     cpuUsPerReq: requests ? (serverCpu * 1e6) / requests : 0,
-    foreignPct: Math.max(0, ((total - serverCpu - clientCpu) / seconds) * 100),
-    stealPct: ((sys.steal - sysBefore.steal) / CLK_TCK / seconds) * 100,
+    foreignPct: cpu.foreignPct,
+    stealPct: cpu.stealPct,
   };
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const fmt = (x: number, digits = 0) => x.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 
 async function main(): Promise<void> {
@@ -198,7 +161,7 @@ async function main(): Promise<void> {
   });
   const content = path.join('/dev/shm', `tapkit-bench-${process.pid}.bin`);
   cleanups.push(async () => fs.rmSync(content, { force: true }));
-  console.log(`# FUSE export bench: ${ROUNDS} rounds × ${RUNTIME} s, server CPU ${SERVER_CPU}, fio CPU ${CLIENT_CPU}, ${os.cpus()[0]?.model}, ${os.release()}`);
+  console.log(`# FUSE export bench: ${ROUNDS} rounds × ${RUNTIME} s, ${pin.describe()}, ${os.cpus()[0]?.model}, ${os.release()}`);
   await sh('dd', ['if=/dev/urandom', `of=${content}`, 'bs=1M', `count=${SIZE >> 20}`, 'status=none'], 600_000);
   const servers = [await startTapkit(dir, content), await startNbdfuse(dir, content)];
   for (const s of servers) console.log(`# ${s.name}: ${s.device} (dio ${fs.readFileSync(`/sys/block/${path.basename(s.device)}/loop/dio`, 'utf8').trim()})`);
@@ -218,9 +181,10 @@ async function main(): Promise<void> {
   for (const w of WORKLOADS) {
     const a = results.get(`${w.id}|tapkit-fuse`)!;
     const b = results.get(`${w.id}|nbdkit+nbdfuse`)!;
-    const ratios = a.map((x, i) => x.value / b[i].value);
+    const ratios = pairedRatios(a.map((x) => x.value), b.map((x) => x.value));
     const range = (xs: number[], d = 0) => `${fmt(median(xs), d)} (${fmt(Math.min(...xs), d)}–${fmt(Math.max(...xs), d)})`;
     const foreign = Math.max(...a.map((x) => x.foreignPct), ...b.map((x) => x.foreignPct));
+    recordRatios({ bench: 'fuse', pair: 'tapkit FUSE / nbdkit+nbdfuse', workload: `${w.id} (${a[0].unit})`, ratios, maxForeignPct: foreign });
     console.log(
       `| ${w.id} ${a[0].unit} | ${range(a.map((x) => x.value))} | ${range(b.map((x) => x.value))} | ×${range(ratios, 2)} | ${fmt(median(a.map((x) => x.cpuUsPerReq)), 1)} / ${fmt(median(b.map((x) => x.cpuUsPerReq)), 1)} | ${fmt(foreign)}% |`,
     );

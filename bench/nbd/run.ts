@@ -23,17 +23,15 @@
  *
  * Not a test: nothing here asserts speed.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { CLK_TCK, machineTicks, median, onExit, placement, processTicks, recordRatios, run as must, startNbdServer, stopProcess, waitQuiet } from '../lib';
 
 const REPS = Number(process.env.REPS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
 const PIN = process.env.PIN ?? '1';
-const QUIET_MAX = Number(process.env.QUIET_MAX ?? 15);
-const QUIET_WAIT = Number(process.env.QUIET_WAIT ?? 60);
-let quietBudget = Number(process.env.QUIET_BUDGET ?? 900);
 const ONLY = process.env.ONLY ? new RegExp(process.env.ONLY) : undefined;
 const SERVER_FILTER = process.env.SERVERS?.split(',');
 const DATA_DIR = process.env.TMPFS ?? '/dev/shm/tapkit-nbdbench';
@@ -41,8 +39,7 @@ const OUT = process.env.OUT ?? fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-nbd
 const SIZE = 1 << 30;
 const CLI = path.resolve(__dirname, '../../core/cli/main.js');
 
-const serverCpu = PIN === '0' ? [] : ['taskset', '-c', PIN === 'same' ? '0' : '1'];
-const clientCpu = PIN === '0' ? [] : ['taskset', '-c', '0'];
+const { server: serverCpu, client: clientCpu } = placement(PIN);
 
 interface ServerDef {
   id: string;
@@ -110,98 +107,22 @@ type Measurement = Omit<Sample, 'server' | 'workload' | 'rep'>;
 
 let running: ChildProcess | undefined;
 function stopServer(): void {
-  const child = running;
+  if (running) stopProcess(running);
   running = undefined;
-  if (!child || child.exitCode !== null || child.signalCode !== null) return;
-  child.kill('SIGTERM');
-  const deadline = Date.now() + 5000;
-  while (Date.now() < deadline) {
-    try {
-      process.kill(child.pid!, 0);
-    } catch {
-      return;
-    }
-    spawnSync('sleep', ['0.1']);
-  }
-  child.kill('SIGKILL');
 }
-process.on('exit', () => {
-  stopServer();
-  // Also on an interrupted run: a gigabyte of tmpfs must not outlive the bench.
+// Also on an interrupted run: a gigabyte of tmpfs must not outlive the bench.
+onExit(() => {
   if (process.env.KEEP_DATA !== '1') fs.rmSync(DATA_DIR, { recursive: true, force: true });
 });
-for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(130));
-
-function must(cmd: string[], timeoutSeconds: number): string {
-  const r = spawnSync(cmd[0], cmd.slice(1), { encoding: 'utf8', timeout: timeoutSeconds * 1000, maxBuffer: 64 << 20 });
-  if (r.status !== 0) throw new Error(`${cmd.join(' ')} failed (${r.status ?? r.signal}): ${r.stderr}`);
-  return r.stdout;
-}
 
 function startServer(def: ServerDef, socket: string, image: string): void {
-  // A server killed in the last repetition may have left its socket file behind.
-  fs.rmSync(socket, { force: true });
-  const [cmd, ...args] = [...serverCpu, ...def.command(socket, image)];
-  running = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+  running = startNbdServer(def.id, [...serverCpu, ...def.command(socket, image)], socket);
   const uri = uriOf(socket);
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    const probe = spawnSync('nbdinfo', ['--size', uri], { timeout: 5000 });
-    if (probe.status === 0) break;
-    if (Date.now() > deadline) throw new Error(`${def.id} did not come up on ${socket}`);
-    spawnSync('sleep', ['0.1']);
-  }
   if (def.fill) must(['nbdcopy', '--flush', image, uri], 300);
 }
 
 function uriOf(socket: string): string {
   return `nbd+unix:///?socket=${socket}`;
-}
-
-// ---- CPU accounting -----------------------------------------------------------------
-
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
-
-/** Busy and steal jiffies of the whole machine. */
-function machineTicks(): { busy: number; steal: number } {
-  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-  // user nice system idle iowait irq softirq steal
-  return { busy: f[0] + f[1] + f[2] + f[5] + f[6], steal: f[7] ?? 0 };
-}
-
-/** utime + stime of a process (all its threads), or with `children` its waited-for children's, in jiffies. */
-function processTicks(pid: number | 'self', children = false): number {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return children ? Number(fields[13]) + Number(fields[14]) : Number(fields[11]) + Number(fields[12]);
-  } catch {
-    return 0;
-  }
-}
-
-/**
- * Waits until everything but the server uses less than QUIET_MAX % of a CPU, for at most
- * QUIET_WAIT seconds and QUIET_BUDGET seconds over the whole run (then measures anyway;
- * the recorded "others" tells the story).
- */
-function waitQuiet(serverPid: number): void {
-  let waited = 0;
-  while (quietBudget > 0) {
-    const m0 = machineTicks().busy;
-    const s0 = processTicks(serverPid);
-    spawnSync('sleep', ['1']);
-    const busy = (100 * (machineTicks().busy - m0 - (processTicks(serverPid) - s0))) / CLK_TCK;
-    if (busy < QUIET_MAX) break;
-    if (waited === 0) process.stderr.write(`  machine busy (${busy.toFixed(0)}% of a CPU used by others); waiting up to ${QUIET_WAIT}s\n`);
-    waited++;
-    quietBudget--;
-    if (waited >= QUIET_WAIT) {
-      process.stderr.write('  still busy; measuring anyway\n');
-      break;
-    }
-  }
-  if (quietBudget <= 0 && waited > 0) process.stderr.write('  quiet-waiting budget spent; no more waiting\n');
 }
 
 // ---- one measurement ----------------------------------------------------------------
@@ -212,7 +133,7 @@ function runFio(workload: Workload, socket: string, pid: number): Measurement {
     `--iodepth=${workload.iodepth}`, '--thread', '--norandommap', '--randrepeat=0', '--time_based', `--runtime=${RUNTIME}`,
     '--ramp_time=1', `--size=${SIZE}`, '--output-format=json',
   ];
-  waitQuiet(pid);
+  waitQuiet([pid]);
   const machine0 = machineTicks();
   const server0 = processTicks(pid);
   const client0 = processTicks('self', true);
@@ -243,12 +164,6 @@ function runFio(workload: Workload, socket: string, pid: number): Measurement {
 }
 
 // ---- report -------------------------------------------------------------------------
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 function fmt(value: number, unit: Workload['unit']): string {
   return unit === 'IOPS' ? Math.round(value).toLocaleString('en-US') : value.toFixed(0);
@@ -309,6 +224,15 @@ function report(samples: Sample[], servers: ServerDef[], workloads: Workload[]):
   lines.push(`|---|${workloads.map(() => '---').join('|')}|`);
   for (const [mine, peer] of pairs) {
     lines.push(`| ${mine} / ${peer} | ${workloads.map((w) => ratioCell(pairedRatios(samples, mine, peer, w, (x) => x.value))).join(' | ')} |`);
+    for (const w of workloads) {
+      const cell = samples.filter((x) => (x.server === mine || x.server === peer) && x.workload === w.id);
+      if (cell.length === 0) continue;
+      const target = TARGETS.find((t) => t.workload === w.id && t.mine === mine && t.peer === peer);
+      recordRatios({
+        bench: 'nbd', pair: `${mine} / ${peer}`, workload: `${w.id} (${w.rw} ${w.bs} QD${w.iodepth}, ${w.unit})`, ratios: pairedRatios(samples, mine, peer, w, (x) => x.value),
+        maxForeignPct: Math.max(...cell.map((x) => x.others)), target: target ? `>= ${target.atLeast}` : undefined,
+      });
+    }
   }
   lines.push('');
   lines.push('Paired server CPU cost ratios (tapkit / peer, per GiB or per request; below 1 = tapkit cheaper):');

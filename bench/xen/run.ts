@@ -18,10 +18,11 @@
  * Environment: REPS (3), RUNTIME (8, fio seconds), COUNT_4K (200000), COUNT_1M (4000),
  * PIN (1), OUT (results directory), SIZE_MIB (512, the memory VBD), TMPFS (/dev/shm). Not a test: nothing here asserts speed.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { median, onExit, placement, recordRatios, startCpuMeter, startProcess, stopProcess as stop, waitQuiet, waitUntil } from '../lib';
 
 const REPS = Number(process.env.REPS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
@@ -42,8 +43,7 @@ const SPEC = `memory:${SIZE_MIB}M`;
 const DOMID = 5;
 const DEVID = 51712;
 
-const serverCpu = PIN === '0' ? [] : ['taskset', '-c', '1'];
-const clientCpu = PIN === '0' ? [] : ['taskset', '-c', '0'];
+const { server: serverCpu, client: clientCpu } = placement(PIN);
 
 interface Workload {
   id: string;
@@ -65,71 +65,20 @@ interface Sample {
   others: number;
 }
 
-const children = new Set<ChildProcess>();
-function stop(child: ChildProcess): void {
-  children.delete(child);
-  if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-  const deadline = Date.now() + 5000;
-  while (Date.now() < deadline && child.pid && alive(child.pid)) spawnSync('sleep', ['0.1']);
-  if (child.pid && alive(child.pid)) child.kill('SIGKILL');
-}
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-process.on('exit', () => {
-  for (const c of [...children]) stop(c);
-  fs.rmSync(IMAGE, { force: true });
-});
-for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(130));
+onExit(() => fs.rmSync(IMAGE, { force: true }));
 
 function start(cmd: string[]): ChildProcess {
-  const child = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
-  children.add(child);
-  return child;
-}
-
-function waitFor(what: string, ready: () => boolean): void {
-  const deadline = Date.now() + 30_000;
-  while (!ready()) {
-    if (Date.now() > deadline) throw new Error(`${what} did not come up`);
-    spawnSync('sleep', ['0.1']);
-  }
-}
-
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
-/** utime+stime of a process, or with `children` those of its waited-for children. */
-function processTicks(pid: number | 'self', children = false): number {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return children ? Number(f[13]) + Number(f[14]) : Number(f[11]) + Number(f[12]);
-  } catch {
-    return 0;
-  }
-}
-function machineBusy(): number {
-  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-  return f[0] + f[1] + f[2] + f[5] + f[6];
+  return startProcess(cmd);
 }
 
 /** Runs `client`, measuring the server's CPU and everything else's around it. */
 function measure(serverPid: number, client: string[], requests: (out: string) => number, parse: (out: string) => number): Sample {
-  const m0 = machineBusy();
-  const s0 = processTicks(serverPid);
-  const c0 = processTicks('self', true);
-  const t0 = process.hrtime.bigint();
+  waitQuiet([serverPid]);
+  const meter = startCpuMeter([serverPid]);
   const r = spawnSync(client[0], client.slice(1), { encoding: 'utf8', timeout: 600_000, maxBuffer: 64 << 20 });
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const cpu = meter();
   if (r.status !== 0) throw new Error(`${client.join(' ')} failed: ${r.stdout}${r.stderr}`);
-  const serverTicks = processTicks(serverPid) - s0;
-  const clientTicks = processTicks('self', true) - c0;
-  const others = (100 * (machineBusy() - m0 - serverTicks - clientTicks)) / CLK_TCK / seconds;
-  return { value: parse(r.stdout), cpuUsPerRequest: (1e6 * serverTicks) / CLK_TCK / requests(r.stdout), others: Math.max(0, others) };
+  return { value: parse(r.stdout), cpuUsPerRequest: (1e6 * cpu.serverSeconds) / requests(r.stdout), others: cpu.foreignPct };
 }
 
 // ---- the ring -------------------------------------------------------------------------
@@ -144,7 +93,7 @@ function ringSample(frontend: string, w: Workload): Sample {
   const dir = fs.mkdtempSync(path.join(OUT, 'sim-'));
   const server = start([...serverCpu, process.execPath, CLI, 'xen', 'serve', '--quiet', '--platform', `sim:${dir}`]);
   try {
-    waitFor('tapkit xen serve', () => fs.existsSync(path.join(dir, 'evtchn.sock')));
+    waitUntil('tapkit xen serve', () => fs.existsSync(path.join(dir, 'evtchn.sock')), 30, server);
     execFileSync(process.execPath, [CLI, 'xen', 'attach', '--platform', `sim:${dir}`, '--domid', String(DOMID), '--devid', String(DEVID), SPEC]);
     const env = ['env', `XENSTORED_PATH=${path.join(dir, 'xenstored.sock')}`];
     execFileSync(env[0], [...env.slice(1), frontend, dir, String(DOMID), String(DEVID), 'fill'], { timeout: 600_000 });
@@ -173,7 +122,7 @@ function nbdSample(w: Workload): Sample {
   const server = start([...serverCpu, process.execPath, CLI, 'serve', '--quiet', '--socket', socket, SPEC]);
   const uri = `nbd+unix:///?socket=${socket}`;
   try {
-    waitFor('tapkit serve', () => spawnSync('nbdinfo', ['--size', uri], { timeout: 5000 }).status === 0);
+    waitUntil('tapkit serve', () => spawnSync('nbdinfo', ['--size', uri], { timeout: 5000 }).status === 0, 30, server);
     execFileSync('nbdcopy', [IMAGE, uri], { timeout: 600_000 });
     const fio = [
       ...clientCpu, 'fio', '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${w.random ? 'randread' : 'read'}`, `--bs=${w.bs}`, `--iodepth=${w.qd}`,
@@ -194,12 +143,6 @@ function nbdSample(w: Workload): Sample {
 }
 
 // ---- run and report -----------------------------------------------------------------
-
-function median(v: number[]): number {
-  const s = [...v].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 function main(): void {
   const frontend = frontendBinary();
@@ -224,6 +167,7 @@ function main(): void {
     const ring = results.get(`ring/${w.id}`)!;
     const nbd = results.get(`nbd/${w.id}`)!;
     const ratios = ring.map((s, i) => s.value / nbd[i].value);
+    recordRatios({ bench: 'xen', pair: 'sim ring / tapkit NBD', workload: `${w.id} (${w.unit})`, ratios, maxForeignPct: Math.max(...ring.map((s) => s.others), ...nbd.map((s) => s.others)) });
     for (const [name, samples] of [
       ['ring', ring],
       ['nbd', nbd],
