@@ -75,6 +75,8 @@ const MAX_EXTENTS = 65536;
  */
 const ALL_DATA_STREAK = 8;
 const HOLE_LOOKUP_PAUSE = 256;
+/** WRITE payloads from this size on are copied into pooled buffers. */
+const LARGE_PAYLOAD = 128 * 1024;
 /** Longest error message sent in a structured error chunk. */
 const MAX_MESSAGE = 1024;
 
@@ -157,7 +159,7 @@ export class Transmission {
           const request = this.pendingWrite;
           if (this.queue.length < request.length) break;
           this.pendingWrite = undefined;
-          this.startWrite(request, this.queue.take(request.length));
+          this.startWrite(request, this.takePayload(request.length));
           continue;
         }
         if (!this.admits()) break;
@@ -233,12 +235,28 @@ export class Transmission {
 
   // ---- running requests -------------------------------------------------------------
 
+  /**
+   * A WRITE's payload. A large one spans many received chunks and must be copied anyway:
+   * into a pooled buffer, given back once the write is done (the caller owns the buffer,
+   * so no provider keeps it past the write).
+   */
+  private takePayload(length: number): Buffer {
+    if (length < LARGE_PAYLOAD) return this.queue.take(length);
+    const payload = this.buffers.take(length);
+    this.queue.copyInto(payload, 0, length);
+    return payload;
+  }
+
   private startWrite(request: Request, payload: Buffer): void {
     this.track(request, payload.length, async () => {
-      const refusal = this.checkFlags(request) ?? this.checkWritable();
-      if (refusal) return this.replyError(request, refusal[0], refusal[1]);
-      await this.negotiated.export.vbd.write(payload, request.offset, { fua: (request.flags & CMD_FLAG_FUA) !== 0 });
-      this.replyOk(request);
+      try {
+        const refusal = this.checkFlags(request) ?? this.checkWritable();
+        if (refusal) return this.replyError(request, refusal[0], refusal[1]);
+        await this.negotiated.export.vbd.write(payload, request.offset, { fua: (request.flags & CMD_FLAG_FUA) !== 0 });
+        this.replyOk(request);
+      } finally {
+        if (payload.length >= LARGE_PAYLOAD) this.buffers.give(payload);
+      }
     });
   }
 
