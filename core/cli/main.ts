@@ -12,9 +12,10 @@ import * as info from './commands/info';
 import * as convert from './commands/convert';
 import * as daemon from './commands/daemon';
 import * as ctl from './commands/ctl';
+import * as xen from './commands/xen';
 
 /** Every command module, in the order `tapkit --help` lists them. */
-const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert, daemon, ctl];
+const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert, daemon, ctl, xen];
 
 export function buildProgram(): Command {
   const program = new Command('tapkit')

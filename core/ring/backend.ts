@@ -1,0 +1,93 @@
+/**
+ * The blkif backend of a platform: watches `/local/domain/0/backend/vbd` and runs a
+ * BlkifDevice for every vbd that appears there, until it ends. A device directory that
+ * ended stays ignored until it is removed (a detach), so it is not started twice.
+ */
+import type { Vbd } from '../vbd';
+import { BlkifDevice, type DeviceLimits } from './device';
+import type { Platform, Watch } from './platform';
+
+export const BACKEND_ROOT = '/local/domain/0/backend/vbd';
+
+export interface BackendOptions {
+  platform: Platform;
+  openVbd(spec: string, readOnly: boolean): Promise<Vbd>;
+  limits?: DeviceLimits;
+  log?(message: string): void;
+}
+
+export class BlkifBackend {
+  private readonly devices = new Map<string, BlkifDevice | 'ended' | 'starting'>();
+  private watch?: Watch;
+  private scanning: Promise<void> = Promise.resolve();
+
+  constructor(private readonly options: BackendOptions) {}
+
+  async start(): Promise<void> {
+    const { store } = this.options.platform;
+    this.watch = await store.watch(BACKEND_ROOT, (path) => {
+      this.scanning = this.scanning.then(() => this.scan(path)).catch((e) => this.options.log?.(`backend: ${(e as Error).message}`));
+    });
+  }
+
+  /** Looks at the device a change concerns (or at all of them). */
+  private async scan(changed: string): Promise<void> {
+    const { store } = this.options.platform;
+    const rest = changed.startsWith(`${BACKEND_ROOT}/`) ? changed.slice(BACKEND_ROOT.length + 1).split('/') : [];
+    let candidates: Array<[string, string]> = [];
+    if (rest.length >= 2) candidates = [[rest[0], rest[1]]];
+    else {
+      const domains = rest.length === 1 ? [rest[0]] : await store.directory(BACKEND_ROOT);
+      for (const d of domains) for (const v of await store.directory(`${BACKEND_ROOT}/${d}`)) candidates.push([d, v]);
+    }
+    for (const [d, v] of candidates) await this.consider(d, v);
+  }
+
+  private async consider(domain: string, devid: string): Promise<void> {
+    const { store } = this.options.platform;
+    const key = `${domain}/${devid}`;
+    const path = `${BACKEND_ROOT}/${key}`;
+    const present = (await store.read(`${path}/frontend`)) !== undefined;
+    const current = this.devices.get(key);
+    if (!present) {
+      if (current === 'ended') this.devices.delete(key);
+      return;
+    }
+    if (current !== undefined) return;
+    if (!/^\d+$/.test(domain) || !/^\d+$/.test(devid)) return;
+    if ((await store.read(`${path}/params`)) === undefined || (await store.read(`${path}/state`)) === undefined) return;
+    this.devices.set(key, 'starting');
+    const device = new BlkifDevice({
+      platform: this.options.platform,
+      backendPath: path,
+      domid: Number(domain),
+      devid: Number(devid),
+      openVbd: this.options.openVbd,
+      limits: this.options.limits,
+      log: this.options.log,
+      onEnd: () => this.devices.set(key, 'ended'),
+    });
+    try {
+      await device.start();
+    } catch (e) {
+      this.options.log?.(`vbd ${key}: cannot start: ${(e as Error).message}`);
+      this.devices.set(key, 'ended');
+      return;
+    }
+    if (this.devices.get(key) === 'starting') this.devices.set(key, device);
+  }
+
+  /** The live devices, by "domid/devid". */
+  get active(): Map<string, BlkifDevice> {
+    const out = new Map<string, BlkifDevice>();
+    for (const [k, d] of this.devices) if (d instanceof BlkifDevice) out.set(k, d);
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await this.watch?.cancel();
+    await this.scanning;
+    for (const d of this.devices.values()) if (d instanceof BlkifDevice) await d.shutdown();
+    this.devices.clear();
+  }
+}

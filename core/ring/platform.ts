@@ -1,0 +1,95 @@
+/**
+ * The three things a blkif backend needs from the machine it runs on, as small
+ * interfaces: grant mapping, event channels and XenStore. `sim/` implements them with
+ * files and Unix sockets (XENSIM.md); a `xen` implementation binds libxengnttab,
+ * libxenevtchn and libxenstore the same way.
+ */
+
+/** Grant access for one connection to one frontend domain. */
+export interface GrantMapper {
+  /**
+   * Maps the ring pages as one virtually contiguous, writable region (multi-page ring
+   * slots straddle page boundaries). Released with `unmapRing`.
+   */
+  mapRing(refs: number[]): RingMapping;
+  /**
+   * Maps data pages, all or nothing: throws GrantError if any reference is refused.
+   * `writable`: the backend will write into them (a READ request). Each page is a view
+   * of the mapped memory (adjacent views of one region may be merged into one I/O).
+   */
+  mapPages(refs: number[], writable: boolean): PageMapping;
+  /** Drops every mapping this connection made (persistent ones included). */
+  close(): void;
+}
+
+export interface RingMapping {
+  readonly bytes: Uint8Array;
+  unmap(): void;
+}
+
+export interface PageMapping {
+  readonly pages: Uint8Array[];
+  release(): void;
+}
+
+export class GrantError extends Error {}
+
+/** An event channel bound to a frontend's port. */
+export interface EventChannel {
+  readonly remotePort: number;
+  notify(): void;
+  close(): void;
+}
+
+export interface EventChannels {
+  /** Binds to (domid, remotePort); `onEvent` runs for every notification the frontend raises. */
+  bind(domid: number, remotePort: number, onEvent: () => void): EventChannel;
+}
+
+/** A XenStore transaction id; 0 is "no transaction". */
+export type TxId = number;
+
+export interface XenStore {
+  read(path: string, tx?: TxId): Promise<string | undefined>;
+  write(path: string, value: string, tx?: TxId): Promise<void>;
+  directory(path: string, tx?: TxId): Promise<string[]>;
+  rm(path: string, tx?: TxId): Promise<void>;
+  /** Sets a watch; `onChange(path)` fires once at once and then on every change at or below. */
+  watch(path: string, onChange: (path: string) => void): Promise<Watch>;
+  transactionStart(): Promise<TxId>;
+  /** Commits (or aborts); resolves false when a commit conflicted (EAGAIN). */
+  transactionEnd(tx: TxId, commit: boolean): Promise<boolean>;
+}
+
+export interface Watch {
+  cancel(): Promise<void>;
+}
+
+/** A platform: what `tapkit xen serve --platform ...` runs the backend on. */
+export interface Platform {
+  readonly name: string;
+  readonly store: XenStore;
+  readonly events: EventChannels;
+  /**
+   * Grant access to one frontend domain, for one connection (throws GrantError when the
+   * guest's memory cannot be reached). `persistent`: both ends agreed on persistent grants.
+   */
+  grantsFor(domid: number, options: { persistent: boolean }): GrantMapper;
+  close(): Promise<void>;
+}
+
+/** Runs `body` in a transaction, retrying on EAGAIN (a bounded number of times). */
+export async function inTransaction<T>(store: XenStore, body: (tx: TxId) => Promise<T>, attempts = 100): Promise<T> {
+  for (let i = 0; i < attempts; i++) {
+    const tx = await store.transactionStart();
+    let result: T;
+    try {
+      result = await body(tx);
+    } catch (e) {
+      await store.transactionEnd(tx, false).catch(() => undefined);
+      throw e;
+    }
+    if (await store.transactionEnd(tx, true)) return result;
+  }
+  throw new Error(`XenStore transaction still conflicting after ${attempts} attempts`);
+}

@@ -1,0 +1,294 @@
+/**
+ * One blkif queue: a ring, its event channel, and the requests in flight on it.
+ *
+ * Requests are copied out of the ring once (BackRing.take) and parsed from that copy.
+ * Every grant and range of a request is checked before any data moves; the data then
+ * goes straight between the mapped guest pages and the VBD (no bounce buffer). Each
+ * request gets exactly one response, with its id and operation (the inner one for
+ * INDIRECT). Responses completed in one turn of the event loop are published together
+ * and the frontend is kicked only when it asked (rsp_event); while requests are in
+ * flight the backend does not ask for kicks (req_event) and looks for new requests each
+ * time it publishes responses, so a busy ring is served in batches.
+ */
+import type { Vbd } from '../vbd';
+import {
+  type BlkifRequest,
+  type Layout,
+  OP_FLUSH_DISKCACHE,
+  OP_READ,
+  OP_WRITE,
+  OP_WRITE_BARRIER,
+  PAGE,
+  parseRequest,
+  parseSegment,
+  responseOperation,
+  RSP_EOPNOTSUPP,
+  RSP_ERROR,
+  RSP_OKAY,
+  SECTOR,
+  SEGMENT_SIZE,
+  type Segment,
+  writeResponse,
+} from './abi';
+import { GrantError, type EventChannel, type GrantMapper } from './platform';
+import { BackRing, RingOverrun } from './sring';
+
+export interface QueueOptions {
+  vbd: Vbd;
+  layout: Layout;
+  grants: GrantMapper;
+  /** What the backend advertised in feature-max-indirect-segments. */
+  maxIndirectSegments: number;
+  /** feature-discard was advertised. */
+  discard: boolean;
+  /** The frontend broke the protocol: the device must stop serving it. */
+  onFatal(reason: string): void;
+  /** A request was refused (for logs). */
+  onRefused?(reason: string): void;
+}
+
+/** A request answered with an error status, without touching data. */
+class Refused extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class BlkifQueue {
+  private channel?: EventChannel;
+  private inFlight = 0;
+  private barrier?: BlkifRequest;
+  private stopping = false;
+  private failed = false;
+  private publishScheduled = false;
+  private drained?: () => void;
+  readonly stats = { requests: 0, kicksSent: 0, kicksReceived: 0, batches: 0 };
+
+  constructor(
+    readonly ring: BackRing,
+    private readonly options: QueueOptions,
+  ) {}
+
+  attach(channel: EventChannel): void {
+    this.channel = channel;
+  }
+
+  /** A notification from the frontend (or a first look after connecting). */
+  kick(): void {
+    this.stats.kicksReceived++;
+    this.pump();
+  }
+
+  /** Consumes every request the frontend has produced, until a barrier or the end. */
+  private pump(): void {
+    if (this.stopping || this.failed) return;
+    try {
+      for (;;) {
+        let n = this.ring.available();
+        if (n > 0) this.stats.batches++;
+        while (n-- > 0 && !this.barrier) {
+          const request = parseRequest(this.ring.take(), this.options.layout, this.options.maxIndirectSegments);
+          this.stats.requests++;
+          if (request.kind === 'rw' && request.operation === OP_WRITE_BARRIER) {
+            // Everything before it completes first, nothing after it starts before it.
+            this.barrier = request;
+            this.startBarrierIfDrained();
+          } else {
+            this.start(request);
+          }
+        }
+        if (this.barrier) return;
+        // Ask for a kick only when idle; otherwise the next completion looks again.
+        if (!this.ring.idle || !this.ring.finalCheck()) return;
+      }
+    } catch (e) {
+      if (!(e instanceof RingOverrun)) throw e;
+      this.failed = true;
+      this.options.onFatal(`ring overrun: ${e.message}`);
+      this.maybeDrained();
+    }
+  }
+
+  private startBarrierIfDrained(): void {
+    if (this.barrier && this.inFlight === 0) {
+      const request = this.barrier;
+      this.start(request, () => {
+        this.barrier = undefined;
+      });
+    }
+  }
+
+  private start(request: BlkifRequest, after?: () => void): void {
+    this.inFlight++;
+    this.serve(request).then(
+      (status) => this.complete(request, status, after),
+      (e) => {
+        this.options.onRefused?.((e as Error).message);
+        this.complete(request, e instanceof Refused ? e.status : RSP_ERROR, after);
+      },
+    );
+  }
+
+  private complete(request: BlkifRequest, status: number, after?: () => void): void {
+    writeResponse(this.ring.nextResponseSlot(), this.options.layout, request.id, responseOperation(request), status);
+    this.ring.produced();
+    this.inFlight--;
+    after?.();
+    if (!this.publishScheduled) {
+      this.publishScheduled = true;
+      setImmediate(() => this.publish());
+    }
+  }
+
+  private publish(): void {
+    this.publishScheduled = false;
+    if (this.ring.pushResponses()) {
+      this.stats.kicksSent++;
+      this.channel?.notify();
+    }
+    this.startBarrierIfDrained();
+    this.pump();
+    this.maybeDrained();
+  }
+
+  private maybeDrained(): void {
+    if (this.inFlight === 0 && !this.publishScheduled && this.drained) {
+      const done = this.drained;
+      this.drained = undefined;
+      done();
+    }
+  }
+
+  /** Stops taking requests and resolves once every request taken has been answered. */
+  stop(): Promise<void> {
+    this.stopping = true;
+    return new Promise((resolve) => {
+      this.drained = resolve;
+      this.maybeDrained();
+    });
+  }
+
+  // ---- serving one request ------------------------------------------------------
+
+  private async serve(request: BlkifRequest): Promise<number> {
+    const { vbd } = this.options;
+    switch (request.kind) {
+      case 'malformed':
+        throw new Refused(request.status, request.reason);
+      case 'unknown':
+        return RSP_EOPNOTSUPP;
+      case 'discard': {
+        if (!this.options.discard) return RSP_EOPNOTSUPP;
+        if (request.secure) return RSP_EOPNOTSUPP; // discard-secure is not offered
+        const { offset, length } = this.range(request.sector, request.nrSectors);
+        if (vbd.info().readOnly) throw new Refused(RSP_ERROR, 'discard on a read-only disk');
+        if (length > 0) await vbd.trim(offset, length);
+        return RSP_OKAY;
+      }
+      case 'indirect':
+        await this.transfer(request.innerOp, request.sector, this.indirectSegments(request));
+        return RSP_OKAY;
+      case 'rw':
+        switch (request.operation) {
+          case OP_READ:
+          case OP_WRITE:
+            await this.transfer(request.operation, request.sector, request.segments);
+            return RSP_OKAY;
+          case OP_FLUSH_DISKCACHE:
+            // Earlier writes first (the VBD's flush is a barrier), then the data if any,
+            // made durable too (Linux sends FUA writes this way).
+            await vbd.flush();
+            if (request.segments.length > 0) {
+              await this.transfer(OP_WRITE, request.sector, request.segments);
+              await vbd.flush();
+            }
+            return RSP_OKAY;
+          case OP_WRITE_BARRIER:
+            // The ring has drained before we get here; write, then make it durable.
+            if (request.segments.length > 0) await this.transfer(OP_WRITE, request.sector, request.segments);
+            await vbd.flush();
+            return RSP_OKAY;
+        }
+    }
+    return RSP_EOPNOTSUPP;
+  }
+
+  /** Byte range of `nrSectors` 512-byte sectors at `sector`, checked against the disk. */
+  private range(sector: bigint, nrSectors: bigint): { offset: number; length: number } {
+    const size = BigInt(this.options.vbd.info().size);
+    const end = (sector + nrSectors) * BigInt(SECTOR);
+    if (end > size) throw new Refused(RSP_ERROR, `sectors ${sector}+${nrSectors} pass the end of the disk`);
+    return { offset: Number(sector * BigInt(SECTOR)), length: Number(nrSectors * BigInt(SECTOR)) };
+  }
+
+  /** Copies an indirect request's segment descriptors out of its indirect pages (once) and checks them. */
+  private indirectSegments(request: Extract<BlkifRequest, { kind: 'indirect' }>): Segment[] {
+    const mapping = this.map(request.indirectGrefs, false);
+    const descriptors = new Uint8Array(request.nrSegments * SEGMENT_SIZE);
+    try {
+      mapping.pages.forEach((page, i) => {
+        const start = i * PAGE;
+        const bytes = Math.min(PAGE, descriptors.length - start);
+        descriptors.set(page.subarray(0, bytes), start);
+      });
+    } finally {
+      mapping.release();
+    }
+    const segments: Segment[] = [];
+    for (let i = 0; i < request.nrSegments; i++) {
+      const seg = parseSegment(descriptors, i * SEGMENT_SIZE);
+      if (typeof seg === 'string') throw new Refused(RSP_ERROR, `indirect ${seg}`);
+      segments.push(seg);
+    }
+    return segments;
+  }
+
+  private map(refs: number[], writable: boolean) {
+    try {
+      return this.options.grants.mapPages(refs, writable);
+    } catch (e) {
+      if (e instanceof GrantError) throw new Refused(RSP_ERROR, e.message);
+      throw e;
+    }
+  }
+
+  /**
+   * Moves data for a READ or WRITE: checks the range, the disk's mode and every grant
+   * first, then passes views of the guest's pages to the VBD, merging segments that are
+   * adjacent in memory into one call.
+   */
+  private async transfer(op: number, sector: bigint, segments: Segment[]): Promise<void> {
+    const { vbd } = this.options;
+    const sectors = segments.reduce((n, s) => n + (s.lastSect - s.firstSect + 1), 0);
+    const { offset } = this.range(sector, BigInt(sectors));
+    if (op === OP_WRITE && vbd.info().readOnly) throw new Refused(RSP_ERROR, 'write to a read-only disk');
+    const mapping = this.map(
+      segments.map((s) => s.gref),
+      op === OP_READ,
+    );
+    try {
+      const runs: Array<{ bytes: Uint8Array; offset: number }> = [];
+      let at = offset;
+      segments.forEach((s, i) => {
+        const bytes = mapping.pages[i].subarray(s.firstSect * SECTOR, (s.lastSect + 1) * SECTOR);
+        const last = runs[runs.length - 1];
+        if (last && last.bytes.buffer === bytes.buffer && last.bytes.byteOffset + last.bytes.length === bytes.byteOffset) {
+          last.bytes = new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length);
+        } else {
+          runs.push({ bytes, offset: at });
+        }
+        at += bytes.length;
+      });
+      // Wait for every run, even when one fails, before the pages are released.
+      const results = await Promise.allSettled(runs.map((r) => (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset))));
+      const failure = results.find((r) => r.status === 'rejected');
+      if (failure) throw (failure as PromiseRejectedResult).reason;
+    } finally {
+      mapping.release();
+    }
+  }
+}
+

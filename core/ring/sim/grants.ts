@@ -1,0 +1,111 @@
+/**
+ * Grant mapping on the `sim` platform (XENSIM.md "D/dom<N>/memory", "grant-table" and
+ * settled details 2-5). For one connection the guest's memory file is mapped MAP_SHARED
+ * read-write and its grant table read-only, with the sizes they have at connect time.
+ * Each use of a reference copies its 8-byte entry out once and checks it: granted
+ * (permit_access, not transitive or sub-page) to domain 0, frame inside the memory
+ * file, and not read-only when the backend will write. With persistent grants the check
+ * result is kept until the connection ends.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { mapPagesContiguous, mapShared, type Mapping } from '../../../native/mman';
+import { PAGE } from '../abi';
+import { GrantError, type GrantMapper, type PageMapping, type RingMapping } from '../platform';
+
+const GTF_TYPE_MASK = 3;
+const GTF_PERMIT_ACCESS = 1;
+const GTF_READONLY = 4;
+const ENTRY_SIZE = 8;
+const BACKEND_DOMID = 0;
+
+interface Grant {
+  frame: number;
+  readOnly: boolean;
+}
+
+export class SimGrantMapper implements GrantMapper {
+  private readonly memoryFd: number;
+  private readonly memory: Mapping;
+  private readonly table?: Mapping;
+  private readonly pages: number;
+  private readonly entries: number;
+  private readonly persistentGrants?: Map<number, Grant>;
+  private readonly rings = new Set<Mapping>();
+  private closed = false;
+
+  constructor(dir: string, readonly domid: number, persistent: boolean) {
+    const domDir = path.join(dir, `dom${domid}`);
+    const memoryPath = path.join(domDir, 'memory');
+    const tablePath = path.join(domDir, 'grant-table');
+    let fd: number | undefined;
+    let tableFd: number | undefined;
+    try {
+      fd = fs.openSync(memoryPath, 'r+');
+      this.pages = Math.floor(fs.fstatSync(fd).size / PAGE);
+      if (this.pages === 0) throw new GrantError(`${memoryPath} holds no whole page`);
+      tableFd = fs.openSync(tablePath, 'r');
+      this.entries = Math.floor(fs.fstatSync(tableFd).size / ENTRY_SIZE);
+      this.memory = mapShared(fd, this.pages * PAGE, 0, true);
+      if (this.entries > 0) this.table = mapShared(tableFd, this.entries * ENTRY_SIZE, 0, false);
+    } catch (e) {
+      if (fd !== undefined) fs.closeSync(fd);
+      if (e instanceof GrantError) throw e;
+      throw new GrantError(`cannot map domain ${domid}'s memory: ${(e as Error).message}`);
+    } finally {
+      if (tableFd !== undefined) fs.closeSync(tableFd);
+    }
+    this.memoryFd = fd;
+    if (persistent) this.persistentGrants = new Map();
+  }
+
+  /** Reads and checks grant `ref` for the backend's use. */
+  private grant(ref: number, writable: boolean): Grant {
+    if (this.closed) throw new GrantError('connection closed');
+    let grant = this.persistentGrants?.get(ref);
+    if (!grant) {
+      if (!Number.isInteger(ref) || ref < 0 || ref >= this.entries) throw new GrantError(`grant ${ref} is outside the grant table (${this.entries} entries)`);
+      // One copy of the entry: the guest may rewrite it while we look.
+      const entry = Buffer.from(this.table!.bytes.subarray(ref * ENTRY_SIZE, (ref + 1) * ENTRY_SIZE));
+      const flags = entry.readUInt16LE(0);
+      const domid = entry.readUInt16LE(2);
+      const frame = entry.readUInt32LE(4);
+      if ((flags & GTF_TYPE_MASK) !== GTF_PERMIT_ACCESS) throw new GrantError(`grant ${ref} is not granted (flags ${flags})`);
+      if (domid !== BACKEND_DOMID) throw new GrantError(`grant ${ref} is granted to domain ${domid}, not ${BACKEND_DOMID}`);
+      if (frame >= this.pages) throw new GrantError(`grant ${ref} names frame ${frame}, past the ${this.pages} pages of memory`);
+      grant = { frame, readOnly: (flags & GTF_READONLY) !== 0 };
+      this.persistentGrants?.set(ref, grant);
+    }
+    if (writable && grant.readOnly) throw new GrantError(`grant ${ref} is read-only`);
+    return grant;
+  }
+
+  mapRing(refs: number[]): RingMapping {
+    const frames = refs.map((r) => this.grant(r, true).frame);
+    const mapping = mapPagesContiguous(this.memoryFd, frames, PAGE, true);
+    this.rings.add(mapping);
+    return {
+      bytes: mapping.bytes,
+      unmap: () => {
+        if (this.rings.delete(mapping)) mapping.unmap();
+      },
+    };
+  }
+
+  mapPages(refs: number[], writable: boolean): PageMapping {
+    const frames = refs.map((r) => this.grant(r, writable).frame);
+    const bytes = this.memory.bytes;
+    return { pages: frames.map((f) => bytes.subarray(f * PAGE, (f + 1) * PAGE)), release() {} };
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const r of this.rings) r.unmap();
+    this.rings.clear();
+    this.memory.unmap();
+    this.table?.unmap();
+    fs.closeSync(this.memoryFd);
+    this.persistentGrants?.clear();
+  }
+}

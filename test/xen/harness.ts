@@ -1,0 +1,141 @@
+/**
+ * Shared by the blkif tests: a sim platform with tapkit's backend in this process, the C
+ * frontend (compiled here with gcc against Xen's headers and libxenstore), and the data
+ * pattern the frontends write.
+ */
+import { execFile, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
+import '../../providers';
+import { Opener } from '../../core/open';
+import type { Provider } from '../../core/provider';
+import { BlkifBackend } from '../../core/ring/backend';
+import { SimPlatform } from '../../core/ring/sim/platform';
+import { XsClient } from '../../core/ring/sim/xs-client';
+import { attach } from '../../core/ring/toolstack';
+import { Vbd } from '../../core/vbd';
+
+export const REPO = path.resolve(__dirname, '../../..');
+export const FRONTEND_SOURCE = path.join(REPO, 'test/xen/frontend.c');
+const run = promisify(execFile);
+
+/** The byte the frontends write at disk offset `offset` (frontend.c's pattern()). */
+export function pattern(offset: number, seed: number): number {
+  return (Math.floor(offset / 512) * 31 + (offset % 512) + seed) & 0xff;
+}
+
+export function tempDir(prefix: string): string {
+  fs.mkdirSync(path.join(REPO, '.tmp'), { recursive: true });
+  return fs.mkdtempSync(path.join(REPO, '.tmp', prefix));
+}
+
+let compiled: Promise<string> | undefined;
+/** Compiles frontend.c once per test process; resolves with the binary's path. */
+export function frontendBinary(): Promise<string> {
+  compiled ??= (async () => {
+    const out = path.join(tempDir('frontend-'), 'frontend');
+    await run('gcc', ['-O2', '-Wall', '-Werror', '-Wno-format-truncation', '-Wno-unused-local-typedefs', '-o', out, FRONTEND_SOURCE, '-lxenstore'], { timeout: 60_000 });
+    return out;
+  })();
+  return compiled;
+}
+
+export interface FrontendRun {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the C frontend against the platform in `dir` (bounded). */
+export async function runFrontend(dir: string, domid: number, devid: number, args: string[], timeoutMs = 90_000): Promise<FrontendRun> {
+  const binary = await frontendBinary();
+  return new Promise((resolve) => {
+    const child = spawn(binary, [dir, String(domid), String(devid), ...args], {
+      env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+/** A sim platform with tapkit's backend running in this process. */
+export class SimBackend {
+  readonly providers = new Map<string, Provider>();
+  readonly log: string[] = [];
+  private constructor(
+    readonly dir: string,
+    readonly platform: SimPlatform,
+    readonly backend: BlkifBackend,
+  ) {}
+
+  static async start(options: { maxIndirectSegments?: number } = {}): Promise<SimBackend> {
+    const dir = tempDir('sim-');
+    const platform = await SimPlatform.start(dir);
+    const providers = new Map<string, Provider>();
+    const log: string[] = [];
+    const backend = new BlkifBackend({
+      platform,
+      limits: { maxRingPageOrder: 4, maxQueues: 4, maxIndirectSegments: options.maxIndirectSegments ?? 256 },
+      log: (m) => log.push(m),
+      openVbd: async (spec, readOnly) => {
+        const provider = await new Opener({ readOnly }).open(spec);
+        providers.set(spec, provider);
+        return new Vbd(provider, { readOnly, name: spec });
+      },
+    });
+    await backend.start();
+    const sim = new SimBackend(dir, platform, backend);
+    (sim as { providers: Map<string, Provider> }).providers = providers;
+    (sim as { log: string[] }).log = log;
+    return sim;
+  }
+
+  /** Attaches SPEC as vbd `devid` of domain `domid` (the toolstack's part, over the socket). */
+  async attach(domid: number, devid: number, spec: string, readOnly = false): Promise<void> {
+    const client = await XsClient.connect(path.join(this.dir, 'xenstored.sock'));
+    try {
+      await attach(client, { domid, devid, spec, readOnly });
+    } finally {
+      client.close();
+    }
+  }
+
+  async waitForDevice(domid: number, devid: number): Promise<void> {
+    for (let i = 0; i < 200; i++) {
+      if ((await this.platform.store.read(`/local/domain/0/backend/vbd/${domid}/${devid}/state`)) === '2') return;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    throw new Error(`vbd ${domid}/${devid} did not reach InitWait`);
+  }
+
+  async close(): Promise<void> {
+    await this.backend.close();
+    await this.platform.close();
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** Reads `length` bytes at `offset` from a provider. */
+export async function readProvider(p: Provider, offset: number, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length);
+  await p.read(buf, offset);
+  return buf;
+}
+
+/** The offsets (within [offset, offset+length)) where `data` differs from the pattern; -1 if none. */
+export function firstMismatch(data: Uint8Array, offset: number, seed: number): number {
+  for (let i = 0; i < data.length; i++) if (data[i] !== pattern(offset + i, seed)) return offset + i;
+  return -1;
+}
+
+export const tmpRoot = os.tmpdir();
