@@ -1,6 +1,6 @@
 /**
  * `tapkit xen ...`: the blkif backend and its toolstack verbs.
- *   serve  --platform sim:DIR            serve every vbd that appears under backend/vbd
+ *   serve  --platform sim:DIR|xen        serve every vbd that appears under backend/vbd
  *   attach --platform sim:DIR --domid N --devid V [--read-only] SPEC   (xl block-attach's part)
  *   detach --platform sim:DIR --domid N --devid V                      (xl block-detach's part)
  */
@@ -8,7 +8,8 @@ import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BlkifBackend } from '../../ring/backend';
 import { DEFAULT_LIMITS } from '../../ring/device';
-import { parsePlatformSpec, SimPlatform } from '../../ring/sim/platform';
+import { openPlatform } from '../../ring/platforms';
+import { parsePlatformSpec } from '../../ring/sim/platform';
 import { XsClient } from '../../ring/sim/xs-client';
 import { attach, detach } from '../../ring/toolstack';
 import { Vbd } from '../../vbd';
@@ -47,19 +48,19 @@ export function register(program: Command): void {
     xen
       .command('serve')
       .description('serve every vbd that appears in XenStore under /local/domain/0/backend/vbd')
-      .requiredOption('--platform <platform>', 'sim:DIR (files and sockets in DIR, see docs/xen-sim.md)')
+      .requiredOption('--platform <platform>', 'xen (this Linux dom0, docs/xen-lab.md) or sim:DIR (files and sockets in DIR, see docs/xen-sim.md)')
       .option('--max-ring-page-order <n>', 'largest ring a frontend may use (log2 pages)', String(DEFAULT_LIMITS.maxRingPageOrder))
       .option('--max-queues <n>', 'most queues a frontend may use', String(DEFAULT_LIMITS.maxQueues))
       .option('--max-indirect-segments <n>', 'segments per indirect request (0: no indirect)', String(DEFAULT_LIMITS.maxIndirectSegments))
       .option('--quiet', 'do not log device events'),
   ).action(async (options: OpenCliOptions & { platform: string; maxRingPageOrder: string; maxQueues: string; maxIndirectSegments: string; quiet?: boolean }) => {
-    const dir = platformDir(options.platform);
+    if (options.platform !== 'xen') platformDir(options.platform);
     const limits = {
       maxRingPageOrder: integer(options.maxRingPageOrder, '--max-ring-page-order', 0, 4),
       maxQueues: integer(options.maxQueues, '--max-queues', 1, 64),
       maxIndirectSegments: integer(options.maxIndirectSegments, '--max-indirect-segments', 0, 4096),
     };
-    const platform = await SimPlatform.start(dir);
+    const platform = await openPlatform(options.platform);
     const log = options.quiet ? undefined : (m: string) => process.stderr.write(`tapkit xen: ${m}\n`);
     const backend = new BlkifBackend({
       platform,
@@ -71,7 +72,7 @@ export function register(program: Command): void {
       },
     });
     await backend.start();
-    process.stdout.write(`tapkit xen: serving sim:${platform.dir}\n`);
+    process.stdout.write(`tapkit xen: serving ${platform.describe}\n`);
     await new Promise<void>((resolve) => {
       const stop = () => resolve();
       process.once('SIGINT', stop);
