@@ -61,8 +61,9 @@ export class SpecError extends BlockError {
 /** Raised by a format parser that finds an image malformed. Names the offending field. */
 export class CorruptImageError extends BlockError {
   readonly field: string;
-  constructor(field: string, message: string) {
-    super('EINVAL', message);
+  /** `code`: EINVAL when an image is refused at open, EIO when a read meets the damage. */
+  constructor(field: string, message: string, code: ErrnoName = 'EINVAL') {
+    super(code, message);
     this.field = field;
   }
 }
@@ -83,7 +84,8 @@ export function fromSystemError(e: unknown, context: string): BlockError {
  * an unexplained crash in an export.
  */
 export function asBlockError(e: unknown, providerName: string): BlockError {
-  if (e instanceof BlockError) return e;
+  // A BlockError from another copy of tapkit (a plugin's own dependency) keeps its code and message.
+  if (e instanceof BlockError || isBlockError(e)) return e as BlockError;
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   if (typeof code === 'string' && code in ERRNO) return fromSystemError(e, providerName);
   const message = e instanceof Error ? e.message : String(e);

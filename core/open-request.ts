@@ -29,6 +29,11 @@ export class OpenRequest {
     readonly openBacking: (name: string, options?: BackingOptions) => Promise<Provider>,
     /** Reports a non-fatal problem (a footer repaired from its copy, a dirty image). */
     readonly warn: (message: string) => void,
+    /**
+     * A backing file's source: the image that named it (so an http source can reuse the
+     * credentials and settings of the image it is the backing file of, on the same origin).
+     */
+    readonly namedBy?: Provider,
   ) {}
 
   /** The location backing names are resolved against (the lower provider's). */

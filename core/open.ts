@@ -12,6 +12,7 @@ import { registry, type Registry, type RegisteredProvider } from './registry';
 import { parseFilterArg, parseSpec } from './spec';
 import { BackingPolicy, type BackingPolicyOptions } from './backing-policy';
 export { resolveBacking } from './resolve';
+import { redactSpec } from './redact';
 
 export interface OpenOptions {
   readOnly?: boolean;
@@ -24,6 +25,11 @@ export interface OpenOptions {
   registry?: Registry;
   /** Where backing files may be opened from (core/backing-policy.ts). */
   backing?: BackingPolicyOptions;
+  /**
+   * Options for every provider of a name, from the command line (`--ca`, `--header` give
+   * `{ http: { ca, header } }`); a spec's own options win over them.
+   */
+  providerOptions?: Record<string, Record<string, string>>;
 }
 
 interface ChainState {
@@ -32,6 +38,8 @@ interface ChainState {
   seen: string[];
   /** The location of the image the user named: the backing policy's anchor. Shared by the whole chain. */
   root: { location?: string };
+  /** In a backing chain: the image whose backing reference is being opened. */
+  namedBy?: Provider;
 }
 
 const PROBE_BYTES = 65536;
@@ -71,7 +79,7 @@ export class Opener {
     const entry = this.registry.get(name);
     if (!entry) {
       const known = this.registry.list().map((e) => e.declaration.name).join(', ');
-      throw new SpecError('EINVAL', `unknown provider '${name}' in spec '${spec}' (known: ${known}; write ./${spec} for a file)`, true);
+      throw new SpecError('EINVAL', `unknown provider '${name}' in spec '${redactSpec(spec)}' (known: ${known}; write ./${redactSpec(spec)} for a file)`, true);
     }
     return entry;
   }
@@ -136,10 +144,11 @@ export class Opener {
   ): Promise<Provider> {
     const { name } = entry.declaration;
     try {
+      options = { ...this.options.providerOptions?.[name], ...options };
       const allowed = entry.declaration.options ?? [];
       for (const key of Object.keys(options)) {
         if (!allowed.includes(key)) {
-          throw new SpecError('EINVAL', `provider '${name}' has no option '${key}' (in spec '${spec}'${allowed.length ? `; options: ${allowed.join(', ')}` : ''})`, true);
+          throw new SpecError('EINVAL', `provider '${name}' has no option '${key}' (in spec '${redactSpec(spec)}'${allowed.length ? `; options: ${allowed.join(', ')}` : ''})`, true);
         }
       }
       // Backing names resolve against the image's location, known once the instance exists.
@@ -148,8 +157,8 @@ export class Opener {
       const request = new OpenRequest(spec, arg, Object.freeze({ ...options }), lower, readOnly, (backingName, backingOptions) => {
         const location = locationOf();
         const seen = location ? [...chain.seen, location] : chain.seen;
-        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root });
-      }, this.warn);
+        return this.openBacking(backingName, backingOptions ?? {}, location, spec, { depth: chain.depth, seen, root: chain.root, namedBy: instance });
+      }, this.warn, chain.namedBy);
       instance = entry.construct(request);
       // The first located source of the top chain anchors the backing policy.
       if (chain.depth === 0 && chain.root.location === undefined && instance.location) chain.root.location = instance.location;
@@ -171,7 +180,7 @@ export class Opener {
     if (chain.seen.includes(decision.target)) {
       throw new BlockError('ELOOP', `backing chain loops: '${childSpec}' names '${name}', which is already open in this chain`);
     }
-    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root };
+    const next: ChainState = { depth: chain.depth + 1, seen: chain.seen, root: chain.root, namedBy: chain.namedBy };
     // The user's own spec is opened as written; a name from an image gets its named format, or is probed.
     if (decision.explicit) return this.openSpec(decision.target, true, next, true);
     const spec = options.format ? `${options.format}:${decision.target}` : decision.target;

@@ -104,6 +104,9 @@ function constructWith(container: DependencyContainer, cls: ProviderClass, reque
  */
 export function provider(declaration: ProviderDeclaration) {
   return <T extends ProviderClass>(cls: T): T => {
+    // A class compiled without decorator metadata (a plain JavaScript plugin) whose
+    // constructor takes one argument is given the OpenRequest, as a TypeScript one is.
+    if (!Reflect.getMetadata('design:paramtypes', cls) && cls.length === 1) Reflect.defineMetadata('design:paramtypes', [OpenRequest], cls);
     injectable()(cls);
     registry().add({ declaration, cls, construct: (request) => constructWith(rootContainer, cls, request) });
     return cls;

@@ -3,11 +3,13 @@ import { SpecError } from './errors';
 
 const UNITS: Record<string, number> = { '': 1, B: 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40, P: 2 ** 50, E: 2 ** 60 };
 
-export function parseSize(text: string, what = 'size'): number {
+/** `spec`, when given, is named in the error (`malformed memory size '12Q' in spec 'memory:12Q'`). */
+export function parseSize(text: string, what = 'size', spec?: string): number {
+  const where = spec === undefined ? '' : ` in spec '${spec}'`;
   const m = /^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?\s*$/i.exec(text);
-  if (!m) throw new SpecError('EINVAL', `malformed ${what} '${text}' (expected a number with an optional K, M, G, T, P or E suffix)`, true);
+  if (!m) throw new SpecError('EINVAL', `malformed ${what} '${text}'${where} (expected a number with an optional K, M, G, T, P or E suffix)`, true);
   const value = Number(m[1]) * UNITS[m[2].toUpperCase()];
-  if (!Number.isSafeInteger(value)) throw new SpecError('EOVERFLOW', `${what} '${text}' is not a whole number of bytes below 2^53`, true);
+  if (!Number.isSafeInteger(value)) throw new SpecError('EOVERFLOW', `${what} '${text}'${where} is not a whole number of bytes below 2^53`, true);
   return value;
 }
 

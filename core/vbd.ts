@@ -214,12 +214,13 @@ export class Vbd {
     return old;
   }
 
-  /** Waits for in-flight requests, flushes if possible, closes the provider chain. */
+  /** Serves held and in-flight requests, flushes if possible, closes the provider chain. */
   async close(): Promise<void> {
     if (this.closed) return;
-    this.closed = true;
+    // Requests held by a pause are served, not dropped; anything arriving later is refused.
     this.paused = false;
     for (const start of this.held.splice(0)) start();
+    this.closed = true;
     await this.idle();
     try {
       if (this.caps.flush && this.caps.write) await this.provider.flush!();
@@ -239,7 +240,9 @@ export class Vbd {
   private run<T>(op: Operation, bytes: number, body: () => Promise<T> | T | undefined): Promise<T> {
     if (this.closed) return Promise.reject(new BlockError('ESHUTDOWN', `VBD ${this.name} is closed`));
     if (this.paused) {
-      return new Promise<void>((resolve) => this.held.push(resolve)).then(() => this.run(op, bytes, body));
+      // Held requests restart synchronously, in arrival order, inside resume(): a request
+      // arriving just after resume() cannot overtake them.
+      return new Promise<T>((resolve, reject) => this.held.push(() => this.run(op, bytes, body).then(resolve, reject)));
     }
     this.inFlight++;
     const started = performance.now();

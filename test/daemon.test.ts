@@ -128,6 +128,7 @@ test('the control socket is mode 0600 and a second daemon on it refuses to start
 
 test('a stale socket left by a dead daemon does not stop a new one', async (t) => {
   const first = await startDaemon();
+  t.teardown(() => fs.rmSync(first.dir, { recursive: true, force: true }));
   first.child.kill('SIGKILL');
   await new Promise((r) => first.child.once('exit', r));
   t.true(fs.existsSync(first.control));
@@ -178,6 +179,7 @@ test('an invalid config file at start is one clear line and exit 2', async (t) =
   const dir = fs.mkdtempSync('/tmp/tapkit-config-');
   const config = path.join(dir, 'bad.json');
   fs.writeFileSync(config, JSON.stringify({ devices: [{ name: 'x' }] }));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const r = await run(process.execPath, [CLI, 'daemon', '--control', path.join(dir, 'c.sock'), '--config', config]).catch((e) => e);
   t.is(r.code, 2);
   t.regex(r.stderr, /devices\[0\] \('x'\) needs a 'spec'/);

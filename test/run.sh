@@ -7,6 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tmp
 bash test/setup-system.sh || { echo "tapkit tests: could not install the Debian packages the tests need" >&2; echo "0 passed, 1 failed"; exit 1; }
+# A clean build: a test file deleted from test/ must not keep running from a stale dist/.
+rm -rf dist
 npm run build --silent || { echo "0 passed, 1 failed"; exit 1; }
 npx ava --tap "$@" 2>&1 | tee .tmp/ava.tap
 status=${PIPESTATUS[0]}

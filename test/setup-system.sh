@@ -13,5 +13,7 @@ echo "tapkit tests: installing Debian packages: ${missing[*]}" >&2
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Another apt (an unattended upgrade, a parallel job) may hold the lock: wait for it.
+apt_wait=(-o DPkg::Lock::Timeout=600)
+"${sudo[@]}" apt-get "${apt_wait[@]}" update -qq
+"${sudo[@]}" apt-get "${apt_wait[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

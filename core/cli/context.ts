@@ -4,6 +4,7 @@
  * (2 for what the user typed wrong, 1 for I/O failures).
  */
 import * as path from 'node:path';
+import { createRequire } from 'node:module';
 import { pathToFileURL } from 'node:url';
 import type { Command } from 'commander';
 import { BlockError, SpecError, isBlockError } from '../errors';
@@ -24,14 +25,26 @@ export function globalOptions(command: Command): GlobalOptions {
 /** Loads each `--plugin MODULE` (a path or a package name); it registers its providers on load. */
 export async function loadPlugins(modules: string[]): Promise<void> {
   for (const name of modules) {
-    const isPath = name.startsWith('.') || path.isAbsolute(name) || /\.[cm]?js$/.test(name);
-    const target = isPath ? pathToFileURL(path.resolve(name)).href : name;
     try {
-      await import(target);
+      await import(pluginTarget(name));
     } catch (e) {
-      const reason = (e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' ? 'module not found' : (e as Error).message.split('\n')[0];
+      const reason = (e instanceof Error ? e.message.split('\n')[0] : String(e)).replace(/ imported from \S+$/, '');
       throw new SpecError('EINVAL', `cannot load plugin '${name}': ${reason}`, true, { cause: e });
     }
+  }
+}
+
+/**
+ * A path (`./mine.js`, `/abs/mine.js`, `mine.js`) loads that file; a package name is
+ * resolved from the current directory (the user's project), then from tapkit's own.
+ */
+function pluginTarget(name: string): string {
+  const isPath = name.startsWith('.') || path.isAbsolute(name) || /\.[cm]?js$/.test(name);
+  if (isPath) return pathToFileURL(path.resolve(name)).href;
+  try {
+    return pathToFileURL(createRequire(path.join(process.cwd(), 'package.json')).resolve(name)).href;
+  } catch {
+    return name;
   }
 }
 
@@ -43,6 +56,10 @@ export interface OpenCliOptions {
   allowBacking?: string[];
   /** commander turns --no-backing into backing: false. */
   backing?: string[] | false;
+  /** For http(s) disks: a PEM file of CAs to trust besides the system's. */
+  ca?: string;
+  /** For http(s) disks: `Name: value` headers sent with every request. */
+  header?: string[];
 }
 
 export function addOpenOptions(command: Command): Command {
@@ -51,7 +68,20 @@ export function addOpenOptions(command: Command): Command {
     .option('--max-chain-depth <n>', 'longest backing chain accepted', '16')
     .option('--allow-backing <dir|url-prefix>', 'let backing files come from this tree or URL prefix too (repeatable)', collect, [])
     .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
-    .option('--no-backing', 'refuse every backing file and parent');
+    .option('--no-backing', 'refuse every backing file and parent')
+    .option('--ca <file>', 'https disks: trust the CAs in this PEM file too')
+    .option('--header <"Name: value">', 'http(s) disks: send this header with every request (repeatable)', collect, []);
+}
+
+/** --ca and --header as options of every http source opened (a spec's own options win). */
+function httpOptions(options: OpenCliOptions): Record<string, string> {
+  const http: Record<string, string> = {};
+  if (options.ca) http.ca = path.resolve(options.ca);
+  const headers = options.header ?? [];
+  for (const h of headers) if (!/^[^:\s]+\s*:/.test(h)) throw new UsageError(`--header needs 'Name: value' (got a value without a name)`);
+  // The http source percent-decodes its header option (a spec cannot hold ':' or ',').
+  if (headers.length) http.header = encodeURIComponent(headers.join('\n'));
+  return http;
 }
 
 export function collect(value: string, previous: string[]): string[] {
@@ -66,7 +96,9 @@ export function openerFor(options: OpenCliOptions, extra: OpenOptions = {}): Ope
     noBacking: options.backing === false,
     explicit: options.backing === false ? [] : options.backing ?? [],
   };
-  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, backing, ...extra });
+  const http = httpOptions(options);
+  const providerOptions = Object.keys(http).length ? { http } : undefined;
+  return new Opener({ readOnly: !!options.readOnly, filters: options.filter ?? [], maxChainDepth: depth, backing, providerOptions, ...extra });
 }
 
 export async function withProvider<T>(spec: string, options: OpenCliOptions, fn: (p: Provider) => Promise<T>, extra: OpenOptions = {}): Promise<T> {
@@ -94,6 +126,11 @@ export function describeError(e: unknown): string {
 /** Reports an error as one line (a stack trace too with --debug) and sets the exit code. */
 export function reportError(e: unknown, debug: boolean): void {
   process.stderr.write(`tapkit: ${describeError(e)}\n`);
-  if (debug && e instanceof Error && e.stack) process.stderr.write(`${e.stack}\n`);
+  if (debug) {
+    for (let cause: unknown = e; cause instanceof Error; cause = cause.cause) {
+      if (cause !== e) process.stderr.write('caused by: ');
+      process.stderr.write(`${cause.stack ?? cause.message}\n`);
+    }
+  }
   process.exitCode = exitCodeFor(e);
 }

@@ -12,10 +12,23 @@ import * as info from './commands/info';
 import * as convert from './commands/convert';
 import * as daemon from './commands/daemon';
 import * as ctl from './commands/ctl';
+import * as serve from './commands/serve';
+import * as mount from './commands/mount';
 import * as xen from './commands/xen';
+import * as vhd from './commands/vhd';
 
 /** Every command module, in the order `tapkit --help` lists them. */
-const COMMANDS: Array<{ register(program: Command): void }> = [providers, info, convert, daemon, ctl, xen];
+const COMMANDS: Array<{ register(program: Command): void }> = [
+  providers,
+  info,
+  convert,
+  serve,
+  mount,
+  xen,
+  vhd,
+  daemon,
+  ctl,
+];
 
 export function buildProgram(): Command {
   const program = new Command('tapkit')
@@ -23,14 +36,13 @@ export function buildProgram(): Command {
     .version(require('../../../package.json').version)
     .option('--plugin <module>', 'load a provider module (repeatable)', collect, [])
     .option('--debug', 'print stack traces with errors')
-    .showHelpAfterError()
     .exitOverride();
   program.hook('preAction', async (_this, action) => {
     await loadPlugins(globalOptions(action).plugin ?? []);
   });
   for (const command of COMMANDS) command.register(program);
   // Subcommands report usage errors through the same path as the program.
-  for (const sub of program.commands) sub.exitOverride().showHelpAfterError();
+  for (const sub of program.commands) sub.exitOverride();
   return program;
 }
 

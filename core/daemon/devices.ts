@@ -76,9 +76,11 @@ export class DeviceTable {
     private readonly openOptions: OpenOptions = {},
   ) {}
 
-  private open(request: DeviceRequest): Promise<Provider> {
+  private open(request: DeviceRequest, allowBacking: string[] = []): Promise<Provider> {
+    const backing = { ...this.openOptions.backing, allow: [...(this.openOptions.backing?.allow ?? []), ...allowBacking] };
     return new Opener({
       ...this.openOptions,
+      backing,
       readOnly: !!request.readOnly,
       filters: request.filters ?? [],
       warn: (message) => this.log.warn(message, { spec: request.spec }),
@@ -126,12 +128,15 @@ export class DeviceTable {
     this.log.info('device paused', { device: device.id });
   }
 
-  /** Resumes a paused device, first reopening it on `spec` when given (a live snapshot's child). */
-  async unpause(id: string, spec?: string): Promise<void> {
+  /**
+   * Resumes a paused device, first reopening it on `spec` when given (a live snapshot's
+   * child); `allowBacking` adds trees its chain may reach (the parent's, for a snapshot).
+   */
+  async unpause(id: string, spec?: string, allowBacking: string[] = []): Promise<void> {
     const device = this.get(id);
     if (!device.vbd.isPaused) throw new BlockError('EINVAL', `device ${device.id} is not paused`);
     if (spec !== undefined) {
-      const next = await this.open({ ...device.request, spec });
+      const next = await this.open({ ...device.request, spec }, allowBacking);
       const info = next.info();
       if (info.size !== device.vbd.info().size) {
         await next.close();

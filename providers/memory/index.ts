@@ -3,7 +3,7 @@
  * Trim and zero give whole chunks back; extents report unwritten chunks as holes.
  * Option `limit=SIZE` caps the RAM used: a write that would pass it fails with ENOSPC.
  */
-import { BlockError } from '../../core/errors';
+import { BlockError, SpecError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
 import { provider } from '../../core/registry';
@@ -22,20 +22,23 @@ export class MemoryProvider implements Provider {
   readonly name = 'memory';
   private readonly size: number;
   private readonly limit: number;
+  private readonly readOnly: boolean;
   private readonly chunks = new Map<number, Buffer>();
 
   constructor(request: OpenRequest) {
-    if (request.arg === '') throw new BlockError('EINVAL', `memory needs a size (memory:1G) in spec '${request.spec}'`);
-    this.size = parseSize(request.arg, `memory size in spec '${request.spec}'`);
-    this.limit = request.options.limit !== undefined ? parseSize(request.options.limit, 'memory limit') : Infinity;
+    if (request.arg === '') throw new SpecError('EINVAL', `memory needs a size (memory:1G) in spec '${request.spec}'`, true);
+    this.size = parseSize(request.arg, 'memory size', request.spec);
+    this.readOnly = request.readOnly;
+    this.limit = request.options.limit !== undefined ? parseSize(request.options.limit, 'memory limit', request.spec) : Infinity;
   }
 
   info(): DiskInfo {
-    return { size: this.size, logicalBlockSize: 1, physicalBlockSize: 4096, readOnly: false };
+    return { size: this.size, logicalBlockSize: 1, physicalBlockSize: 4096, readOnly: this.readOnly };
   }
 
   capabilities(): Capabilities {
-    return { write: true, flush: true, fua: true, trim: true, zero: true, extents: true, multiConn: true, concurrent: true };
+    const write = !this.readOnly;
+    return { write, flush: true, fua: write, trim: write, zero: write, extents: true, multiConn: true, concurrent: true };
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {

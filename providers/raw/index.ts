@@ -7,7 +7,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, fromSystemError } from '../../core/errors';
+import { BlockError, SpecError, fromSystemError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
 import { provider } from '../../core/registry';
@@ -30,7 +30,7 @@ export class RawProvider implements Provider {
   private noZeroRange = false;
 
   constructor(private readonly request: OpenRequest) {
-    if (request.arg === '') throw new BlockError('EINVAL', `raw needs a path (raw:/path/to/disk) in spec '${request.spec}'`);
+    if (request.arg === '') throw new SpecError('EINVAL', `raw needs a path (raw:/path/to/disk) in spec '${request.spec}'`, true);
     this.location = path.resolve(request.arg);
   }
 
@@ -107,8 +107,11 @@ export class RawProvider implements Provider {
   async trim(offset: number, length: number, options: WriteOptions): Promise<void> {
     // Trim is advisory: where the file system or device cannot discard, nothing happens.
     try {
-      if (this.isBlockDevice) libc.blockDeviceDiscard(this.handle.fd, offset, length);
-      else if (!this.noPunchHole) libc.fallocate(this.handle.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
+      if (this.isBlockDevice) {
+        // The kernel discards whole sectors only; partial sectors at the edges are left as they are.
+        const inner = this.wholeSectors(offset, length);
+        if (inner.length > 0) libc.blockDeviceDiscard(this.handle.fd, inner.offset, inner.length);
+      } else if (!this.noPunchHole) libc.fallocate(this.handle.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length);
     } catch (e) {
       if ((e as BlockError).code !== 'EOPNOTSUPP') throw e;
       if (!this.isBlockDevice) this.noPunchHole = true;
@@ -122,11 +125,23 @@ export class RawProvider implements Provider {
       return;
     }
     if (options.fast) throw new BlockError('EOPNOTSUPP', `raw: ${this.location} cannot zero quickly`);
+    await this.writeZeros(offset, length);
+    if (options.fua) await this.flush();
+  }
+
+  private async writeZeros(offset: number, length: number): Promise<void> {
     const zeros = new Uint8Array(Math.min(length, 1 << 20));
     for (let done = 0; done < length; done += zeros.length) {
       await this.write(zeros.subarray(0, Math.min(zeros.length, length - done)), offset + done, {});
     }
-    if (options.fua) await this.flush();
+  }
+
+  /** The whole logical sectors inside [offset, offset+length) (empty when there are none). */
+  private wholeSectors(offset: number, length: number): { offset: number; length: number } {
+    const sector = this.sectorSizes.logical;
+    const start = Math.ceil(offset / sector) * sector;
+    const end = Math.floor((offset + length) / sector) * sector;
+    return { offset: start, length: Math.max(0, end - start) };
   }
 
   /** Tries the cheap ways to zero; false when none is available here. */
@@ -141,7 +156,15 @@ export class RawProvider implements Provider {
         return false;
       }
     };
-    if (this.isBlockDevice) return attempt(() => libc.blockDeviceZeroOut(this.handle.fd, offset, length), () => {});
+    if (this.isBlockDevice) {
+      // BLKZEROOUT takes whole sectors; the partial sectors at the edges are written as zeros.
+      const inner = this.wholeSectors(offset, length);
+      if (inner.length === 0) return false;
+      if (!attempt(() => libc.blockDeviceZeroOut(this.handle.fd, inner.offset, inner.length), () => {})) return false;
+      await this.writeZeros(offset, inner.offset - offset);
+      await this.writeZeros(inner.offset + inner.length, offset + length - (inner.offset + inner.length));
+      return true;
+    }
     if (mayTrim && !this.noPunchHole) {
       if (attempt(() => libc.fallocate(this.handle.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length), () => (this.noPunchHole = true))) return true;
     }

@@ -51,6 +51,7 @@ export async function startDaemon(args: string[] = [], dir = fs.mkdtempSync(path
       const timer = setTimeout(() => child.kill('SIGKILL'), 15_000);
       const code = await exited;
       clearTimeout(timer);
+      fs.rmSync(dir, { recursive: true, force: true });
       return code;
     },
   };

@@ -2,7 +2,10 @@
 import * as fs from 'node:fs';
 import type { Command } from 'commander';
 import { copyVbd } from '../../copy';
+import { BlockError, fromSystemError } from '../../errors';
+import type { Provider } from '../../provider';
 import { Opener } from '../../open';
+import { redactSpec } from '../../redact';
 import { Vbd } from '../../vbd';
 import { addOpenOptions, openerFor, UsageError, type OpenCliOptions } from '../context';
 import { progressBar } from '../progress';
@@ -19,16 +22,25 @@ export function register(program: Command): void {
     .option('--progress', 'show a progress bar on a terminal')
     .action(async (src: string, dst: string, options: OpenCliOptions & { outputFormat: string; progress?: boolean }) => {
       if (options.outputFormat !== 'raw') throw new UsageError(`unsupported output format '${options.outputFormat}' (supported: raw)`);
-      const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: src });
+      const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: redactSpec(src) });
       try {
-        const targetIsDevice = fs.existsSync(dst) && fs.statSync(dst).isBlockDevice();
+        const existing = statOrUndefined(dst);
+        if (existing && readsFrom(source.top, existing)) {
+          throw new UsageError(`${dst} is what ${src} reads from: refusing to overwrite the source`);
+        }
+        if (existing?.isDirectory()) throw new BlockError('EISDIR', `${dst} is a directory (convert writes a raw file or a block device)`);
+        const targetIsDevice = !!existing?.isBlockDevice();
         if (!targetIsDevice) {
           // A fresh, truncated file reads as zeros everywhere: holes need no writes.
-          const fd = fs.openSync(dst, 'w');
           try {
-            fs.ftruncateSync(fd, source.info().size);
-          } finally {
-            fs.closeSync(fd);
+            const fd = fs.openSync(dst, 'w');
+            try {
+              fs.ftruncateSync(fd, source.info().size);
+            } finally {
+              fs.closeSync(fd);
+            }
+          } catch (e) {
+            throw fromSystemError(e, `cannot create ${dst}`);
           }
         }
         const target = new Vbd(await new Opener({}).open(`raw:${dst}`), { name: dst });
@@ -46,4 +58,22 @@ export function register(program: Command): void {
         await source.close();
       }
     });
+}
+
+function statOrUndefined(file: string): fs.Stats | undefined {
+  try {
+    return fs.statSync(file);
+  } catch {
+    return undefined;
+  }
+}
+
+/** True when any layer of the chain (or its backing chains) reads the file `target` is. */
+function readsFrom(top: Provider | undefined, target: fs.Stats): boolean {
+  for (let p = top; p; p = p.lower) {
+    const here = p.location && !/^[a-z][a-z0-9+.-]*:\/\//i.test(p.location) ? statOrUndefined(p.location) : undefined;
+    if (here && here.dev === target.dev && here.ino === target.ino) return true;
+    if (p.backing && readsFrom(p.backing, target)) return true;
+  }
+  return false;
 }

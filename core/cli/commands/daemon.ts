@@ -1,6 +1,8 @@
 /** `tapkit daemon [--config FILE] [--control PATH] [--metrics HOST:PORT]`: the long-running service. */
 import type { Command } from 'commander';
 import { runDaemon } from '../../daemon/daemon';
+// Contributes the `snapshot` control operation (live VHD snapshots).
+import '../../daemon/snapshot';
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
 

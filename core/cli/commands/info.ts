@@ -1,5 +1,6 @@
 /** `tapkit info SPEC [--json]`: size, format, the provider chain, capabilities, allocation. */
 import type { Command } from 'commander';
+import { redactSpec } from '../../redact';
 import { formatSize } from '../../size';
 import { addOpenOptions, withProvider, type OpenCliOptions } from '../context';
 import { chainText, formatOf, layersOf } from '../layers';
@@ -19,7 +20,8 @@ export function register(program: Command): void {
         const layers = layersOf(top);
         const allocated = top.allocatedBytes ? await top.allocatedBytes() : undefined;
         const report = {
-          spec,
+          // Never print credentials a URL carries.
+          spec: redactSpec(spec),
           size: info.size,
           format: formatOf(layers),
           logicalBlockSize: info.logicalBlockSize,
@@ -34,7 +36,7 @@ export function register(program: Command): void {
         }
         const capList = Object.entries(caps).filter(([, v]) => v).map(([k]) => k).join(', ') || 'none';
         const out = [
-          `spec:            ${spec}`,
+          `spec:            ${report.spec}`,
           `virtual size:    ${formatSize(info.size)} (${info.size} bytes)`,
           `format:          ${report.format}`,
           `block sizes:     logical ${info.logicalBlockSize}, physical ${info.physicalBlockSize}`,

@@ -1,0 +1,199 @@
+/**
+ * `tapkit mount SPEC MOUNTPOINT [--read-only] [--name disk] [--loop] [--allow-other]`:
+ * serves a disk as one file on a FUSE mount (and, with --loop, as a loop block device)
+ * in the foreground until it is unmounted or signalled.
+ *
+ * `tapkit unmount MOUNTPOINT`: detaches the loop devices backed by the file, asks the
+ * server to flush the VBD, unmounts, in that order. When the server is gone (killed,
+ * crashed) it aborts the stale FUSE connection first, then cleans up the same way.
+ * The two find each other through core/fuse/control.ts (a state file and a control
+ * socket in /run/tapkit/fuse, keyed by the mount point).
+ */
+import * as fs from 'node:fs';
+import type * as net from 'node:net';
+import * as path from 'node:path';
+import type { Command } from 'commander';
+import { BlockError } from '../../errors';
+import { Vbd } from '../../vbd';
+import { DEFAULT_READERS, FUSE_FSTYPE, FuseExport } from '../../fuse/export';
+import { listenControl, readState, removeState, sendControl, writeState, type MountState } from '../../fuse/control';
+import { attachLoop, detachLoop, loopsBackedBy } from '../../fuse/loop';
+import { abortConnection, connectionOf, findMount } from '../../fuse/mounts';
+import { MOUNT_EBUSY, umount2 } from '../../../native/mount';
+import type { NativeError } from '../../../native/libc';
+import { addOpenOptions, describeError, openerFor, UsageError, type OpenCliOptions } from '../context';
+
+interface MountCliOptions extends OpenCliOptions {
+  name: string;
+  loop?: boolean;
+  allowOther?: boolean;
+}
+
+/** How long shutdown waits for the VBD flush before unmounting anyway. */
+const SHUTDOWN_FLUSH_MS = 60_000;
+
+export function register(program: Command): void {
+  addOpenOptions(
+    program
+      .command('mount')
+      .argument('<spec>', 'the disk: memory:1G, /path/image.vhd, ...')
+      .argument('<mountpoint>', 'an existing directory to mount the file on')
+      .description('serve a disk as one file on a FUSE mount (and a loop device with --loop) until unmounted'),
+  )
+    .option('--read-only', 'refuse writes')
+    .option('--name <file>', 'name of the file in the mount', 'disk')
+    .option('--loop', 'attach the file to a free loop device and print its path')
+    .option('--allow-other', 'let other users open the file (mount option allow_other)')
+    .action(serve);
+
+  program
+    .command('unmount')
+    .argument('<mountpoint>', 'where `tapkit mount` mounted the disk')
+    .description('detach loop devices, flush the disk, unmount (also cleans up after a dead server)')
+    .action(unmount);
+}
+
+async function serve(spec: string, mountpointArg: string, options: MountCliOptions): Promise<void> {
+  // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
+  // provider's own file I/O. Must be set before the pool starts (on first use).
+  process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
+  const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
+  const mountpoint = resolveMountpoint(mountpointArg);
+  if (findMount(mountpoint)?.fstype === FUSE_FSTYPE) throw new UsageError(`${mountpoint} is already a tapkit mount (tapkit unmount ${mountpoint})`);
+  if (!fs.existsSync(mountpoint)) throw new UsageError(`mount point ${mountpointArg} does not exist`);
+
+  const vbd = new Vbd(await openerFor(options).open(spec), { name: spec, readOnly: !!options.readOnly });
+  let exported: FuseExport;
+  try {
+    exported = await FuseExport.mount(vbd, { mountpoint, name: options.name, readOnly: !!options.readOnly, allowOther: !!options.allowOther, log: (m) => log(`fuse: ${m}`) });
+  } catch (e) {
+    await vbd.close().catch(() => {});
+    throw e;
+  }
+  const state: MountState = { pid: process.pid, mountpoint, file: exported.file, spec, connection: exported.connection };
+  let control: net.Server | undefined;
+  let shuttingDown = false;
+
+  // Whatever goes wrong from here on, users of the file get errors, never a hang.
+  const die = (e: unknown) => {
+    log(`fatal: ${describeError(e)}; aborting the FUSE connection of ${mountpoint}`);
+    try {
+      exported.abort();
+    } catch (abortError) {
+      log(describeError(abortError));
+    }
+    process.exit(1);
+  };
+  process.on('uncaughtException', die);
+  process.on('unhandledRejection', die);
+
+  const shutdown = async (why: string) => {
+    if (shuttingDown) return;
+    shuttingDown = true;
+    log(`${why}: unmounting ${mountpoint}`);
+    if (state.loop) {
+      await detachLoop(state.loop, exported.file).catch((e) => log(describeError(e)));
+    }
+    await Promise.race([exported.flush(), new Promise((_, reject) => setTimeout(() => reject(new BlockError('ETIMEDOUT', 'flush took too long')), SHUTDOWN_FLUSH_MS).unref())]).catch((e) =>
+      log(`flush before unmount failed: ${describeError(e)}`),
+    );
+    if (!exported.unmount()) {
+      // Still in use: abort so nothing waits on a server that is leaving.
+      log(`${mountpoint} is still in use; aborting its FUSE connection (clean up with: tapkit unmount ${mountpoint})`);
+      process.exitCode = 1;
+      exported.abort();
+    }
+  };
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => void shutdown(signal));
+
+  try {
+    writeState(state);
+    control = await listenControl(mountpoint, { flush: () => exported.flush(), status: () => state });
+    if (options.loop) {
+      const loop = await attachLoop(exported.file, { readOnly: !!options.readOnly || vbd.info().readOnly });
+      state.loop = loop.device;
+      writeState(state);
+      if (!loop.directIo) log(`${loop.device} does buffered I/O on ${exported.file} (direct I/O was refused)`);
+    }
+  } catch (e) {
+    log(describeError(e));
+    process.exitCode = 1;
+    await shutdown('setup failed');
+  }
+  if (!shuttingDown) {
+    process.stdout.write(`${exported.file}\n`);
+    if (state.loop) process.stdout.write(`${state.loop}\n`);
+  }
+
+  await exported.ended;
+  control?.close();
+  removeState(mountpoint);
+  await vbd.close().catch((e) => {
+    log(`closing the disk failed: ${describeError(e)}`);
+    process.exitCode = 1;
+  });
+  process.off('uncaughtException', die);
+  process.off('unhandledRejection', die);
+}
+
+async function unmount(mountpointArg: string): Promise<void> {
+  const log = (m: string) => process.stderr.write(`tapkit: ${m}\n`);
+  const mountpoint = resolveMountpoint(mountpointArg);
+  const entry = findMount(mountpoint);
+  if (!entry || entry.fstype !== FUSE_FSTYPE) {
+    const leftover = readState(mountpoint);
+    if (leftover && !alive(leftover.pid)) removeState(mountpoint);
+    throw new UsageError(`${mountpoint} is not a tapkit FUSE mount`);
+  }
+
+  let server: MountState | undefined;
+  try {
+    server = JSON.parse(await sendControl(mountpoint, 'status', 5_000)) as MountState;
+  } catch (e) {
+    if (!(e instanceof BlockError) || (e.code !== 'ESHUTDOWN' && e.code !== 'ETIMEDOUT')) throw e;
+    // Stale: abort first, so detaching the loop device and unmounting do not wait on it.
+    log(`${describeError(e)}; aborting the FUSE connection`);
+    abortConnection(connectionOf(entry));
+  }
+
+  const prefix = `${mountpoint}/`;
+  for (const { device, file } of loopsBackedBy({ under: prefix })) {
+    await detachLoop(device, file);
+  }
+  if (server) await sendControl(mountpoint, 'flush', 300_000);
+  try {
+    umount2(mountpoint, 0);
+  } catch (e) {
+    if ((e as NativeError).errnoNumber === MOUNT_EBUSY) throw new BlockError('EBUSY', `${mountpoint} is still in use (see: fuser -vm ${mountpoint})`);
+    throw e;
+  }
+  if (server) await waitForExit(server.pid, 10_000);
+  else removeState(mountpoint);
+}
+
+/**
+ * The absolute mount point with its parent's symlinks resolved. Only the parent: a stat of
+ * a mount itself fails when its server is dead and waits forever when it is stopped.
+ */
+function resolveMountpoint(arg: string): string {
+  const absolute = path.resolve(arg);
+  try {
+    return path.join(fs.realpathSync(path.dirname(absolute)), path.basename(absolute));
+  } catch {
+    return absolute;
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function waitForExit(pid: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (alive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+}
