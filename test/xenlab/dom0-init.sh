@@ -17,10 +17,12 @@ ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 echo XENLAB-DOM0-INIT
-for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc loop fuse 9pnet_virtio 9p; do modprobe $m || echo "xenlab: modprobe $m failed"; done
+for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc loop fuse virtio_pci 9pnet_virtio 9p; do modprobe $m || echo "xenlab: modprobe $m failed"; done
 mount -t xenfs xenfs /proc/xen
 mkdir -p /project /lab
-mount -t 9p -o trans=virtio,version=9p2000.L,ro project /project || echo "xenlab: no project share"
+# The virtio devices bind asynchronously: try the mounts for a while.
+i=0; until mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 project /project 2>/dev/null || [ $i -ge 50 ]; do sleep 0.2; i=$((i+1)); done
+mountpoint -q /project || echo "xenlab: no project share"
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=262144 lab /lab || echo "xenlab: no lab share"
 xenstored --pid-file=/run/xenstored.pid
 i=0; while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -38,6 +40,7 @@ else
   xl info | grep -E 'xen_version|virt_caps|total_memory'
   xl list
   ls /dev/xen
+  ls /project/package.json /lab/node && /lab/node -e 'console.log("XENLAB-DOM0-NODE " + process.version)'
   echo XENLAB-DOM0-SMOKE-OK
 fi
 sync
