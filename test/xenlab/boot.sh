@@ -31,7 +31,7 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 -accel "${XENLAB_ACCEL:-tc
   -initrd "$lab/vmlinuz console=hvc0 earlyprintk=xen ${XENLAB_DOM0_ARGS:-},$lab/dom0.cpio.gz" \
   -virtfs "local,path=$repo,mount_tag=project,security_model=none,readonly=on,id=project" \
   -virtfs "local,path=$run,mount_tag=lab,security_model=none,id=lab" \
-  </dev/null 2>&1 | tr -d '\r' | tee "$run/serial.log" > "$out"
+  </dev/null 2>&1 | tee "$run/serial.log" > "$out"
 qemu=${PIPESTATUS[0]}
 set -e
 [ "$qemu" = 124 ] || [ "$qemu" = 137 ] && { echo "xenlab: QEMU killed after ${timeout}s; serial log in $run/serial.log" >&2; exit 124; }
