@@ -1,14 +1,18 @@
 /**
  * tapkit on a real Xen (docs/xen-lab.md): Xen 4.17 with a Linux PV dom0 and a PV domU,
- * booted in qemu-system-x86_64 (TCG). In dom0, `tapkit xen serve --platform xen` is the
- * blkif backend on backend/vbd (libxenstore, /dev/xen/evtchn and /dev/xen/gntdev through
- * ffi-napi); `xl create` gives the guest a raw image and then a VHD made by qemu-img. The
- * guest's own blkfront reads the whole disk (its checksum must be the image's), writes a
- * marker, makes an ext4 file system and fsck's it. Back on the host, the images are
- * checked with qemu-img, e2fsck and `tapkit vhd check`.
+ * booted in qemu-system-x86_64 (TCG). Two ways to give a guest its disk, each checked
+ * by a real Linux blkfront:
+ *  - direct ring: in dom0, `tapkit xen serve --platform xen` is the blkif backend on
+ *    backend/vbd (libxenstore, /dev/xen/evtchn and /dev/xen/gntdev through ffi-napi);
+ *    `xl create` gives the guest a raw image, then a dynamic VHD made by qemu-img;
+ *  - kernel device: the hotplug script examples/xen/block-tapkit-mount runs
+ *    `tapkit mount --loop` on the VHD and hands the loop device to the kernel's blkback.
+ * The guest reads the whole disk (its checksum must be the image's), writes a marker,
+ * makes an ext4 file system and fsck's it. Back on the host, the images are checked with
+ * qemu-img, e2fsck and `tapkit vhd check`.
  *
- * Slow (several minutes under TCG): run on its own with `npm run test:xenlab`. On failure
- * the run's directory (serial console, dom0 and tapkit logs, the guest's console) is kept
+ * Slow (minutes under TCG): also runs on its own with `npm run test:xenlab`. On failure
+ * the run's directory (serial console, dom0 and tapkit logs, the guests' consoles) is kept
  * under .tmp/xenlab-failed-*.
  */
 import test from 'ava';
@@ -53,7 +57,7 @@ function consoleValue(log: string, key: string): string | undefined {
   return new RegExp(`^${key} (\\S+)\\s*$`, 'm').exec(log)?.[1];
 }
 
-test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on Xen (direct ring)', async (t) => {
+test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on Xen (direct ring, and blkback over the FUSE export)', async (t) => {
   t.timeout(45 * 60_000);
   const build = await run('bash', ['test/xenlab/build.sh', lab], 900);
   t.is(build.code, 0, `lab build failed:\n${build.output}`);
@@ -65,7 +69,7 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
     if (keep) {
       const artifacts = path.join(repo, '.tmp', `xenlab-failed-${Date.now()}`);
       fs.mkdirSync(path.dirname(artifacts), { recursive: true });
-      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|disk\.\w+|out-disk\.\w+)$/.test(p) });
+      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|tapkit\.tar|disk\.\w+|out-\w+-disk\.\w+)$/.test(p) });
       console.log(`xenlab: run kept in ${artifacts}`);
     }
     fs.rmSync(dir, { recursive: true, force: true });
@@ -77,8 +81,8 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
   const expected: Record<string, string> = { 'disk.raw': md5(content), 'disk.vhd': md5(qemuRead(path.join(dir, 'disk.vhd'), 'vpc', dir)) };
   t.is(expected['disk.vhd'], expected['disk.raw'], 'qemu-img made a VHD with the same contents');
 
-  fs.copyFileSync(path.join(repo, 'test', 'xenlab', 'scenario-direct.sh'), path.join(dir, 'scenario.sh'));
-  fs.writeFileSync(path.join(dir, 'params'), 'XENLAB_IMAGES="disk.raw disk.vhd"\nXENLAB_MKFS=1\n');
+  fs.copyFileSync(path.join(repo, 'test', 'xenlab', 'scenario.sh'), path.join(dir, 'scenario.sh'));
+  fs.writeFileSync(path.join(dir, 'params'), 'XENLAB_DIRECT="disk.raw disk.vhd"\nXENLAB_KERNEL="disk.vhd"\nXENLAB_MKFS=1\n');
 
   const boot = await run('bash', ['test/xenlab/boot.sh', dir, lab], 40 * 60);
   const serial = fs.existsSync(path.join(dir, 'serial.log')) ? fs.readFileSync(path.join(dir, 'serial.log'), 'utf8') : '';
@@ -89,13 +93,14 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
   };
   ok(t.is(boot.code, 0, `lab run failed (${boot.code}):\n${boot.output}\n--- serial log tail ---\n${tail}`));
 
-  for (const [image, format] of [
-    ['disk.raw', 'raw'],
-    ['disk.vhd', 'vpc'],
+  for (const [way, image, format] of [
+    ['direct', 'disk.raw', 'raw'],
+    ['direct', 'disk.vhd', 'vpc'],
+    ['kernel', 'disk.vhd', 'vpc'],
   ] as const) {
-    const consolePath = path.join(dir, `console-${image}.log`);
+    const consolePath = path.join(dir, `console-${way}-${image}.log`);
     const guest = fs.existsSync(consolePath) ? fs.readFileSync(consolePath, 'utf8') : '';
-    const what = `${image}: guest console:\n${guest}`;
+    const what = `${way} ${image}: guest console:\n${guest}`;
     ok(t.is(consoleValue(guest, 'XENLAB-DOMU-SECTORS'), String(content.length / 512), `${what}\nsize seen by blkfront`));
     ok(t.is(consoleValue(guest, 'XENLAB-DOMU-MD5'), expected[image], `${what}\nchecksum read by blkfront`));
     ok(t.regex(guest, /XENLAB-DOMU-MARKER-WRITTEN/, what));
@@ -104,7 +109,7 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
     ok(t.regex(guest, /XENLAB-DOMU-DONE/, what));
 
     // What the guest wrote is in the image, as qemu-img reads it.
-    const out = path.join(dir, `out-${image}`);
+    const out = path.join(dir, `out-${way}-${image}`);
     ok(t.true(fs.existsSync(out), `${image}: dom0 handed the image back`));
     if (!fs.existsSync(out)) continue;
     if (format === 'vpc') {

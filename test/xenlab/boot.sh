@@ -17,8 +17,13 @@ lab=${2:-$repo/.tmp/xenlab}
 timeout=${XENLAB_TIMEOUT:-900}
 [ -f "$lab/dom0.cpio.gz" ] || { echo "xenlab: no lab in $lab (run test/xenlab/build.sh)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null || { echo "xenlab: qemu-system-x86_64 is missing (Debian package qemu-system-x86)" >&2; exit 1; }
-# Node is read from the run directory over 9p (a hard link when it can be).
+# Node and tapkit (dist/ and the production node_modules) reach dom0 through the run
+# directory as two big files, which dom0 copies into its RAM: loading hundreds of small
+# modules over 9p under TCG takes minutes.
 ln -f "$(readlink -f "$(command -v node)")" "$run/node" 2>/dev/null || cp "$(readlink -f "$(command -v node)")" "$run/node"
+[ -f "$repo/dist/core/cli/main.js" ] || { echo "xenlab: tapkit is not built (npm run build)" >&2; exit 1; }
+( cd "$repo" && tar -cf "$run/tapkit.tar" package.json dist \
+    $(npm ls --omit=dev --parseable --all 2>/dev/null | sed "s#^$repo/##" | grep '^node_modules/' | sort -u) )
 rm -f "$run/exit-status"
 # smap=0: under QEMU's TCG, SMAP makes the PV dom0 fault in its first instructions.
 xen_args="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=${XENLAB_DOM0_MEM:-1024M},max:${XENLAB_DOM0_MEM:-1024M} dom0_max_vcpus=2 noreboot smap=0"
