@@ -12,6 +12,18 @@ modprobe xen-blkfront
 i=0; while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -b /dev/xvda ]; then echo "XENLAB-DOMU-FAIL no /dev/xvda"; poweroff -f; fi
 echo "XENLAB-DOMU-SECTORS $(cat /sys/block/xvda/size)"
+if grep -q xenlab_bench=1 /proc/cmdline; then
+  # bench/xenlab-seqread.sh: sequential reads of the whole disk, caches dropped each round.
+  for round in 1 2 3; do
+    echo 3 > /proc/sys/vm/drop_caches
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    echo "XENLAB-DOMU-BENCH-SECONDS $t0 $t1"
+  done
+  echo XENLAB-DOMU-DONE
+  poweroff -f
+fi
 echo "XENLAB-DOMU-MD5 $(md5sum /dev/xvda | cut -d' ' -f1)"
 sectors=$(cat /sys/block/xvda/size)
 # The marker goes into the last KiB; the file system (if asked for) covers all but the last MiB.

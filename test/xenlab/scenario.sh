@@ -5,7 +5,10 @@
 #   XENLAB_KERNEL="disk.vhd"            images served on the kernel-device path: the
 #                                       block-tapkit-mount hotplug script gives the stock
 #                                       blkback a loop device over tapkit's FUSE export
+#   XENLAB_LOOP="disk.raw"              images on a plain loop device under the stock blkback
+#                                       (the reference for bench/xenlab-seqread.sh)
 #   XENLAB_MKFS=1                       the guest also makes ext4 and fsck's it
+#   XENLAB_BENCH=1                      the guest only times sequential reads
 # For each image: copy /lab/IMAGE to tmpfs, create a PV domU whose own blkfront checks the
 # disk (domu-init.sh; its console lands in /lab/console-PATH-IMAGE.log), wait for it to
 # power off, copy the image back to /lab/out-PATH-IMAGE for the host to check.
@@ -24,6 +27,7 @@ run_domu() {
   name=domu$n
   local extra="console=hvc0 quiet"
   [ "${XENLAB_MKFS:-0}" = 1 ] && extra="$extra xenlab_mkfs=1"
+  [ "${XENLAB_BENCH:-0}" = 1 ] && extra="$extra xenlab_bench=1"
   cat > /tmp/$name.cfg <<CFG
 name = "$name"
 type = "pv"
@@ -51,6 +55,22 @@ CFG
   grep XENLAB-DOMU "/lab/console-$path-$image.log"
   grep -q XENLAB-DOMU-DONE "/lab/console-$path-$image.log" || status=16
 }
+
+# ---- a first look at the platform (XENLAB_DIAG=1) ----------------------------------------
+if [ "${XENLAB_DIAG:-0}" = 1 ]; then
+  timeout 180 /opt/node -e '
+    const t0 = Date.now(); const log = (m) => console.log(`XENLAB-DIAG ${Date.now() - t0}ms ${m}`);
+    const { XenPlatform } = require("/opt/tapkit/dist/core/ring/xen/platform");
+    log("loaded");
+    const p = new XenPlatform(); log("opened");
+    p.store.write("/local/domain/0/tapkit-diag", "x").then(() => p.store.read("/local/domain/0/tapkit-diag")).then((v) => {
+      log("read back " + v);
+      return p.store.watch("/local/domain/0/tapkit-diag", (path) => log("watch " + path));
+    }).then((w) => new Promise((r) => setTimeout(r, 500)).then(() => w.cancel()))
+      .then(() => p.close()).then(() => log("closed"), (e) => log("error " + e.message));
+  '
+  say "platform diagnostic exit status $?"
+fi
 
 # ---- the direct ring ---------------------------------------------------------------
 if [ -n "${XENLAB_DIRECT:-}" ]; then
@@ -95,6 +115,18 @@ if [ -n "${XENLAB_KERNEL:-}" ]; then
     i=0; while grep -q ' fuse' /proc/mounts && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
     grep ' fuse' /proc/mounts && { say "a FUSE mount is left"; status=20; }
     cp "/tmp/$image" "/lab/out-kernel-$image" || status=15
+    rm -f "/tmp/$image"
+  done
+fi
+# ---- a plain loop device under the stock blkback (no tapkit) ----------------------------
+if [ -n "${XENLAB_LOOP:-}" ]; then
+  modprobe xen-blkback || { say "cannot load xen-blkback"; exit 19; }
+  for image in $XENLAB_LOOP; do
+    cp "/lab/$image" "/tmp/$image" || { status=10; continue; }
+    dev=$(losetup -f --show "/tmp/$image") || { status=21; continue; }
+    run_domu loop "$image" "format=raw, vdev=xvda, access=rw, backendtype=phy, target=$dev"
+    losetup -d "$dev"
+    cp "/tmp/$image" "/lab/out-loop-$image" || status=15
     rm -f "/tmp/$image"
   done
 fi
