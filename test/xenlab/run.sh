@@ -6,4 +6,4 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 bash test/setup-system.sh || exit 1
 npm run build --silent || exit 1
-exec npx ava --timeout=50m dist/test/xenlab.test.js "$@"
+exec npx ava --config test/xenlab/ava.config.mjs "$@"

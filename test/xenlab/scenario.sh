@@ -77,7 +77,8 @@ if [ -n "${XENLAB_DIRECT:-}" ]; then
   lsmod | grep -q xen_blkback && { say "xen-blkback is loaded: it would take backend/vbd"; exit 11; }
   # tapkit watches backend/vbd before xl create (libxl gives the backend 10 s for InitWait).
   say "starting tapkit xen serve"
-  tapkit xen serve --platform xen > >(tee /lab/tapkit-serve.log) 2>&1 &
+  if [ "${XENLAB_CORE:-0}" = 1 ]; then ulimit -c unlimited; echo '/lab/core.%p' > /proc/sys/kernel/core_pattern; fi
+  TAPKIT_XEN_TRACE=${XENLAB_TRACE:-0} tapkit xen serve --platform xen > >(tee /lab/tapkit-serve.log) 2>&1 &
   tapkit=$!
   i=0
   until grep -q 'tapkit xen: serving' /lab/tapkit-serve.log 2>/dev/null; do

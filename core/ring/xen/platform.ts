@@ -10,11 +10,18 @@
  *  - Grants: one gntdev handle; the ring pages of a connection are mapped as one region,
  *    a request's data pages are mapped for the request and unmapped when it completes.
  */
+import * as fs from 'node:fs';
 import { GntTab, type GrantMapping } from '../../../native/xengnttab';
 import { EvtchnHandle } from '../../../native/xenevtchn';
 import { XsHandle } from '../../../native/xenstore';
 import { PAGE } from '../abi';
 import { GrantError, type EventChannel, type EventChannels, type GrantMapper, type PageMapping, type Platform, type RingMapping, type TxId, type Watch, type XenStore } from '../platform';
+
+/** TAPKIT_XEN_TRACE=1: every grant and event-channel call on stderr, written synchronously. */
+const tracing = process.env.TAPKIT_XEN_TRACE === '1';
+function trace(message: string): void {
+  if (tracing) fs.writeSync(2, `xen-trace ${message}\n`);
+}
 
 class XenStoreOverLibxenstore implements XenStore {
   constructor(readonly xs: XsHandle) {}
@@ -67,12 +74,14 @@ class XenEventChannels implements EventChannels {
   bind(domid: number, remotePort: number, onEvent: () => void): EventChannel {
     if (this.closing) throw new Error('event channels are closing');
     const local = this.handle.bindInterdomain(domid, remotePort);
+    trace(`bind ${domid}:${remotePort} -> ${local}`);
     this.handlers.set(local, onEvent);
     this.waiting ??= this.wait();
     let bound = true;
     return {
       remotePort,
       notify: () => {
+        trace(`notify ${local}`);
         if (bound) this.handle.notify(local);
       },
       close: () => {
@@ -87,6 +96,7 @@ class XenEventChannels implements EventChannels {
   private async wait(): Promise<void> {
     for (;;) {
       const port = await this.handle.pending();
+      trace(`pending ${port}`);
       if (this.closing) return;
       const handler = this.handlers.get(port);
       // Unmask before handling: a notification that comes while the ring is being
@@ -138,7 +148,9 @@ class XenGrantMapper implements GrantMapper {
     for (const r of refs) if (!Number.isInteger(r) || r < 0 || r > 0xffffffff) throw new GrantError(`grant reference ${r} is not a 32-bit number`);
     let mapping: GrantMapping;
     try {
+      trace(`map ${this.domid} [${refs.join(',')}] ${writable ? 'rw' : 'ro'}`);
       mapping = this.gnttab.map(this.domid, refs, writable);
+      trace(`mapped at ${mapping.bytes.byteOffset}+${mapping.bytes.length}`);
     } catch (e) {
       throw new GrantError((e as Error).message);
     }
@@ -147,6 +159,7 @@ class XenGrantMapper implements GrantMapper {
   }
 
   private unmap(mapping: GrantMapping): void {
+    trace('unmap');
     if (this.live.delete(mapping)) mapping.unmap();
   }
 

@@ -11,7 +11,7 @@
  * makes an ext4 file system and fsck's it. Back on the host, the images are checked with
  * qemu-img, e2fsck and `tapkit vhd check`.
  *
- * Slow (minutes under TCG): also runs on its own with `npm run test:xenlab`. On failure
+ * Slow (minutes under TCG), so not in the default run: `npm run test:xenlab`. On failure
  * the run's directory (serial console, dom0 and tapkit logs, the guests' consoles) is kept
  * under .tmp/xenlab-failed-*.
  */
@@ -22,7 +22,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-const repo = path.resolve(__dirname, '..', '..');
+const repo = path.resolve(__dirname, '..', '..', '..');
 const lab = path.join(repo, '.tmp', 'xenlab');
 const MiB = 1024 * 1024;
 const MARKER = 'hello-from-domU-blkfront';
