@@ -25,14 +25,15 @@ ln -f "$(readlink -f "$(command -v node)")" "$run/node" 2>/dev/null || cp "$(rea
 ( cd "$repo" && tar -cf "$run/tapkit.tar" package.json dist \
     $(npm ls --omit=dev --parseable --all 2>/dev/null | sed "s#^$repo/##" | grep '^node_modules/' | sort -u) )
 rm -f "$run/exit-status"
-# -cpu max,-fsgsbase: with FSGSBASE, dom0's processes lose their FS base (TLS) once a
-# domU runs (busybox and node segfault on %fs accesses under QEMU 7.2 TCG + Xen 4.17).
+# -cpu max,-fsgsbase,-xsave: with FSGSBASE or XSAVE (and so AVX), dom0's processes
+# (busybox, xl, node) segfault once a domU runs under QEMU 7.2 TCG + Xen 4.17: their FS
+# base (TLS) and, it seems, their extended register state do not survive domain switches.
 # smap=0: under QEMU's TCG, SMAP makes the PV dom0 fault in its first instructions.
 xen_args="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=${XENLAB_DOM0_MEM:-1024M},max:${XENLAB_DOM0_MEM:-1024M} dom0_max_vcpus=2 noreboot smap=0"
 out=/dev/null
 [ $verbose = 1 ] && out=/dev/stdout
 set +e
-timeout --kill-after=10 "$timeout" qemu-system-x86_64 -accel "${XENLAB_ACCEL:-tcg,thread=multi}" -cpu "${XENLAB_CPU:-max,-fsgsbase}" -smp 2 -m "${XENLAB_MEM:-2048}" \
+timeout --kill-after=10 "$timeout" qemu-system-x86_64 -accel "${XENLAB_ACCEL:-tcg,thread=multi}" -cpu "${XENLAB_CPU:-max,-fsgsbase,-xsave}" -smp 2 -m "${XENLAB_MEM:-2048}" \
   -nographic -no-reboot -monitor none -serial stdio -nic none \
   -kernel "$lab/xen" -append "$xen_args" \
   -initrd "$lab/vmlinuz console=hvc0 earlyprintk=xen ${XENLAB_DOM0_ARGS:-},$lab/dom0.cpio.gz" \
