@@ -88,6 +88,7 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
   const boot = await run('bash', ['test/xenlab/boot.sh', dir, lab], 42 * 60, { XENLAB_TIMEOUT: process.env.XENLAB_TIMEOUT ?? String(40 * 60) });
   const serial = fs.existsSync(path.join(dir, 'serial.log')) ? fs.readFileSync(path.join(dir, 'serial.log'), 'utf8') : '';
   const tail = serial.split('\n').slice(-80).join('\n');
+  keep = true; // until every check below has run and passed
   let failures = 0;
   const ok = (passed: boolean) => {
     if (!passed) failures++;
