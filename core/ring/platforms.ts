@@ -1,7 +1,7 @@
 /**
  * Platform kinds by name, for `--platform KIND:ARGUMENT` and the daemon's `xen` export:
- * `sim:DIR` is built in; a real dom0 platform registers `xen` the same way (one
- * `registerPlatformKind` call in its own module, imported by the CLI).
+ * `sim:DIR` and `xen` (a real Linux dom0 through libxenstore, libxenevtchn and
+ * libxengnttab; its native libraries load only when it starts) are built in.
  *
  * `acquirePlatform` shares one running platform per spec inside a process (several
  * daemon devices on one sim directory use one XenStore daemon) and closes it when the
@@ -10,6 +10,7 @@
 import * as path from 'node:path';
 import type { Platform, XenStore } from './platform';
 import { SimPlatform } from './sim/platform';
+import { XenPlatform } from './xen/platform';
 import { XsClient } from './sim/xs-client';
 
 /** A XenStore connection of the toolstack's (`tapkit xen attach/detach`). */
@@ -100,5 +101,16 @@ registerPlatformKind('sim', {
     return XsClient.connect(socket).catch((e: Error) => {
       throw new Error(`cannot reach the sim XenStore at ${socket} (is 'tapkit xen serve' or a daemon with a xen export running?): ${e.message}`);
     });
+  },
+});
+
+registerPlatformKind('xen', {
+  start: async (argument) => {
+    if (argument) throw new PlatformSpecError(`the xen platform takes no argument (got 'xen:${argument}')`);
+    // Xen's libraries load when the platform is made (native/ opens them lazily).
+    return new XenPlatform();
+  },
+  connectStore: async () => {
+    throw new PlatformSpecError('on a real dom0 the toolstack (xl) writes and removes the vbd nodes: attach and detach are for the sim platform');
   },
 });

@@ -1,6 +1,6 @@
 /**
  * `tapkit xen ...`: the blkif backend and its toolstack verbs (docs/xen.md).
- *   serve  --platform sim:DIR            serve every vbd that appears under backend/vbd
+ *   serve  --platform sim:DIR|xen           serve every vbd that appears under backend/vbd
  *   attach --platform sim:DIR --domid N --devid V [--read-only] SPEC   (xl block-attach's part)
  *   detach --platform sim:DIR --domid N --devid V                      (xl block-detach's part)
  */
@@ -46,7 +46,7 @@ export function register(program: Command): void {
     xen
       .command('serve')
       .description('serve every vbd that appears in XenStore under /local/domain/0/backend/vbd')
-      .requiredOption('--platform <platform>', 'sim:DIR (files and sockets in DIR, see docs/xen.md)')
+      .requiredOption('--platform <platform>', 'xen (this Linux dom0, docs/xen-lab.md) or sim:DIR (files and sockets in DIR, see docs/xen.md)')
       .option('--max-ring-page-order <n>', 'largest ring a frontend may use (log2 pages)', String(DEFAULT_LIMITS.maxRingPageOrder))
       .option('--max-queues <n>', 'most queues a frontend may use', String(DEFAULT_LIMITS.maxQueues))
       .option('--max-indirect-segments <n>', 'segments per indirect request (0: no indirect)', String(DEFAULT_LIMITS.maxIndirectSegments))

@@ -1,0 +1,130 @@
+/**
+ * libxengnttab (Xen's grant-table library, Debian package libxengnttab1): maps a foreign
+ * domain's granted pages into this process, and, on Linux, copies to and from granted
+ * pages without mapping them (grant copy). Used by the blkif backend's `xen` platform.
+ *
+ * Mapped memory is handed out as a Buffer that does not own it: the caller unmaps it and
+ * must not touch the Buffer afterwards.
+ */
+import * as fs from 'node:fs';
+import { BlockError } from '../core/errors';
+import { NativeError } from './libc';
+import { ffiModules, lastErrno, lazyLibrary } from './ffi';
+
+interface Gnttab {
+  xengnttab_open(logger: Buffer | null, flags: number): Buffer;
+  xengnttab_close(handle: Buffer): number;
+  xengnttab_map_domain_grant_refs(handle: Buffer, count: number, domid: number, refs: Buffer, prot: number): Buffer;
+  xengnttab_unmap(handle: Buffer, start: Buffer, count: number): number;
+  xengnttab_grant_copy(handle: Buffer, count: number, segments: Buffer): number;
+}
+
+const gnttab = lazyLibrary<Gnttab>('libxengnttab.so.1', 'the Xen platform (grant tables)', {
+  xengnttab_open: ['pointer', ['pointer', 'uint']],
+  xengnttab_close: ['int', ['pointer']],
+  xengnttab_map_domain_grant_refs: ['pointer', ['pointer', 'uint32', 'uint32', 'pointer', 'int']],
+  xengnttab_unmap: ['int', ['pointer', 'pointer', 'uint32']],
+  xengnttab_grant_copy: ['int', ['pointer', 'uint32', 'pointer']],
+});
+
+export const XEN_PAGE = 4096;
+const PROT_READ = 1;
+const PROT_WRITE = 2;
+/** xengnttab_grant_copy_segment_t: two 8-byte unions, len, flags, status, padded to 24. */
+export const GRANT_COPY_SEGMENT_SIZE = 24;
+const GNTCOPY_source_gref = 1;
+const GNTCOPY_dest_gref = 2;
+/** GNTST_okay; other statuses are negative (GNTST_bad_gntref -4, ...). */
+const GNTST_okay = 0;
+
+/** Fails clearly where there is no Xen: no /dev/xen/gntdev, no dom0. */
+export function requireGntdev(): void {
+  if (process.platform !== 'linux') throw new BlockError('ENOSYS', `the Xen platform's grant mapping is only bound for Linux dom0 here (this is ${process.platform})`);
+  if (!fs.existsSync('/dev/xen/gntdev')) throw new BlockError('ENODEV', '/dev/xen/gntdev is absent: not a Xen dom0, or the xen-gntdev module is not loaded');
+}
+
+/** One granted region mapped into this process. */
+export interface GrantMapping {
+  readonly bytes: Buffer;
+  unmap(): void;
+}
+
+/** One segment of a grant copy: `bytes` of local memory to or from (ref, offset) of `domid`. */
+export interface CopySegment {
+  local: Buffer;
+  ref: number;
+  offset: number;
+  /** 'in': from the guest's page to `local`; 'out': from `local` to the guest's page. */
+  direction: 'in' | 'out';
+}
+
+export class GntTab {
+  private handle?: Buffer;
+
+  constructor() {
+    requireGntdev();
+    const { ref } = ffiModules('the Xen platform');
+    const h = gnttab().xengnttab_open(null, 0);
+    if (ref.isNull(h)) throw new NativeError('xengnttab_open', lastErrno());
+    this.handle = h;
+  }
+
+  private get h(): Buffer {
+    if (!this.handle) throw new BlockError('EBADF', 'grant table handle is closed');
+    return this.handle;
+  }
+
+  /** Maps `refs` of domain `domid` as one virtually contiguous region of refs.length pages. */
+  map(domid: number, refs: number[], writable: boolean): GrantMapping {
+    const { ref } = ffiModules('the Xen platform');
+    const array = Buffer.alloc(4 * refs.length);
+    refs.forEach((r, i) => array.writeUInt32LE(r >>> 0, 4 * i));
+    const prot = PROT_READ | (writable ? PROT_WRITE : 0);
+    const base = gnttab().xengnttab_map_domain_grant_refs(this.h, refs.length, domid, array, prot);
+    if (ref.isNull(base)) throw new NativeError(`xengnttab_map_domain_grant_refs (domain ${domid}, refs ${refs.join(',')})`, lastErrno());
+    const length = refs.length * XEN_PAGE;
+    const bytes = ref.reinterpret(base, length, 0);
+    const handle = this.h;
+    let mapped = true;
+    return {
+      bytes,
+      unmap() {
+        if (!mapped) return;
+        mapped = false;
+        if (gnttab().xengnttab_unmap(handle, base, refs.length) !== 0) throw new NativeError('xengnttab_unmap', lastErrno());
+      },
+    };
+  }
+
+  /**
+   * Copies between local buffers and granted pages in one call (Linux's gntdev grant
+   * copy). Returns the per-segment status: 0 for done, a negative GNTST_* otherwise.
+   * A segment may not cross a page: offset + local.length <= 4096.
+   */
+  copy(domid: number, segments: CopySegment[]): number[] {
+    const { ref } = ffiModules('the Xen platform');
+    const table = Buffer.alloc(GRANT_COPY_SEGMENT_SIZE * segments.length);
+    segments.forEach((s, i) => {
+      if (s.offset + s.local.length > XEN_PAGE || s.local.length === 0) throw new BlockError('EINVAL', `grant copy segment ${i} crosses a page`);
+      const at = i * GRANT_COPY_SEGMENT_SIZE;
+      const foreignAt = s.direction === 'in' ? at : at + 8;
+      const localAt = s.direction === 'in' ? at + 8 : at;
+      table.writeUInt32LE(s.ref >>> 0, foreignAt);
+      table.writeUInt16LE(s.offset, foreignAt + 4);
+      table.writeUInt16LE(domid, foreignAt + 6);
+      ref.writePointer(table, localAt, s.local);
+      table.writeUInt16LE(s.local.length, at + 16);
+      table.writeUInt16LE(s.direction === 'in' ? GNTCOPY_source_gref : GNTCOPY_dest_gref, at + 18);
+    });
+    if (gnttab().xengnttab_grant_copy(this.h, segments.length, table) !== 0) throw new NativeError('xengnttab_grant_copy', lastErrno());
+    return segments.map((_, i) => table.readInt16LE(i * GRANT_COPY_SEGMENT_SIZE + 20));
+  }
+
+  close(): void {
+    if (!this.handle) return;
+    gnttab().xengnttab_close(this.handle);
+    this.handle = undefined;
+  }
+}
+
+export { GNTST_okay };

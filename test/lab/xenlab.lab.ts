@@ -1,0 +1,135 @@
+/**
+ * tapkit on a real Xen (docs/xen-lab.md): Xen 4.17 with a Linux PV dom0 and a PV domU,
+ * booted in qemu-system-x86_64 (TCG). Two ways to give a guest its disk, each checked
+ * by a real Linux blkfront:
+ *  - direct ring: in dom0, `tapkit xen serve --platform xen` is the blkif backend on
+ *    backend/vbd (libxenstore, /dev/xen/evtchn and /dev/xen/gntdev through ffi-napi);
+ *    `xl create` gives the guest a raw image, then a dynamic VHD made by qemu-img;
+ *  - kernel device: the hotplug script examples/xen/block-tapkit-mount runs
+ *    `tapkit mount --loop` on the VHD and hands the loop device to the kernel's blkback.
+ * The guest reads the whole disk (its checksum must be the image's), writes a marker,
+ * makes an ext4 file system and fsck's it. Back on the host, the images are checked with
+ * qemu-img, e2fsck and `tapkit vhd check`.
+ *
+ * Slow (minutes under TCG), so not in the default run: `npm run test:xenlab`. On failure
+ * the run's directory (serial console, dom0 and tapkit logs, the guests' consoles) is kept
+ * under .tmp/xenlab-failed-*.
+ */
+import test from 'ava';
+import { execFileSync, spawn } from 'node:child_process';
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+const repo = path.resolve(__dirname, '..', '..', '..');
+const lab = path.join(repo, '.tmp', 'xenlab');
+const MiB = 1024 * 1024;
+const MARKER = 'hello-from-domU-blkfront';
+
+function run(command: string, args: string[], timeoutSeconds: number, env: Record<string, string> = {}): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve) => {
+    const child = spawn('timeout', ['--kill-after=10', String(timeoutSeconds), command, ...args], { cwd: repo, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+    let output = '';
+    child.stdout.on('data', (d) => (output += d));
+    child.stderr.on('data', (d) => (output += d));
+    child.on('close', (code) => resolve({ code, output }));
+  });
+}
+
+const md5 = (bytes: Buffer) => crypto.createHash('md5').update(bytes).digest('hex');
+
+/** 24 MiB: random, zeros (holes in the VHD), random. */
+function makeContent(): Buffer {
+  return Buffer.concat([crypto.randomBytes(8 * MiB), Buffer.alloc(8 * MiB), crypto.randomBytes(8 * MiB)]);
+}
+
+/** The disk as qemu-img reads it (raw bytes). */
+function qemuRead(file: string, format: string, dir: string): Buffer {
+  const out = path.join(dir, `${path.basename(file)}.qemu-raw`);
+  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out], { timeout: 60_000 });
+  const bytes = fs.readFileSync(out);
+  fs.rmSync(out);
+  return bytes;
+}
+
+function consoleValue(log: string, key: string): string | undefined {
+  return new RegExp(`^${key} (\\S+)\\s*$`, 'm').exec(log)?.[1];
+}
+
+test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on Xen (direct ring, and blkback over the FUSE export)', async (t) => {
+  t.timeout(45 * 60_000);
+  const build = await run('bash', ['test/xenlab/build.sh', lab], 900);
+  t.is(build.code, 0, `lab build failed:\n${build.output}`);
+  if (build.code !== 0) return;
+
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-xenlab-'));
+  let keep = false;
+  t.teardown(() => {
+    if (keep) {
+      const artifacts = path.join(repo, '.tmp', `xenlab-failed-${Date.now()}`);
+      fs.mkdirSync(path.dirname(artifacts), { recursive: true });
+      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|tapkit\.tar|disk\.\w+|out-\w+-disk\.\w+)$/.test(p) });
+      console.log(`xenlab: run kept in ${artifacts}`);
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const content = makeContent();
+  fs.writeFileSync(path.join(dir, 'disk.raw'), content);
+  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic,force_size=on', path.join(dir, 'disk.raw'), path.join(dir, 'disk.vhd')], { timeout: 60_000 });
+  const expected: Record<string, string> = { 'disk.raw': md5(content), 'disk.vhd': md5(qemuRead(path.join(dir, 'disk.vhd'), 'vpc', dir)) };
+  t.is(expected['disk.vhd'], expected['disk.raw'], 'qemu-img made a VHD with the same contents');
+
+  fs.copyFileSync(path.join(repo, 'test', 'xenlab', 'scenario.sh'), path.join(dir, 'scenario.sh'));
+  fs.writeFileSync(path.join(dir, 'params'), 'XENLAB_DIRECT="disk.raw disk.vhd"\nXENLAB_KERNEL="disk.vhd"\nXENLAB_MKFS=1\n');
+
+  // QEMU's own bound (boot.sh) comes first; this one only backs it up.
+  const boot = await run('bash', ['test/xenlab/boot.sh', dir, lab], 42 * 60, { XENLAB_TIMEOUT: process.env.XENLAB_TIMEOUT ?? String(40 * 60) });
+  const serial = fs.existsSync(path.join(dir, 'serial.log')) ? fs.readFileSync(path.join(dir, 'serial.log'), 'utf8') : '';
+  const tail = serial.split('\n').slice(-80).join('\n');
+  keep = true; // until every check below has run and passed
+  let failures = 0;
+  const ok = (passed: boolean) => {
+    if (!passed) failures++;
+  };
+  ok(t.is(boot.code, 0, `lab run failed (${boot.code}):\n${boot.output}\n--- serial log tail ---\n${tail}`));
+
+  for (const [way, image, format] of [
+    ['direct', 'disk.raw', 'raw'],
+    ['direct', 'disk.vhd', 'vpc'],
+    ['kernel', 'disk.vhd', 'vpc'],
+  ] as const) {
+    const consolePath = path.join(dir, `console-${way}-${image}.log`);
+    const guest = fs.existsSync(consolePath) ? fs.readFileSync(consolePath, 'utf8') : '';
+    const what = `${way} ${image}: guest console:\n${guest}`;
+    ok(t.is(consoleValue(guest, 'XENLAB-DOMU-SECTORS'), String(content.length / 512), `${what}\nsize seen by blkfront`));
+    ok(t.is(consoleValue(guest, 'XENLAB-DOMU-MD5'), expected[image], `${what}\nchecksum read by blkfront`));
+    ok(t.regex(guest, /XENLAB-DOMU-MARKER-WRITTEN/, what));
+    ok(t.regex(guest, /XENLAB-DOMU-MKFS-OK/, what));
+    ok(t.regex(guest, /XENLAB-DOMU-FSCK-CLEAN/, what));
+    ok(t.regex(guest, /XENLAB-DOMU-DONE/, what));
+
+    // What the guest wrote is in the image, as qemu-img reads it.
+    const out = path.join(dir, `out-${way}-${image}`);
+    ok(t.true(fs.existsSync(out), `${image}: dom0 handed the image back`));
+    if (!fs.existsSync(out)) continue;
+    if (format === 'vpc') {
+      const check = await run('qemu-img', ['check', '-f', 'vpc', out], 120);
+      ok(t.is(check.code, 0, `qemu-img check ${image}: ${check.output}`));
+      const ours = await run(process.execPath, [path.join(repo, 'dist', 'core', 'cli', 'main.js'), 'vhd', 'check', out], 120);
+      ok(t.is(ours.code, 0, `tapkit vhd check ${image}: ${ours.output}`));
+    }
+    const after = qemuRead(out, format, dir);
+    ok(t.is(after.length, content.length, `${image}: size after the run`));
+    ok(t.is(md5(after), consoleValue(guest, 'XENLAB-DOMU-MD5-AFTER') ?? 'absent', `${image}: the image holds what the guest last read`));
+    ok(t.is(after.subarray(after.length - 1024, after.length - 1024 + MARKER.length).toString(), MARKER, `${image}: the guest's marker`));
+    const fsImage = path.join(dir, `${image}.fs`);
+    fs.writeFileSync(fsImage, after.subarray(0, after.length - MiB));
+    const fsck = await run('e2fsck', ['-f', '-n', fsImage], 120);
+    ok(t.is(fsck.code, 0, `${image}: e2fsck on the host: ${fsck.output}`));
+    fs.rmSync(fsImage);
+  }
+  keep = failures > 0;
+  if (failures === 0) t.pass();
+});
