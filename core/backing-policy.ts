@@ -16,7 +16,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError } from './errors';
-import { resolveBacking } from './resolve';
+import { isUrl, resolveBacking } from './resolve';
 
 export interface BackingPolicyOptions {
   /** Extra trees (absolute directories) and URL prefixes a chain may reach. */
@@ -35,7 +35,6 @@ export interface BackingDecision {
 }
 
 const FORBIDDEN_TREES = ['/dev', '/proc', '/sys'];
-const URL_RE = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//;
 
 export class BackingPolicy {
   private readonly allowDirs: string[];
@@ -43,8 +42,8 @@ export class BackingPolicy {
 
   constructor(private readonly options: BackingPolicyOptions = {}) {
     const allow = options.allow ?? [];
-    this.allowUrls = allow.filter((a) => URL_RE.test(a));
-    this.allowDirs = allow.filter((a) => !URL_RE.test(a)).map((d) => realOrResolved(d));
+    this.allowUrls = allow.filter((a) => isUrl(a));
+    this.allowDirs = allow.filter((a) => !isUrl(a)).map((d) => realOrResolved(d));
   }
 
   /**
@@ -65,10 +64,10 @@ export class BackingPolicy {
     // A NUL cannot be in a path: such a name is damage, and no file system call may see it.
     if (name.includes('\0')) throw refuse('a backing name may not hold a NUL byte');
     const resolved = resolveBacking(name, childLocation, childSpec);
-    if (URL_RE.test(resolved)) {
+    if (isUrl(resolved)) {
       if (this.allowUrls.some((prefix) => resolved.startsWith(prefix))) return { target: resolved, explicit: false };
-      if (rootLocation && URL_RE.test(rootLocation) && sameOrigin(resolved, rootLocation)) return { target: resolved, explicit: false };
-      throw refuse(rootLocation && URL_RE.test(rootLocation) ? 'URL images may only reach their own origin; allow others with --allow-backing URL' : 'a local image may not reach a URL; allow it with --allow-backing URL');
+      if (rootLocation && isUrl(rootLocation) && sameOrigin(resolved, rootLocation)) return { target: resolved, explicit: false };
+      throw refuse(rootLocation && isUrl(rootLocation) ? 'URL images may only reach their own origin; allow others with --allow-backing URL' : 'a local image may not reach a URL; allow it with --allow-backing URL');
     }
     // A local path.
     const lexical = path.resolve(resolved);
@@ -76,11 +75,11 @@ export class BackingPolicy {
     const real = realOrResolved(lexical);
     if (FORBIDDEN_TREES.some((tree) => isInside(real, tree))) throw refuse('no backing file under /dev, /proc or /sys (after resolving links)');
     const trees = [...this.allowDirs];
-    if (rootLocation && !URL_RE.test(rootLocation)) trees.push(path.dirname(realOrResolved(rootLocation)));
+    if (rootLocation && !isUrl(rootLocation)) trees.push(path.dirname(realOrResolved(rootLocation)));
     // Judged on the real path, so a symlink inside the tree cannot lead out of it.
     if (!trees.some((tree) => isInside(real, tree))) {
       throw refuse(
-        rootLocation && URL_RE.test(rootLocation)
+        rootLocation && isUrl(rootLocation)
           ? 'a URL image may not reach a local file; allow a directory with --allow-backing DIR'
           : `outside the image's directory tree${trees.length ? ` (${trees.join(', ')})` : ''}; allow it with --allow-backing DIR`,
       );
@@ -103,7 +102,7 @@ function printable(name: string): string {
 
 /** What identifies an image in a chain for loop detection: a URL as written, a path by its real path. */
 export function chainIdentity(location: string): string {
-  return URL_RE.test(location) ? location : realOrResolved(location);
+  return isUrl(location) ? location : realOrResolved(location);
 }
 
 function isInside(candidate: string, tree: string): boolean {

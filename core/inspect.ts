@@ -17,6 +17,7 @@ import type { Provider } from './provider';
 import { redactSpec, redactUrl } from './redact';
 import { registry, type RegisteredProvider } from './registry';
 import { parseSpec } from './spec';
+import { isUrl } from './resolve';
 
 /** A file an image names, as its metadata says. */
 export interface ImageReference {
@@ -184,8 +185,8 @@ export class Inspector {
         reference.refused = 'backing chain loops: the name reaches an image already in this chain';
         return undefined;
       }
-      reference.resolved = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(decision.target) ? redactUrl(decision.target) : decision.target;
-      if (!decision.explicit && !/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(decision.target) && !fs.existsSync(decision.target)) reference.missing = true;
+      reference.resolved = isUrl(decision.target) ? redactUrl(decision.target) : decision.target;
+      if (!decision.explicit && !isUrl(decision.target) && !fs.existsSync(decision.target)) reference.missing = true;
       return decision.target;
     } catch (e) {
       reference.refused = message(e);

@@ -5,6 +5,11 @@ import { BlockError } from './errors';
 
 const URL_RE = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//;
 
+/** True for `scheme://…` (a URL location or spec), false for a path. */
+export function isUrl(text: string): boolean {
+  return URL_RE.test(text);
+}
+
 /**
  * A URL name stays as it is; a name under a URL image resolves as a relative URL (so an
  * image on a web server finds its backing file on the same server); a path resolves

@@ -11,6 +11,7 @@ import { BlockError, SpecError, isBlockError } from '../errors';
 import { Opener, type OpenOptions } from '../open';
 import type { Provider } from '../provider';
 import { LIMIT_DEFINITIONS, parseLimitFlag, type LimitValues } from '../limits';
+import { isUrl } from '../resolve';
 
 export class UsageError extends Error {}
 
@@ -113,7 +114,7 @@ export function openOptionsFor(options: OpenCliOptions, extra: OpenOptions = {})
     limits['chain-depth'] = depth;
   }
   const backing = {
-    allow: (options.allowBacking ?? []).map((a) => (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(a) ? a : path.resolve(a))),
+    allow: (options.allowBacking ?? []).map((a) => (isUrl(a) ? a : path.resolve(a))),
     noBacking: options.backing === false,
     explicit: options.backing === false ? [] : options.backing ?? [],
   };

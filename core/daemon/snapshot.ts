@@ -1,17 +1,18 @@
 /**
  * The daemon's `snapshot` operation, tap-ctl's live snapshot in one step: pause the
- * device (in-flight requests drain, new ones wait), flush its VHD so the parent is
- * complete on disk, create a differencing child over it, reopen the device on the
- * child, unpause. The guest never sees an error; the old top becomes the read-only
- * parent. Any failure leaves the device running on its old chain and no child behind.
+ * device (in-flight requests drain, new ones wait), make a differencing child of its VHD
+ * (`snapshotOpenVhd` flushes the open image first, so the parent is complete on disk),
+ * reopen the device on the child, unpause. The guest never sees an error; the old top
+ * becomes the read-only parent. Any failure leaves the device running on its old chain
+ * and no child behind.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError } from '../errors';
 import type { Provider } from '../provider';
-import { createChild } from '../../providers/vhd/create';
-import { DiskType } from '../../providers/vhd/footer';
+import { isUrl } from '../resolve';
 import { VhdProvider } from '../../providers/vhd/provider';
+import { snapshotOpenVhd } from '../../providers/vhd/snapshot';
 import { field } from './control';
 import { registerControlOp } from './daemon';
 import type { Device, DeviceTable } from './devices';
@@ -21,8 +22,7 @@ function writableVhdOf(device: Device): VhdProvider {
   for (let p: Provider | undefined = device.vbd.top; p; p = p.lower) {
     if (p instanceof VhdProvider) {
       if (device.vbd.info().readOnly) throw new BlockError('EROFS', `device ${device.id} is read-only: a snapshot has nothing to protect`);
-      const where = p.location;
-      if (!where || /^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(where)) throw new BlockError('EINVAL', `device ${device.id}'s VHD is not a local file, so no child can be made beside it`);
+      if (!p.location || isUrl(p.location)) throw new BlockError('EINVAL', `device ${device.id}'s VHD is not a local file, so no child can be made beside it`);
       return p;
     }
     if (p.backing) break;
@@ -35,7 +35,7 @@ function chainDirectories(top: Provider): string[] {
   const dirs = new Set<string>();
   const visit = (p: Provider | undefined): void => {
     for (; p; p = p.lower) {
-      if (p.location && !/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(p.location)) dirs.add(path.dirname(p.location));
+      if (p.location && !isUrl(p.location)) dirs.add(path.dirname(p.location));
       visit(p.backing);
     }
   };
@@ -52,13 +52,7 @@ export async function snapshotDevice(devices: DeviceTable, id: string, childPath
   if (!wasPaused) await devices.pause(device.id);
   try {
     // Paused and idle: the provider is ours alone until unpause.
-    await parent.flush();
-    createChild(child, {
-      path: parent.location!,
-      uniqueId: parent.uniqueId,
-      size: parent.info().size,
-      blockSize: parent.type === DiskType.Fixed ? undefined : parent.blockSize,
-    });
+    await snapshotOpenVhd(parent, child);
     try {
       // The child names its parent: the chain may reach every directory it reached before.
       await devices.unpause(device.id, `vhd:${child}`, chainDirectories(device.vbd.top));

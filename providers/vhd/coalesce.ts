@@ -7,6 +7,7 @@
  */
 import { BlockError } from '../../core/errors';
 import { Opener } from '../../core/open';
+import { isUrl } from '../../core/resolve';
 import { DiskType } from './footer';
 import { VhdProvider } from './provider';
 
@@ -24,7 +25,7 @@ export async function coalesceChild(
       throw new BlockError('EINVAL', `${childFile} is not a differencing VHD: there is nothing to coalesce`);
     }
     const parentLocation = child.backing?.location;
-    if (!parentLocation || /^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(parentLocation)) {
+    if (!parentLocation || isUrl(parentLocation)) {
       throw new BlockError('EINVAL', `${childFile}: its parent (${parentLocation ?? 'unknown'}) is not a local file that can be written`);
     }
     const parent = await writable.open(`vhd:${parentLocation}`);
