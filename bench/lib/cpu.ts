@@ -101,3 +101,21 @@ export function waitQuiet(ourPids: number[] = []): void {
   }
   if (waited > 0) process.stderr.write('  quiet-waiting budget spent; no more waiting\n');
 }
+
+/** One measured piece of work. */
+export interface Sample {
+  seconds: number;
+  /** CPU-seconds of the measured process(es). */
+  cpu: number;
+  /** Other processes' CPU during the measurement, % of one CPU. */
+  foreign: number;
+  steal: number;
+}
+
+/** Measures `fn`; `serverPid` is a long-running server (else the work is our waited-for children). */
+export async function measure(fn: () => Promise<void> | void, serverPid?: number): Promise<Sample> {
+  const meter = startCpuMeter(serverPid ? [serverPid] : []);
+  await fn();
+  const c = meter();
+  return { seconds: c.seconds, cpu: serverPid ? c.serverSeconds : c.clientSeconds, foreign: c.foreignPct, steal: c.stealPct };
+}

@@ -5,6 +5,8 @@
  */
 import { spawn, spawnSync, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 
 const live = new Set<ChildProcess>();
 const exitHooks: Array<() => void> = [];
@@ -119,4 +121,13 @@ export function startNbdServer(id: string, cmd: string[], socket: string, timeou
     throw e;
   }
   return child;
+}
+
+/** A bench's scratch directory (tmpfs when there is one; WORKDIR to choose), removed at exit unless KEEP is set. */
+export function benchWorkdir(name: string): string {
+  const dir = process.env.WORKDIR ?? fs.mkdtempSync(path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir(), `tapkit-bench-${name}-`));
+  onExit(() => {
+    if (!process.env.KEEP) fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return dir;
 }

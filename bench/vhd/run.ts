@@ -21,7 +21,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import {
-  fioNbd, fmtRange, onExit, output as outputOf, placement, recordRatios, requireTools, run as runCommand, startCpuMeter, startNbdServer,
+  benchWorkdir,
+  measure,
+  fioNbd, fmtRange, output as outputOf, placement, recordRatios, requireTools, run as runCommand, startNbdServer,
   stopProcess, waitQuiet,
 } from '../lib';
 
@@ -31,27 +33,8 @@ const SIZE_MIB = Number(process.env.SIZE_MIB ?? 1024);
 const CLI = path.join(__dirname, '..', '..', 'core', 'cli', 'main.js');
 const pin = placement();
 
-const workdir = process.env.WORKDIR ?? fs.mkdtempSync(path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir(), 'tapkit-bench-vhd-'));
-onExit(() => {
-  if (!process.env.KEEP) fs.rmSync(workdir, { recursive: true, force: true });
-});
+const workdir = benchWorkdir('vhd');
 
-interface Sample {
-  seconds: number;
-  /** CPU-seconds of the measured process(es). */
-  cpu: number;
-  /** Other processes' CPU during the measurement, % of one CPU. */
-  foreign: number;
-  steal: number;
-}
-
-/** Measures `fn`; `serverPid` is a long-running server (else the work is our waited-for children). */
-async function measure(fn: () => Promise<void> | void, serverPid?: number): Promise<Sample> {
-  const meter = startCpuMeter(serverPid ? [serverPid] : []);
-  await fn();
-  const c = meter();
-  return { seconds: c.seconds, cpu: serverPid ? c.serverSeconds : c.clientSeconds, foreign: c.foreignPct, steal: c.stealPct };
-}
 
 const run = (cmd: string, args: string[], timeoutMs = 15 * 60_000): void => void runCommand([cmd, ...args], timeoutMs / 1000);
 const cell = fmtRange;
