@@ -209,3 +209,26 @@ test.serial('qemu-stub with -S (libxl pre-opened QMP): prelaunch until cont, the
   t.like(quit[2], { return: {}, id: 2 });
   t.is(await stub.exited, 0, stub.output());
 });
+
+test.serial("xen attach --platform xen (libxenstore, as on a dom0) writes a vbd3 with libxl's permissions; the backend serves it; detach removes it", async (t) => {
+  const dir = tempDir('xen-vbd3-xs-');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const serve = startTapkit(t, ['xen', 'serve', '--platform', `sim:${dir}`, '--backend-type', 'vbd3']);
+  await until('serving', () => serve.output().includes('serving'), serve.output);
+  // libxenstore reaches the sim's xenstored exactly as Xen's tools do.
+  const env = { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') };
+  await run(process.execPath, [CLI, 'xen', 'attach', '--platform', 'xen', '--backend-type', 'vbd3', '--domid', '4', '--devid', '51728', 'memory:32M'], { env, timeout: 30_000 });
+  const be = '/local/domain/0/backend/vbd3/4/51728';
+  const fe = '/local/domain/4/device/vbd/51728';
+  const perms = (await xs(dir, 'xenstore-ls', '-p', '/local/domain')).stdout;
+  t.regex(perms, /^\s*51728 = ""[ .]+\(n0,r4\)$/m, `backend directory: dom0 owns it, the guest reads it\n${perms}`);
+  t.regex(perms, /^\s*51728 = ""[ .]+\(n4,r0\)$/m, `frontend directory: the guest owns it, dom0 reads it\n${perms}`);
+  t.is(await read(dir, `${be}/type`), 'vbd3');
+  await until('InitWait', async () => (await read(dir, `${be}/state`)) === '2', serve.output);
+  const rw = await runFrontend(dir, 4, 51728, ['rw', '--seed', '4']);
+  t.is(rw.code, 0, rw.stdout + rw.stderr + serve.output());
+  const detached = await run(process.execPath, [CLI, 'xen', 'detach', '--platform', 'xen', '--backend-type', 'vbd3', '--domid', '4', '--devid', '51728'], { env, timeout: 30_000 });
+  t.is(detached.stderr, '');
+  t.is(await read(dir, `${be}/state`), undefined);
+  t.is(await read(dir, `${fe}/state`), undefined);
+});
