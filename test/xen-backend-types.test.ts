@@ -14,7 +14,8 @@ import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { specFromParams } from '../core/ring/backend-types';
 import { parseQemuArguments, JsonObjectSplitter } from '../core/ring/qemu-stub';
-import { CLI } from './helpers/daemon';
+import type { DeviceSummary } from '../core/daemon/devices';
+import { CLI, startDaemon } from './helpers/daemon';
 import { firstMismatch, runFrontend, tempDir } from './xen/harness';
 
 const run = promisify(execFile);
@@ -231,4 +232,27 @@ test.serial("xen attach --platform xen (libxenstore, as on a dom0) writes a vbd3
   t.is(detached.stderr, '');
   t.is(await read(dir, `${be}/state`), undefined);
   t.is(await read(dir, `${fe}/state`), undefined);
+});
+
+test.serial('the daemon\'s xen export with type=vbd3,grants=copy,attach serves the C frontend; a bad type or grants is refused', async (t) => {
+  const daemon = await startDaemon();
+  t.teardown(() => daemon.stop());
+  const dir = tempDir('xen-daemon-types-');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const a = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:64M', name: 'a', exports: [`xen:5/${DEVID},platform=sim:${dir},type=vbd3,grants=copy,attach`] });
+  t.deepEqual(a.exports, [{ kind: 'xen', target: `sim:${dir} /local/domain/0/backend/vbd3/5/${DEVID}` }]);
+  t.is(await read(dir, `/local/domain/5/device/vbd/${DEVID}/backend`), `/local/domain/0/backend/vbd3/5/${DEVID}`);
+  const rw = await runFrontend(dir, 5, DEVID, ['rw', '--seed', '12']);
+  t.is(rw.code, 0, rw.stdout + rw.stderr + daemon.log());
+  t.regex(daemon.log(), /data by grant copy/);
+  for (const bad of ['type=tap', 'grants=sometimes']) {
+    const r = await daemon.call({ op: 'create', spec: 'memory:1M', exports: [`xen:6/${DEVID},platform=sim:${dir},${bad},attach`] });
+    t.false(r.ok);
+    if (!r.ok) t.regex(r.error.message, bad.startsWith('type') ? /type 'tap' is not one of vbd, qdisk, vbd3/ : /grants 'sometimes' is not one of auto, copy, map/);
+  }
+  // A qdisk on the same platform keeps it (and its xenstored) up while a goes.
+  await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:8M', name: 'b', exports: [`xen:7/${DEVID},platform=sim:${dir},type=qdisk,grants=copy,attach`] });
+  await daemon.ok({ op: 'destroy', device: a.id });
+  t.is(await read(dir, `/local/domain/0/backend/vbd3/5/${DEVID}/state`), undefined);
+  t.is(await read(dir, `/local/domain/0/backend/qdisk/7/${DEVID}/state`), '2');
 });
