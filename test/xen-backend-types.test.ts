@@ -256,3 +256,20 @@ test.serial('the daemon\'s xen export with type=vbd3,grants=copy,attach serves t
   t.is(await read(dir, `/local/domain/0/backend/vbd3/5/${DEVID}/state`), undefined);
   t.is(await read(dir, `/local/domain/0/backend/qdisk/7/${DEVID}/state`), '2');
 });
+
+test.serial('examples/xen/vbd3-attach (xenstore-write, xenstore-chmod) gives the frontend a vbd3 the backend serves', async (t) => {
+  const dir = tempDir('xen-vbd3-script-');
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const serve = startTapkit(t, ['xen', 'serve', '--platform', `sim:${dir}`, '--backend-type', 'vbd3']);
+  await until('serving', () => serve.output().includes('serving'), serve.output);
+  const script = path.join(__dirname, '..', '..', 'examples', 'xen', 'vbd3-attach');
+  const env = { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') };
+  await run(script, ['3', String(DEVID), 'memory:16M'], { env, timeout: 30_000 });
+  const perms = (await xs(dir, 'xenstore-ls', '-p', '/local/domain')).stdout;
+  t.regex(perms, /^\s*51712 = ""[ .]+\(n0,r3\)$/m, perms);
+  t.regex(perms, /^\s*51712 = ""[ .]+\(n3,r0\)$/m, perms);
+  await until('InitWait', async () => (await read(dir, `/local/domain/0/backend/vbd3/3/${DEVID}/state`)) === '2', serve.output);
+  const rw = await runFrontend(dir, 3, DEVID, ['rw', '--seed', '3']);
+  t.is(rw.code, 0, rw.stdout + rw.stderr + serve.output());
+  await t.throwsAsync(run(script, ['3', String(DEVID), 'memory:16M'], { env, timeout: 30_000 }), { message: /exists/ });
+});
