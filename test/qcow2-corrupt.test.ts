@@ -10,38 +10,36 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError, CorruptImageError, isBlockError, type ErrnoName } from '../core';
-import { createEncrypted, headerFields, mixedContent, openVbd, qemuImg, qemuIo, readAll, readU64, tempDir, writeBytes, writeU64 } from './helpers/qemu-images';
+import { createEncrypted, headerFields, mixedContent, openVbd, qemuImg, qemuIo, readAll, readU64, writeBytes, writeU64 } from './helpers/qemu-images';
+import { fileTempDir } from './helpers/temp';
 
 let dir: string;
 const images: Record<string, string> = {};
 
-test.before(() => {
-  dir = tempDir();
-  const make = (name: string, options: string, writes: string[]) => {
+test.before(async () => {
+  dir = fileTempDir('tapkit-qcow2-');
+  const make = async (name: string, options: string, writes: string[]) => {
     const image = path.join(dir, `${name}.qcow2`);
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, image, '4M']);
-    qemuIo(image, writes);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, image, '4M']);
+    await qemuIo(image, writes);
     images[name] = image;
   };
-  make('plain', 'cluster_size=64k', ['write -P 0x11 0 200k', 'write -P 0x22 3m 64k']);
-  make('v2', 'compat=0.10,cluster_size=4k', ['write -P 0x33 0 100k']);
-  make('extl2', 'extended_l2=on,cluster_size=64k', ['write -P 0x44 0 2k', 'write -P 0x45 8k 4k']);
+  await make('plain', 'cluster_size=64k', ['write -P 0x11 0 200k', 'write -P 0x22 3m 64k']);
+  await make('v2', 'compat=0.10,cluster_size=4k', ['write -P 0x33 0 100k']);
+  await make('extl2', 'extended_l2=on,cluster_size=64k', ['write -P 0x44 0 2k', 'write -P 0x45 8k 4k']);
   const src = path.join(dir, 'src.raw');
   fs.writeFileSync(src, mixedContent(1024 * 1024, 3));
   images.compressed = path.join(dir, 'compressed.qcow2');
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', src, images.compressed]);
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', src, images.compressed]);
   // LUKS creation times its key derivation for seconds: done here, before any test's timer runs.
   for (const format of ['aes', 'luks'] as const) {
     images[`enc-${format}`] = path.join(dir, `enc-${format}.qcow2`);
-    createEncrypted(images[`enc-${format}`], format);
+    await createEncrypted(images[`enc-${format}`], format);
   }
 });
 
 // Serial: the tools run synchronously inside some tests, and a blocked event loop would
 // make another test's hang timer (bounded below) fire for no fault of the code under test.
-test.after.always(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
 
 let copies = 0;
 function copyOf(name: string): string {
@@ -196,8 +194,8 @@ test.serial('hostile L1 sizes: the limit bounds what is allocated, and a larger 
   }
   // A snapshot claiming a huge L1 is refused when the snapshot table is read.
   const snap = path.join(dir, 'hostile-snap.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', snap, '1M']);
-  qemuImg(['snapshot', '-c', 's1', snap]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', snap, '1M']);
+  await qemuImg(['snapshot', '-c', 's1', snap]);
   const snapshotsOffset = Number(readU64(snap, 64));
   setU32(snap, snapshotsOffset + 8, 0x7fffffff);
   await assertRefusedAtOpen(t, snap, /snapshot 0 has an L1 table of 2147483647 entries/);
@@ -215,9 +213,9 @@ test.serial('a header extension that overruns its area is refused', async (t) =>
 
 test.serial('a backing-format extension that is too long is refused', async (t) => {
   const base = path.join(dir, 'fmt-base.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
   const image = path.join(dir, 'fmt-top.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'fmt-base.qcow2', '-F', 'qcow2', image]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'fmt-base.qcow2', '-F', 'qcow2', image]);
   const at = fs.readFileSync(image).indexOf(Buffer.from([0xe2, 0x79, 0x2a, 0xca]), 104);
   setU32(image, at + 4, 40);
   await assertRefusedAtOpen(t, image, /backing format name of 40 bytes is too long/);
@@ -345,17 +343,17 @@ test.serial('truncated files are refused at open or fail the read, never read as
 test.serial('a backing loop and a missing backing file are refused with their names', async (t) => {
   const a = path.join(dir, 'loop-a.qcow2');
   const b = path.join(dir, 'loop-b.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', a, '1M']);
-  qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'loop-a.qcow2', '-F', 'qcow2', b]);
-  qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'loop-b.qcow2', '-F', 'qcow2', a]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', a, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'loop-a.qcow2', '-F', 'qcow2', b]);
+  await qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'loop-b.qcow2', '-F', 'qcow2', a]);
   const error = await assertRefusedAtOpen(t, a, /loops/, 'ELOOP');
   t.regex(error.message, /loop-b\.qcow2|loop-a\.qcow2/);
   const self = path.join(dir, 'self.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', self, '1M']);
-  qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'self.qcow2', '-F', 'qcow2', self]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', self, '1M']);
+  await qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'self.qcow2', '-F', 'qcow2', self]);
   await assertRefusedAtOpen(t, self, /loops/, 'ELOOP');
   const orphan = path.join(dir, 'orphan.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.raw', '-F', 'raw', orphan, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.raw', '-F', 'raw', orphan, '1M']);
   await assertRefusedAtOpen(t, orphan, /cannot open backing file 'gone.raw'/, 'ENOENT');
 });
 

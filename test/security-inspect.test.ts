@@ -14,7 +14,7 @@ import { Inspector } from '../core/inspect';
 import { plantVhdParent, qcow2Naming, vhdChild, vpcImage } from './helpers/hostile';
 import { startNginx } from './helpers/nginx';
 import { headerFields, qemuImg, qemuIo, readU64, writeU64 } from './helpers/qemu-images';
-import { tapkit } from './helpers/vhd';
+import { tapkit } from './helpers/run';
 
 const roots: string[] = [];
 test.after.always(() => {
@@ -43,7 +43,7 @@ test('info --inspect names the chain and refuses hostile names without touching 
   execFileSync('mkfifo', [fifo], { timeout: 10_000 });
   qcow2Naming(path.join(vm, 'middle.qcow2'), fifo);
   const top = qcow2Naming(path.join(vm, 'top.qcow2'), 'middle.qcow2', { format: 'qcow2' });
-  const { code, stdout, stderr } = await tapkit(['info', '--inspect', '--json', top], 30_000);
+  const { code, stdout, stderr } = await tapkit(['info', '--inspect', '--json', top], { timeoutMs: 30_000 });
   t.is(code, 0, stderr);
   const report = JSON.parse(stdout);
   t.false(report.wouldOpen);
@@ -56,16 +56,16 @@ test('info --inspect names the chain and refuses hostile names without touching 
   t.is(refused.resolved, undefined);
   t.regex(refused.refused, /backing policy \(outside the image's directory tree/);
   // The text form says the same.
-  const text = await tapkit(['info', '--inspect', top], 30_000);
+  const text = await tapkit(['info', '--inspect', top], { timeoutMs: 30_000 });
   t.regex(text.stdout, /backing 'middle\.qcow2' as qcow2: -> .*middle\.qcow2\n/);
   t.regex(text.stdout, /refused: backing policy/);
   t.regex(text.stdout, /would open: no\n$/);
   // Plain info refuses too, naming the rule, and does not hang on the FIFO either.
-  const opened = await tapkit(['info', top], 30_000);
+  const opened = await tapkit(['info', top], { timeoutMs: 30_000 });
   t.is(opened.code, 1);
   t.regex(opened.stderr, /backing policy \(outside the image's directory tree.*\[EACCES\]/);
   // With --json it also prints what the chain would have been.
-  const json = await tapkit(['info', '--json', top], 30_000);
+  const json = await tapkit(['info', '--json', top], { timeoutMs: 30_000 });
   t.is(json.code, 1);
   const refusedReport = JSON.parse(json.stdout);
   t.false(refusedReport.opened);
@@ -106,7 +106,7 @@ test('inspection of an image on nginx: same-origin names resolve to URLs, local 
   fs.mkdirSync(web);
   fs.writeFileSync(path.join(outside, 'base.raw'), Buffer.alloc(65536, 1));
   qcow2Naming(path.join(web, 'local.qcow2'), `file://${path.join(outside, 'base.raw')}`);
-  qemuImg(['create', '-q', '-f', 'qcow2', path.join(web, 'base.qcow2'), '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', path.join(web, 'base.qcow2'), '1M']);
   qcow2Naming(path.join(web, 'top.qcow2'), 'base.qcow2', { format: 'qcow2' });
   const nginx = await startNginx(web);
   t.teardown(() => nginx.stop());
@@ -123,22 +123,22 @@ test('inspection of an image on nginx: same-origin names resolve to URLs, local 
 test('check: qemu-made images of every kind are sound, as qemu-img check says', async (t) => {
   const { vm } = tempRoot();
   const base = path.join(vm, 'base.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', base, '4M']);
-  qemuIo(base, ['write -P 0x11 0 300k', 'write -P 0x22 2m 64k']);
-  qemuImg(['snapshot', '-c', 'first', base]);
-  qemuIo(base, ['write -P 0x33 0 8k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', base, '4M']);
+  await qemuIo(base, ['write -P 0x11 0 300k', 'write -P 0x22 2m 64k']);
+  await qemuImg(['snapshot', '-c', 'first', base]);
+  await qemuIo(base, ['write -P 0x33 0 8k']);
   const top = path.join(vm, 'top.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.qcow2', '-F', 'qcow2', top]);
-  qemuIo(top, ['write -P 0x44 4k 2k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+  await qemuIo(top, ['write -P 0x44 4k 2k']);
   const raw = path.join(vm, 'content.raw');
   fs.writeFileSync(raw, Buffer.from('compressible text '.repeat(200_000)));
   const compressed = path.join(vm, 'compressed.qcow2');
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
   const vhd = vpcImage(path.join(vm, 'disk.vhd'));
   for (const [image, format] of [[top, 'qcow2'], [compressed, 'qcow2'], [vhd, 'vpc']] as const) {
     // qemu-img check has no checks for vpc (exit 63): only qcow2 is cross-checked.
     if (format === 'qcow2') t.is(qemuCheck(image, format), 0, `qemu-img check finds ${image} clean`);
-    const { code, stdout, stderr } = await tapkit(['check', '--json', image], 60_000);
+    const { code, stdout, stderr } = await tapkit(['check', '--json', image], { timeoutMs: 60_000 });
     t.is(code, 0, `${image}: ${stdout}${stderr}`);
     const report = JSON.parse(stdout);
     t.true(report.sound);
@@ -153,10 +153,10 @@ test('check: qemu-made images of every kind are sound, as qemu-img check says', 
 
 test('check: damage qemu-img check reports is found and named, exit 1', async (t) => {
   const { vm } = tempRoot();
-  const make = (name: string) => {
+  const make = async (name: string) => {
     const image = path.join(vm, `${name}.qcow2`);
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', image, '4M']);
-    qemuIo(image, ['write -P 0x11 0 64k', 'write -P 0x22 1m 4k']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', image, '4M']);
+    await qemuIo(image, ['write -P 0x11 0 64k', 'write -P 0x22 1m 4k']);
     return image;
   };
   const cases: Array<[string, (image: string) => void, RegExp]> = [
@@ -188,10 +188,10 @@ test('check: damage qemu-img check reports is found and named, exit 1', async (t
     ],
   ];
   for (const [what, damage, expected] of cases) {
-    const image = make(what.replace(/\W+/g, '-'));
+    const image = await make(what.replace(/\W+/g, '-'));
     damage(image);
     t.not(qemuCheck(image), 0, `qemu-img check finds '${what}' wrong too`);
-    const { code, stdout } = await tapkit(['check', image], 60_000);
+    const { code, stdout } = await tapkit(['check', image], { timeoutMs: 60_000 });
     t.is(code, 1, what);
     t.regex(stdout, expected, what);
     t.regex(stdout, /problems: [1-9]/);
@@ -205,7 +205,7 @@ test('check: damage qemu-img check reports is found and named, exit 1', async (t
   const fd = fs.openSync(vhd, 'r+');
   fs.writeSync(fd, entry, 0, 4, tableOffset);
   fs.closeSync(fd);
-  const { code, stdout } = await tapkit(['check', vhd], 60_000);
+  const { code, stdout } = await tapkit(['check', vhd], { timeoutMs: 60_000 });
   t.is(code, 1);
   t.regex(stdout, /problem: bat\[0\]: BAT entry 0 .* points inside the image's metadata \(the BAT/);
 });
