@@ -5,7 +5,7 @@
  * structural checks find damage that qemu-img check also finds, and pass what it passes.
  */
 import test from 'ava';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -14,7 +14,7 @@ import { Inspector } from '../core/inspect';
 import { plantVhdParent, qcow2Naming, vhdChild, vpcImage } from './helpers/hostile';
 import { startNginx } from './helpers/nginx';
 import { headerFields, qemuImg, qemuIo, readU64, writeU64 } from './helpers/qemu-images';
-import { tapkit } from './helpers/run';
+import { run, tapkit } from './helpers/run';
 
 const roots: string[] = [];
 test.after.always(() => {
@@ -32,8 +32,8 @@ function tempRoot(): { root: string; vm: string; outside: string } {
 }
 
 /** qemu-img check's verdict: 0 clean, 2 corruptions, 3 leaks only (refcounts), others errors. */
-function qemuCheck(image: string, format = 'qcow2'): number {
-  return spawnSync('qemu-img', ['check', '-f', format, image], { timeout: 60_000 }).status ?? -1;
+async function qemuCheck(image: string, format = 'qcow2'): Promise<number> {
+  return (await run('qemu-img', ['check', '-f', format, image])).code ?? -1;
 }
 
 test('info --inspect names the chain and refuses hostile names without touching them', async (t) => {
@@ -41,8 +41,8 @@ test('info --inspect names the chain and refuses hostile names without touching 
   // A FIFO outside the tree: opening it for reading would block until a writer comes.
   const fifo = path.join(outside, 'trap');
   execFileSync('mkfifo', [fifo], { timeout: 10_000 });
-  qcow2Naming(path.join(vm, 'middle.qcow2'), fifo);
-  const top = qcow2Naming(path.join(vm, 'top.qcow2'), 'middle.qcow2', { format: 'qcow2' });
+  await qcow2Naming(path.join(vm, 'middle.qcow2'), fifo);
+  const top = await qcow2Naming(path.join(vm, 'top.qcow2'), 'middle.qcow2', { format: 'qcow2' });
   const { code, stdout, stderr } = await tapkit(['info', '--inspect', '--json', top], { timeoutMs: 30_000 });
   t.is(code, 0, stderr);
   const report = JSON.parse(stdout);
@@ -75,7 +75,7 @@ test('info --inspect names the chain and refuses hostile names without touching 
 
 test('inspection reports each VHD parent candidate with its verdict, and what the flags change', async (t) => {
   const { vm, outside } = tempRoot();
-  const base = vpcImage(path.join(outside, 'base.vhd'));
+  const base = await vpcImage(path.join(outside, 'base.vhd'));
   const child = vhdChild(path.join(vm, 'child.vhd'), base);
   plantVhdParent(child, '../../outside/base.vhd');
   const refused = await new Inspector({ warn: () => {} }).inspect(`vhd:${child}`);
@@ -105,9 +105,9 @@ test('inspection of an image on nginx: same-origin names resolve to URLs, local 
   const web = path.join(root, 'web');
   fs.mkdirSync(web);
   fs.writeFileSync(path.join(outside, 'base.raw'), Buffer.alloc(65536, 1));
-  qcow2Naming(path.join(web, 'local.qcow2'), `file://${path.join(outside, 'base.raw')}`);
+  await qcow2Naming(path.join(web, 'local.qcow2'), `file://${path.join(outside, 'base.raw')}`);
   await qemuImg(['create', '-q', '-f', 'qcow2', path.join(web, 'base.qcow2'), '1M']);
-  qcow2Naming(path.join(web, 'top.qcow2'), 'base.qcow2', { format: 'qcow2' });
+  await qcow2Naming(path.join(web, 'top.qcow2'), 'base.qcow2', { format: 'qcow2' });
   const nginx = await startNginx(web);
   t.teardown(() => nginx.stop());
   const local = await new Inspector().inspect(`qcow2:${nginx.base}/local.qcow2`);
@@ -134,10 +134,10 @@ test('check: qemu-made images of every kind are sound, as qemu-img check says', 
   fs.writeFileSync(raw, Buffer.from('compressible text '.repeat(200_000)));
   const compressed = path.join(vm, 'compressed.qcow2');
   await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
-  const vhd = vpcImage(path.join(vm, 'disk.vhd'));
+  const vhd = await vpcImage(path.join(vm, 'disk.vhd'));
   for (const [image, format] of [[top, 'qcow2'], [compressed, 'qcow2'], [vhd, 'vpc']] as const) {
     // qemu-img check has no checks for vpc (exit 63): only qcow2 is cross-checked.
-    if (format === 'qcow2') t.is(qemuCheck(image, format), 0, `qemu-img check finds ${image} clean`);
+    if (format === 'qcow2') t.is(await qemuCheck(image, format), 0, `qemu-img check finds ${image} clean`);
     const { code, stdout, stderr } = await tapkit(['check', '--json', image], { timeoutMs: 60_000 });
     t.is(code, 0, `${image}: ${stdout}${stderr}`);
     const report = JSON.parse(stdout);
@@ -190,14 +190,14 @@ test('check: damage qemu-img check reports is found and named, exit 1', async (t
   for (const [what, damage, expected] of cases) {
     const image = await make(what.replace(/\W+/g, '-'));
     damage(image);
-    t.not(qemuCheck(image), 0, `qemu-img check finds '${what}' wrong too`);
+    t.not(await qemuCheck(image), 0, `qemu-img check finds '${what}' wrong too`);
     const { code, stdout } = await tapkit(['check', image], { timeoutMs: 60_000 });
     t.is(code, 1, what);
     t.regex(stdout, expected, what);
     t.regex(stdout, /problems: [1-9]/);
   }
   // A VHD whose BAT entry points into its own BAT.
-  const vhd = vpcImage(path.join(vm, 'bad.vhd'));
+  const vhd = await vpcImage(path.join(vm, 'bad.vhd'));
   const bytes = fs.readFileSync(vhd);
   const tableOffset = Number(bytes.readBigUInt64BE(512 + 16));
   const entry = Buffer.alloc(4);

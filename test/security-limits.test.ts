@@ -102,7 +102,7 @@ function assertRefusedLean(t: import('ava').ExecutionContext, result: ChildResul
 }
 
 test('VHD: a BAT of 2^28 or 2^32-1 entries, or a disk needing 2^40, is refused before it is allocated', async (t) => {
-  const base = vpcImage(path.join(dir, 'bat.vhd'), '4M', []);
+  const base = await vpcImage(path.join(dir, 'bat.vhd'), '4M', []);
   const big = copy(base);
   // 2^28 entries = a 1 GiB table, inside a sparse file large enough to hold it.
   patchVhd(big, { entries: 2 ** 28, fileSize: 2 ** 30 + 4 * MiB });
@@ -177,7 +177,7 @@ test('qcow2: an unbounded chain (an image naming itself through a symlinked dire
   const loopDir = fs.mkdtempSync(path.join(dir, 'loop-'));
   fs.symlinkSync('.', path.join(loopDir, 'a'));
   // x.qcow2 names a/x.qcow2, which names a/a/x.qcow2, ...: a new name at every level, one file.
-  const image = qcow2Naming(path.join(loopDir, 'x.qcow2'), 'a/x.qcow2', { format: 'qcow2' });
+  const image = await qcow2Naming(path.join(loopDir, 'x.qcow2'), 'a/x.qcow2', { format: 'qcow2' });
   for (const options of [{}, { maxChainDepth: 1_000_000 }] as OpenOptions[]) {
     const result = await openInChild(`qcow2:${image}`, options);
     assertRefusedLean(t, result, /backing chain loops/, `depth limit ${options.maxChainDepth ?? 'default'}`);
@@ -190,7 +190,7 @@ test('qcow2: a chain deeper than chain-depth is refused naming the limit; raised
   const base = path.join(chainDir, 'l0.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
   await qemuIo(base, ['write -P 0x61 0 64k']);
-  for (let i = 1; i <= 20; i++) qcow2Naming(path.join(chainDir, `l${i}.qcow2`), `l${i - 1}.qcow2`, { format: 'qcow2' });
+  for (let i = 1; i <= 20; i++) await qcow2Naming(path.join(chainDir, `l${i}.qcow2`), `l${i - 1}.qcow2`, { format: 'qcow2' });
   const top = path.join(chainDir, 'l20.qcow2');
   await qemuIo(top, ['write -P 0x62 128k 64k']);
   const result = await openInChild(`qcow2:${top}`);
@@ -221,7 +221,7 @@ test('every limit a sane image meets can be lowered to refuse it, naming the lim
   const image = path.join(dir, 'limits.qcow2');
   await qemuImg(['create', '-q', '-f', 'qcow2', image, '1G']);
   await qemuImg(['snapshot', '-c', 'one', image]);
-  const parent = vpcImage(path.join(dir, 'limits-parent.vhd'));
+  const parent = await vpcImage(path.join(dir, 'limits-parent.vhd'));
   const child = vhdChild(path.join(dir, 'limits-child.vhd'), parent);
   plantVhdParent(child, 'limits-parent.vhd');
   const cases: Array<[string, string, Partial<Record<string, number>>]> = [
