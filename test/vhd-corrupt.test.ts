@@ -19,6 +19,7 @@ import { vhdChecksum } from '../providers/vhd/checksum';
 import { createImage } from '../providers/vhd/create';
 import { snapshotVhd } from '../providers/vhd/snapshot';
 import { firstDifference, openSpec, qemuRaw, tapkitRaw } from './helpers/vhd';
+import { bounded } from './helpers/bounded';
 import { must } from './helpers/run';
 import { fileTempDir } from './helpers/temp';
 
@@ -331,18 +332,8 @@ test('qemu force_size images: the current size, not the (maximal) CHS', async (t
 
 // ---- fast-check: corrupt real images anywhere in their metadata ----------------------
 
-/** Fails instead of hanging. */
-async function bounded<T>(promise: Promise<T>, what: string, ms = 20_000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+/** How long one open-and-read of a corrupted image may take before the test calls it a hang. */
+const HANG_MS = 20_000;
 
 /**
  * Opens, reads the first 8 MiB and the last MiB, asks for extents (a bounded number of
@@ -411,13 +402,13 @@ for (const [name, original] of [
           }
           fs.writeFileSync(file, cut > 3900 ? bytes.subarray(0, bytes.length - (cut - 3900)) : bytes);
           try {
-            const err = await bounded(openAndRead(`vhd:${file}`), 'open and read');
+            const err = await bounded(openAndRead(`vhd:${file}`), 'open and read', HANG_MS);
             if (err === undefined) opened++;
             else {
               refusedCount++;
               if (!(err instanceof BlockError)) throw new Error(`untyped error: ${String((err as Error)?.stack ?? err)}`);
             }
-            const report = await bounded(checkImage(file), 'check');
+            const report = await bounded(checkImage(file), 'check', HANG_MS);
             if (!Array.isArray(report.problems)) throw new Error('check gave no problem list');
           } finally {
             fs.rmSync(file, { force: true });
@@ -449,7 +440,7 @@ test('fast-check: a differencing chain with a corrupted child or parent: typed e
       for (const [at, byte] of edits) bytes[at % span] = byte;
       fs.writeFileSync(target, bytes);
       try {
-        const err = await bounded(openAndRead(`vhd:${child}`), 'open and read');
+        const err = await bounded(openAndRead(`vhd:${child}`), 'open and read', HANG_MS);
         if (err !== undefined) {
           failures++;
           if (!(err instanceof BlockError)) throw new Error(`untyped error: ${String((err as Error)?.stack ?? err)}`);
