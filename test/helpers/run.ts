@@ -77,11 +77,13 @@ export function tail(text: string, lines = 20): string {
   return (all.length > lines ? ['...', ...all.slice(-lines)] : all).join('\n');
 }
 
-/** One line naming the command and how it ended, then the tail of its stderr. */
+/** One line naming the command and how it ended, then the tail of its stderr (of its stdout when stderr is empty: tsc reports there). */
 export function describeRun(command: string, args: readonly string[], r: RunResult, timeoutMs = DEFAULT_TIMEOUT_MS): string {
   const how = r.timedOut ? `was killed after its ${timeoutMs} ms timeout` : r.code === null ? `was killed by ${r.signal}` : `exited with code ${r.code}`;
   const err = tail(r.stderr);
-  return `${[command, ...args].join(' ')} ${how}${err ? `; stderr:\n${err}` : ' (no stderr)'}`;
+  const out = err ? '' : tail(r.stdout);
+  const said = err ? `; stderr:\n${err}` : out ? `; no stderr, stdout:\n${out}` : ' (no output)';
+  return `${[command, ...args].join(' ')} ${how}${said}`;
 }
 
 /** A program that did not exit 0; the message says which, how it ended and what it said. */
