@@ -351,6 +351,28 @@ test.serial('ts hostile files: memory shrunk while connected gets refused reques
   await fe.disconnect();
 });
 
+test.serial('ts hostile files: memory cut below the ring page while connected fails that connection (error, Closing), not the process; a reconnect serves', async (t) => {
+  const { sim, fe } = await setup(t, { memPages: 64 });
+  await fe.connect();
+  await fe.writeAndRead(0, 2, 3);
+  const memoryFile = path.join(sim.dir, `dom${DOMID}`, 'memory');
+  const Q = fe.queues[0];
+  t.true(Q.ringPage > 0, 'the ring is not on the first page');
+  // The ring's page (and every data page) is gone; only the kick is sent (the frontend
+  // must not touch its own ring either).
+  fs.truncateSync(memoryFile, Q.ringPage * PAGE);
+  fe.events.notify(Q.port);
+  await fe.waitBackend(XenbusState.Closing);
+  t.regex((await fe.xs.read(`${fe.be}/error`)) ?? '', /ring unreachable: .*shrank/);
+  fs.truncateSync(memoryFile, 64 * PAGE);
+  await fe.setState(XenbusState.Closed);
+  await fe.waitBackend(XenbusState.Closed);
+  await fe.connect();
+  await fe.writeAndRead(0, 4, 5);
+  await holdsPattern(t, sim, 0, 4, 5);
+  await fe.disconnect();
+});
+
 // ---- random request slots on a live ring -------------------------------------------
 
 test.serial('ts fuzz: random request slots on a live ring each get exactly one response with their id and operation; the device serves on', async (t) => {

@@ -254,6 +254,7 @@ export class BlkifDevice {
           maxIndirectSegments: this.limits.maxIndirectSegments,
           discard: this.discard,
           readOnly: this.readOnly,
+          checkRing: ringMapping.check ? () => ringMapping.check!() : undefined,
           onFatal: (reason) => void this.enqueue(() => this.fail(reason)),
           onRefused: (reason) => this.log(`refused a request: ${reason}`),
         });

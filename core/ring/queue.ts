@@ -43,6 +43,11 @@ export interface QueueOptions {
   discard: boolean;
   /** Writes and discards are refused (the VBD is read-only, or the vbd's mode is r). */
   readOnly: boolean;
+  /**
+   * Throws when the ring's memory can no longer be touched (RingMapping.check); called
+   * before the ring is read or written. The connection then fails.
+   */
+  checkRing?(): void;
   /** The frontend broke the protocol: the device must stop serving it. */
   onFatal(reason: string): void;
   /** A request was refused (for logs). */
@@ -68,6 +73,7 @@ export class BlkifQueue {
   private barrier?: BlkifRequest;
   private stopping = false;
   private failed = false;
+  private ringGone = false;
   private publishScheduled = false;
   private drained?: () => void;
   readonly stats = { requests: 0, kicksSent: 0, kicksReceived: 0, batches: 0 };
@@ -90,6 +96,7 @@ export class BlkifQueue {
   /** Consumes every request the frontend has produced, until a barrier or the end. */
   private pump(): void {
     if (this.stopping || this.failed) return;
+    if (!this.ringReachable()) return;
     try {
       for (;;) {
         let n = this.ring.available();
@@ -112,9 +119,32 @@ export class BlkifQueue {
     } catch (e) {
       // Nothing a frontend puts in shared memory may escape as an exception: a bug
       // reached through hostile input fails this connection only.
-      this.failed = true;
-      this.options.onFatal(e instanceof RingOverrun ? `ring overrun: ${e.message}` : `internal error serving the ring: ${(e as Error).message}`);
-      this.maybeDrained();
+      this.fail(e);
+    }
+  }
+
+  private fail(e: unknown): void {
+    if (this.failed) return;
+    this.failed = true;
+    const reason =
+      e instanceof RingOverrun ? `ring overrun: ${e.message}` : e instanceof GrantError ? `ring unreachable: ${e.message}` : `internal error serving the ring: ${(e as Error).message}`;
+    this.options.onFatal(reason);
+    this.maybeDrained();
+  }
+
+  /**
+   * False (and the connection failed) when the ring can no longer be touched. Other
+   * failures (an overrun) still answer the requests already taken.
+   */
+  private ringReachable(): boolean {
+    if (this.ringGone) return false;
+    try {
+      this.options.checkRing?.();
+      return true;
+    } catch (e) {
+      this.ringGone = true;
+      this.fail(e);
+      return false;
     }
   }
 
@@ -139,8 +169,11 @@ export class BlkifQueue {
   }
 
   private complete(request: BlkifRequest, status: number, after?: () => void): void {
-    writeResponse(this.ring.nextResponseSlot(), this.options.layout, request.id, responseOperation(request), status);
-    this.ring.produced();
+    // A ring that cannot be touched gets no more responses (the connection has failed).
+    if (this.ringReachable()) {
+      writeResponse(this.ring.nextResponseSlot(), this.options.layout, request.id, responseOperation(request), status);
+      this.ring.produced();
+    }
     this.inFlight--;
     after?.();
     if (!this.publishScheduled) {
@@ -151,7 +184,7 @@ export class BlkifQueue {
 
   private publish(): void {
     this.publishScheduled = false;
-    if (this.ring.pushResponses()) {
+    if (this.ringReachable() && this.ring.pushResponses()) {
       this.stats.kicksSent++;
       this.channel?.notify();
     }

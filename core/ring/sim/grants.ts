@@ -37,8 +37,8 @@ export class SimGrantMapper implements GrantMapper {
   private readonly persistentGrants?: Map<number, Grant>;
   private readonly rings = new Set<Mapping>();
   private closed = false;
-  /** The sizes were checked in this turn of the event loop (reset by a microtask). */
-  private sizesChecked = false;
+  /** The files' sizes as read in this turn of the event loop (forgotten by a microtask). */
+  private sizes?: { memory: number; table: number };
 
   constructor(dir: string, readonly domid: number, persistent: boolean) {
     const domDir = path.join(dir, `dom${domid}`);
@@ -75,26 +75,34 @@ export class SimGrantMapper implements GrantMapper {
    * The files must still be as large as when they were mapped: touching a page of a
    * MAP_SHARED file beyond its end raises SIGBUS, which would take the whole process
    * down. XENSIM.md (detail 5) forbids shrinking them while connected; this check turns
-   * a frontend that does it anyway into refused requests (a shrink racing with the I/O
-   * itself is not caught).
+   * a frontend that does it anyway into refused requests, and the ring's own check
+   * (mapRing) into a failed connection.
    *
-   * Two fstat calls cost more than the rest of a 4 KiB request's mapping, so the check
-   * runs once per turn of the event loop: the queue maps every request of a batch in
-   * one synchronous pass, before any of them touches a page.
+   * Two fstat calls cost more than the rest of a 4 KiB request's mapping, so the sizes
+   * are read once per turn of the event loop: the queue checks its ring and maps every
+   * request of a batch in one synchronous pass, before any of them touches a page.
+   * What no check can catch: a shrink between the check and the access in that same
+   * pass (microseconds), or during a provider's own copy into or out of a page. Only
+   * copying through pread/pwrite instead of the mapping would close that window.
    */
-  private checkSizesOncePerTurn(): void {
-    if (this.sizesChecked) return;
-    this.checkSizes();
-    this.sizesChecked = true;
-    queueMicrotask(() => {
-      this.sizesChecked = false;
-    });
+  private checkSizes(): void {
+    const { memory, table } = this.currentSizes();
+    if (memory < this.pages * PAGE) throw new GrantError(`domain ${this.domid}'s memory file shrank to ${memory} bytes while connected`);
+    if (table < this.entries * ENTRY_SIZE) throw new GrantError(`domain ${this.domid}'s grant table shrank while connected`);
   }
 
-  private checkSizes(): void {
-    const memory = fs.fstatSync(this.memoryFd).size;
-    if (memory < this.pages * PAGE) throw new GrantError(`domain ${this.domid}'s memory file shrank to ${memory} bytes while connected`);
-    if (this.tableFd !== undefined && fs.fstatSync(this.tableFd).size < this.entries * ENTRY_SIZE) throw new GrantError(`domain ${this.domid}'s grant table shrank while connected`);
+  /** The files' sizes now, read at most once per turn of the event loop. */
+  private currentSizes(): { memory: number; table: number } {
+    if (!this.sizes) {
+      this.sizes = {
+        memory: fs.fstatSync(this.memoryFd).size,
+        table: this.tableFd !== undefined ? fs.fstatSync(this.tableFd).size : 0,
+      };
+      queueMicrotask(() => {
+        this.sizes = undefined;
+      });
+    }
+    return this.sizes;
   }
 
   /** Reads and checks grant `ref` for the backend's use. */
@@ -123,9 +131,17 @@ export class SimGrantMapper implements GrantMapper {
     this.checkSizes();
     const frames = refs.map((r) => this.grant(r, true).frame);
     const mapping = mapPagesContiguous(this.memoryFd, frames, PAGE, true);
+    const ringEnd = (Math.max(...frames) + 1) * PAGE;
     this.rings.add(mapping);
     return {
       bytes: mapping.bytes,
+      // The ring needs only its own pages: a guest that cut its memory below them fails
+      // the connection (data pages past the end are refused per request, in mapPages).
+      check: () => {
+        if (this.closed) throw new GrantError('connection closed');
+        const memory = this.currentSizes().memory;
+        if (memory < ringEnd) throw new GrantError(`domain ${this.domid}'s memory file shrank to ${memory} bytes, below its ring`);
+      },
       unmap: () => {
         if (this.rings.delete(mapping)) mapping.unmap();
       },
@@ -134,7 +150,7 @@ export class SimGrantMapper implements GrantMapper {
 
   mapPages(refs: number[], writable: boolean): PageMapping {
     if (this.closed) throw new GrantError('connection closed');
-    this.checkSizesOncePerTurn();
+    this.checkSizes();
     const frames = refs.map((r) => this.grant(r, writable).frame);
     const bytes = this.memoryView;
     return { pages: frames.map((f) => bytes.subarray(f * PAGE, (f + 1) * PAGE)), release() {} };
