@@ -67,6 +67,25 @@ class Refused extends Error {
   }
 }
 
+/** Responses completed in this turn, waiting to be written into the ring (parallel arrays: no object per response). */
+class Answers {
+  readonly ids: bigint[] = [];
+  readonly operations: number[] = [];
+  readonly statuses: number[] = [];
+  count = 0;
+
+  push(id: bigint, operation: number, status: number): void {
+    this.ids[this.count] = id;
+    this.operations[this.count] = operation;
+    this.statuses[this.count] = status;
+    this.count++;
+  }
+
+  clear(): void {
+    this.count = 0;
+  }
+}
+
 export class BlkifQueue {
   private channel?: EventChannel;
   private inFlight = 0;
@@ -76,6 +95,7 @@ export class BlkifQueue {
   private ringGone = false;
   private publishScheduled = false;
   private drained?: () => void;
+  private readonly answers = new Answers();
   readonly stats = { requests: 0, kicksSent: 0, kicksReceived: 0, batches: 0 };
 
   constructor(
@@ -169,11 +189,8 @@ export class BlkifQueue {
   }
 
   private complete(request: BlkifRequest, status: number, after?: () => void): void {
-    // A ring that cannot be touched gets no more responses (the connection has failed).
-    if (this.ringReachable()) {
-      writeResponse(this.ring.nextResponseSlot(), this.options.layout, request.id, responseOperation(request), status);
-      this.ring.produced();
-    }
+    // Written into the ring when the turn's responses are published, all at once.
+    this.answers.push(request.id, responseOperation(request), status);
     this.inFlight--;
     after?.();
     if (!this.publishScheduled) {
@@ -184,10 +201,19 @@ export class BlkifQueue {
 
   private publish(): void {
     this.publishScheduled = false;
-    if (this.ringReachable() && this.ring.pushResponses()) {
-      this.stats.kicksSent++;
-      this.channel?.notify();
+    // A ring that cannot be touched gets no more responses (the connection has failed).
+    if (this.ringReachable()) {
+      const { layout } = this.options;
+      for (let i = 0; i < this.answers.count; i++) {
+        writeResponse(this.ring.nextResponseSlot(), layout, this.answers.ids[i], this.answers.operations[i], this.answers.statuses[i]);
+        this.ring.produced();
+      }
+      if (this.ring.pushResponses()) {
+        this.stats.kicksSent++;
+        this.channel?.notify();
+      }
     }
+    this.answers.clear();
     this.startBarrierIfDrained();
     this.pump();
     this.maybeDrained();

@@ -37,7 +37,7 @@ export class SimGrantMapper implements GrantMapper {
   private readonly persistentGrants?: Map<number, Grant>;
   private readonly rings = new Set<Mapping>();
   private closed = false;
-  /** The files' sizes as read in this turn of the event loop (forgotten by a microtask). */
+  /** The files' sizes as read in this turn of the event loop. */
   private sizes?: { memory: number; table: number };
 
   constructor(dir: string, readonly domid: number, persistent: boolean) {
@@ -98,7 +98,9 @@ export class SimGrantMapper implements GrantMapper {
         memory: fs.fstatSync(this.memoryFd).size,
         table: this.tableFd !== undefined ? fs.fstatSync(this.tableFd).size : 0,
       };
-      queueMicrotask(() => {
+      // Forgotten at the end of this iteration of the event loop: the ring check, the
+      // mappings of a batch and the responses completed in the same turn share one read.
+      setImmediate(() => {
         this.sizes = undefined;
       });
     }
