@@ -13,6 +13,8 @@ export interface BackendOptions {
   platform: Platform;
   openVbd(spec: string, readOnly: boolean): Promise<Vbd>;
   limits?: DeviceLimits;
+  /** How long a device waits for its frontend to close after `online=0` (DeviceOptions). */
+  unplugTimeoutMs?: number;
   log?(message: string): void;
 }
 
@@ -64,6 +66,7 @@ export class BlkifBackend {
       devid: Number(devid),
       openVbd: this.options.openVbd,
       limits: this.options.limits,
+      unplugTimeoutMs: this.options.unplugTimeoutMs,
       log: this.options.log,
       onEnd: () => this.devices.set(key, 'ended'),
     });

@@ -9,6 +9,7 @@ import '../../providers';
 import { Opener } from '../../core/open';
 import type { Provider } from '../../core/provider';
 import { BlkifBackend } from '../../core/ring/backend';
+import type { Platform, XenStore } from '../../core/ring/platform';
 import { SimPlatform } from '../../core/ring/sim/platform';
 import { XsClient } from '../../core/ring/sim/xs-client';
 import { attach } from '../../core/ring/toolstack';
@@ -51,13 +52,19 @@ export class SimBackend {
     readonly backend: BlkifBackend,
   ) {}
 
-  static async start(options: { maxIndirectSegments?: number } = {}): Promise<SimBackend> {
+  /**
+   * `unplugTimeoutMs`: the devices' wait for a frontend to close after online=0.
+   * `store`: the XenStore the backend uses instead of the platform's own (a wrapper that
+   * provokes real conflicts, for instance).
+   */
+  static async start(options: { maxIndirectSegments?: number; unplugTimeoutMs?: number; store?: (platform: SimPlatform) => XenStore } = {}): Promise<SimBackend> {
     const dir = fileTempDir('tapkit-sim-');
     const platform = await SimPlatform.start(dir);
     const providers = new Map<string, Provider>();
     const log: string[] = [];
     const backend = new BlkifBackend({
-      platform,
+      platform: options.store ? wrapStore(platform, options.store(platform)) : platform,
+      unplugTimeoutMs: options.unplugTimeoutMs,
       limits: { maxRingPageOrder: 4, maxQueues: 4, maxIndirectSegments: options.maxIndirectSegments ?? 256 },
       log: (m) => log.push(m),
       openVbd: async (spec, readOnly) => {
@@ -97,6 +104,17 @@ export class SimBackend {
     await this.platform.close();
     removeDir(this.dir);
   }
+}
+
+/** The sim platform with another XenStore in front of its own. */
+function wrapStore(platform: SimPlatform, store: XenStore): Platform {
+  return {
+    name: platform.name,
+    store,
+    events: platform.events,
+    grantsFor: (domid, options) => platform.grantsFor(domid, options),
+    close: () => platform.close(),
+  };
 }
 
 /** Reads `length` bytes at `offset` from a provider. */
