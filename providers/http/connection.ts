@@ -408,7 +408,7 @@ class Connection {
 }
 
 /** Decodes `Transfer-Encoding: chunked` incrementally. */
-class ChunkedDecoder {
+export class ChunkedDecoder {
   private phase: 'size' | 'data' | 'data-end' | 'trailer' | 'done' = 'size';
   private line = '';
   private left = 0;
