@@ -174,16 +174,25 @@ export class HttpClient {
   /** Stops every exchange in flight (on close). */
   private readonly active = new Set<() => void>();
   private readonly ca: string[] | undefined;
+  /** Redacted forms of the URLs requested (the same URL object for every range): printing is not paid per request. */
+  private readonly redacted = new WeakMap<URL, string>();
 
   constructor(private readonly options: ClientOptions) {
     this.ca = options.ca ? [...trustedCas(), options.ca] : undefined;
   }
 
+  /** The URL as it may be printed. */
+  private where(url: URL): string {
+    let shown = this.redacted.get(url);
+    if (shown === undefined) this.redacted.set(url, (shown = redactUrl(url)));
+    return shown;
+  }
+
   /** Learns size, validator and final URL: HEAD, or a one-byte ranged GET where HEAD is refused. */
   async probe(url: URL): Promise<ObjectInfo> {
-    const head = await this.withRetries(`HEAD ${redactUrl(url)}`, () => this.headOnce(url));
+    const head = await this.withRetries(`HEAD ${this.where(url)}`, () => this.headOnce(url));
     if (head) return head;
-    return this.withRetries(`GET ${redactUrl(url)}`, () => this.rangeProbeOnce(url));
+    return this.withRetries(`GET ${this.where(url)}`, () => this.rangeProbeOnce(url));
   }
 
   /**
@@ -198,14 +207,14 @@ export class HttpClient {
       const range = parseContentRange(header(headers, 'content-range'));
       return range !== undefined && range.start === offset && range.end === end;
     };
-    await this.withRetries(`GET ${redactUrl(url)} bytes ${offset}-${end}`, async () => {
+    await this.withRetries(`GET ${this.where(url)} bytes ${offset}-${end}`, async () => {
       const res = await this.request(url, 'GET', { range: `bytes=${offset}-${end}`, ...this.conditionalHeaders(validator) }, (status, headers) => {
         // A fresh Scatter per attempt: a retry fills the buffers from their start again.
         if (status === 206) return asked(headers) && !this.versionDiffers(headers, validator) ? new Scatter(targets) : 'abort';
         // A 200 is the whole object coming: stop it.
         return status === 200 ? 'abort' : 'drop';
       });
-      const where = redactUrl(res.url);
+      const where = this.where(res.url);
       if (res.statusCode === 206 || res.statusCode === 200) this.checkSameVersion(res, validator);
       if (res.statusCode === 206) {
         if (!asked(res.headers)) {
@@ -231,7 +240,7 @@ export class HttpClient {
 
   private async headOnce(url: URL): Promise<ObjectInfo | undefined> {
     const res = await this.request(url, 'HEAD', {}, () => 'drop');
-    const where = redactUrl(res.url);
+    const where = this.where(res.url);
     if (res.statusCode >= 200 && res.statusCode < 300) {
       if (header(res.headers, 'accept-ranges')?.toLowerCase() === 'none') {
         throw new BlockError('EOPNOTSUPP', `${where} does not serve range requests (Accept-Ranges: none); it cannot be read as a disk without downloading it whole`);
@@ -253,7 +262,7 @@ export class HttpClient {
 
   private async rangeProbeOnce(url: URL): Promise<ObjectInfo> {
     const res = await this.request(url, 'GET', { range: 'bytes=0-0' }, (status) => (status === 200 ? 'abort' : 'drop'));
-    const where = redactUrl(res.url);
+    const where = this.where(res.url);
     const info = (size: number): ObjectInfo => ({ url: res.url, size, validator: validatorOf(res.headers), server: header(res.headers, 'server') });
     if (res.statusCode === 206) {
       const range = parseContentRange(header(res.headers, 'content-range'));
@@ -274,7 +283,7 @@ export class HttpClient {
 
   /** Turns a non-success status into the right error. Never returns. */
   private failFor(res: Response, validator: Validator, opened: boolean): never {
-    const where = redactUrl(res.url);
+    const where = this.where(res.url);
     const status = res.statusCode;
     if (status >= 500 || status === 429 || status === 408) throw new Retryable(`HTTP ${status}`, retryAfterMs(res.headers));
     if (opened && (status === 412 || status === 416 || status === 404 || status === 410)) {
@@ -302,7 +311,7 @@ export class HttpClient {
   private checkSameVersion(res: Response, opened: Validator): void {
     if (this.versionDiffers(res.headers, opened)) {
       const now = validatorOf(res.headers);
-      throw new SourceChangedError(`${redactUrl(res.url)} changed since it was opened (opened at ${describeValidator(opened)}, now ${describeValidator(now)}); reopen it to read the new version`);
+      throw new SourceChangedError(`${this.where(res.url)} changed since it was opened (opened at ${describeValidator(opened)}, now ${describeValidator(now)}); reopen it to read the new version`);
     }
   }
 
@@ -314,9 +323,9 @@ export class HttpClient {
     for (let hop = 0; ; hop++) {
       const res = await this.send(url, method, headers, (status, h) => (isRedirect(status, h) ? 'drop' : plan(status, h)));
       if (!isRedirect(res.statusCode, res.headers)) return res;
-      if (hop >= MAX_REDIRECTS) throw new BlockError('ELOOP', `${redactUrl(start)}: more than ${MAX_REDIRECTS} redirects`);
+      if (hop >= MAX_REDIRECTS) throw new BlockError('ELOOP', `${this.where(start)}: more than ${MAX_REDIRECTS} redirects`);
       const next = new URL(header(res.headers, 'location')!, url);
-      if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new BlockError('EINVAL', `${redactUrl(url)} redirects to a ${next.protocol} URL`);
+      if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new BlockError('EINVAL', `${this.where(url)} redirects to a ${next.protocol} URL`);
       if (next.origin !== url.origin) {
         // Credentials meant for one host are not handed to the next (as curl does).
         next.username = '';
@@ -343,14 +352,14 @@ export class HttpClient {
    * goes straight into the plan's buffers as it arrives (see connection.ts).
    */
   private send(url: URL, method: 'GET' | 'HEAD', headers: Record<string, string>, plan: (status: number, headers: ResponseHeaders) => BodyPlan): Promise<Response> {
-    if (this.closing.signal.aborted) return Promise.reject(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
+    if (this.closing.signal.aborted) return Promise.reject(new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`));
     return new Promise<Response>((resolve, reject) => {
       let response: Response | undefined;
       let sink: Scatter | undefined;
       let timedOut = false;
       let timer: NodeJS.Timeout | undefined;
       let cancel: (reason: Error) => void = () => {};
-      const onClose = () => cancel(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
+      const onClose = () => cancel(new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`));
       const finish = (error?: unknown) => {
         clearTimeout(timer);
         this.active.delete(onClose);
@@ -382,24 +391,24 @@ export class HttpClient {
   /** A thrown connection error as Retryable, or as a final BlockError. */
   private classify(e: unknown, url: URL, timedOut: boolean): Error {
     if (e instanceof BlockError || e instanceof Retryable) return e;
-    if (e instanceof ProtocolError) return new BlockError('EIO', `${redactUrl(url)}: ${e.message}`);
-    if (this.closing.signal.aborted) return new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`);
+    if (e instanceof ProtocolError) return new BlockError('EIO', `${this.where(url)}: ${e.message}`);
+    if (this.closing.signal.aborted) return new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`);
     const err = e as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException };
     const code = err?.code ?? err?.cause?.code ?? '';
     const name = err?.name ?? '';
     if (timedOut || name === 'TimeoutError' || code.includes('TIMEOUT')) return new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
     if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: it is not for host ${url.hostname} (${code})`);
+      return new BlockError('EIO', `${this.where(url)}: TLS certificate refused: it is not for host ${url.hostname} (${code})`);
     }
     if (code === 'CERT_HAS_EXPIRED' || code === 'CERT_NOT_YET_VALID') {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: outside its validity dates (${code})`);
+      return new BlockError('EIO', `${this.where(url)}: TLS certificate refused: outside its validity dates (${code})`);
     }
     if (TLS_CODES.test(code)) {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
+      return new BlockError('EIO', `${this.where(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
     }
-    if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${redactUrl(url)}: host ${url.hostname} not found`);
+    if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${this.where(url)}: host ${url.hostname} not found`);
     if (RETRYABLE_CODES.has(code) || name === 'AbortError') return new Retryable(`connection failed (${code || name})`);
-    return new BlockError('EIO', `${redactUrl(url)}: ${code || name || 'request failed'}`);
+    return new BlockError('EIO', `${this.where(url)}: ${code || name || 'request failed'}`);
   }
 
   /** Runs one attempt after another until one succeeds, a final error, or the last try. */

@@ -287,10 +287,11 @@ class Connection {
         continue;
       }
       this.startBody(status, version, headers);
-      const leftover = Buffer.from(rest); // the head buffer is about to be reused
       this.headLength = 0;
-      if (leftover.length > 0 && this.state === 'body') this.bodyBytes(leftover);
-      else if (leftover.length > 0 && this.state === 'idle') this.destroy();
+      // Body bytes that came with the head are used where they are: the head buffer is
+      // not read into again before this callback returns.
+      if (rest.length > 0 && this.state === 'body') this.bodyBytes(rest);
+      else if (rest.length > 0 && this.state === 'idle') this.destroy();
       return;
     }
   }
