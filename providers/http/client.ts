@@ -1,5 +1,5 @@
 /**
- * The HTTP side of the http source: pooled keep-alive connections (one undici Pool per
+ * The HTTP side of the http source: pooled keep-alive connections (one ConnectionPool per
  * origin), redirects, retries with backoff, per-request timeouts, TLS trust, and the
  * two requests the source needs: "what is this object" (HEAD, or a one-byte ranged GET)
  * and "these bytes of it" (a conditional ranged GET read into the caller's buffer).

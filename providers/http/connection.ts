@@ -58,7 +58,7 @@ export class ProtocolError extends Error {
   readonly code = 'EPROTO';
 }
 
-/** Status line and headers larger than this are refused (undici and Node allow 16 KiB). */
+/** Status line and headers larger than this are refused (Node's own HTTP client allows 16 KiB). */
 export const HEAD_LIMIT = 64 * 1024;
 /** Error bodies longer than this are not read: the connection is closed instead. */
 const DROP_LIMIT = 64 * 1024;
