@@ -72,6 +72,9 @@ function reusableInflater(): typeof inflater {
  * there is no reusable stream (the caller falls back); throws DecompressError for data
  * that does not decode to exactly `out.length` bytes.
  */
+/** Where inflateInto asks for one byte past a full cluster. */
+const probe = new Uint8Array(1);
+
 function inflateInto(input: Uint8Array, out: Uint8Array): boolean {
   const engine = reusableInflater();
   if (!engine) return false;
@@ -84,7 +87,6 @@ function inflateInto(input: Uint8Array, out: Uint8Array): boolean {
   const [outLeft, inLeft] = state;
   if (inflateError === undefined && outLeft === 0) {
     // The cluster is full: one more byte out of the stream means it holds more than a cluster.
-    const probe = new Uint8Array(1);
     handle.writeSync(zlib.constants.Z_SYNC_FLUSH, input, input.length - inLeft, inLeft, probe, 0, 1);
     if (inflateError === undefined && state[0] === 0) throw new DecompressError(`deflate data decodes to more than one cluster (${out.length} bytes)`);
   }
