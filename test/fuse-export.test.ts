@@ -121,6 +121,20 @@ test.serial('fio --verify=crc32c: mixed random I/O on the loop device reads back
   gone(t, served);
 });
 
+test.serial('a small UV_THREADPOOL_SIZE inherited from the caller (an xl hotplug script) is raised: the loop device over a raw file serves reads', async (t) => {
+  const dir = tempDir(t, 'fuse-pool-');
+  const image = path.join(dir, 'disk.raw');
+  const content = randomBytes(8 << 20);
+  fs.writeFileSync(image, content);
+  // With 4 threads every one would wait on /dev/fuse and the raw file's reads (on the
+  // same pool) would never run: the mount must raise the pool, not hang or refuse.
+  const served = await serve(t, `raw:${image}`, ['--loop'], dir, { UV_THREADPOOL_SIZE: '4' });
+  t.is(await sha256Of(t, served.device!, true), sha256(content), 'the loop device reads the file through the FUSE export');
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  gone(t, served);
+});
+
 test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and tapkit unmount recovers', async (t) => {
   const dir = tempDir(t, 'fuse-kill-');
   const served = await serve(t, 'memory:256M', ['--loop'], dir);

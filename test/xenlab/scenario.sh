@@ -19,6 +19,32 @@ export UV_THREADPOOL_SIZE=8
 say() { echo "XENLAB-SCENARIO [$(cut -d' ' -f1 /proc/uptime)] $*"; }
 status=0
 n=0
+guest_timeout=${XENLAB_GUEST_TIMEOUT:-600}
+
+# diagnose NAME: what dom0 looks like while a guest is stuck (kernel stacks of the
+# tasks in D state, FUSE connections waiting, loop devices, the tapkit mounts' logs).
+diagnose() {
+  local out=/lab/diag-$1.txt p
+  {
+    echo "== uptime $(cat /proc/uptime)"
+    echo "== losetup"; losetup -l 2>&1
+    for p in /sys/block/loop*/loop; do [ -d "$p" ] && echo "$p dio=$(cat $p/dio 2>/dev/null)"; done
+    echo "== fuse connections (waiting, max_background, congestion_threshold)"
+    for p in /sys/fs/fuse/connections/*; do [ -d "$p" ] && echo "$p $(cat $p/waiting) $(cat $p/max_background) $(cat $p/congestion_threshold)"; done
+    echo "== tasks (state, wchan, kernel stack)"
+    for p in /proc/[0-9]*; do
+      local st; st=$(awk '/^State:/{print $2}' $p/status 2>/dev/null)
+      case "$(cat $p/comm 2>/dev/null)" in node|loop*|blkback*|xl|kworker*) ;; *) [ "$st" = D ] || continue ;; esac
+      echo "-- ${p#/proc/} $(cat $p/comm 2>/dev/null) $st $(cat $p/wchan 2>/dev/null)"
+      for t in $p/task/*; do echo "   task ${t##*/} $(awk '/^State:/{print $2}' $t/status 2>/dev/null) $(cat $t/wchan 2>/dev/null)"; cat $t/stack 2>/dev/null | sed 's/^/      /'; done
+    done
+    echo "== tapkit mount logs"
+    for p in /run/tapkit/xen/*; do [ -d "$p" ] && { echo "-- $p"; cat $p/out $p/err 2>/dev/null; }; done
+    echo w > /proc/sysrq-trigger 2>/dev/null
+    echo "== dmesg (with sysrq-w: blocked tasks)"; dmesg | tail -n 300
+  } > "$out" 2>&1
+  say "diagnostics in $out"
+}
 
 # run_domu PATH IMAGE DISK-LINE: one guest over one image; sets status on failure.
 run_domu() {
@@ -47,7 +73,7 @@ CFG
   say "$path $image: $name created in $(( $(date +%s) - start )) s"
   i=0
   while xl list $name >/dev/null 2>&1; do
-    [ $i -ge 1200 ] && { say "$path $image: $name still running after 600 s"; xl destroy $name; status=17; break; }
+    [ $i -ge $((guest_timeout * 2)) ] && { say "$path $image: $name still running after $guest_timeout s"; diagnose "$name"; xl destroy $name; status=17; break; }
     sleep 0.5; i=$((i+1))
   done
   say "$path $image: $name gone after $(( $(date +%s) - start )) s"
