@@ -9,7 +9,10 @@
  */
 import * as fs from 'node:fs';
 import * as tls from 'node:tls';
-import { Pool, type Dispatcher } from 'undici';
+// undici is loaded on the first request, not with the provider registry: it is the
+// largest part of the CLI's start-up (its fetch API), which matters where Node starts
+// slowly (an xl hotplug script running `tapkit mount` in an emulated dom0).
+import type { Pool, Dispatcher } from 'undici';
 import type { IncomingHttpHeaders } from 'undici/types/header';
 import { BlockError } from '../../core/errors';
 import { SourceChangedError } from '../../core/changed';
@@ -471,7 +474,8 @@ export class HttpClient {
   private pool(url: URL): Pool {
     let pool = this.pools.get(url.origin);
     if (!pool) {
-      pool = new Pool(url.origin, {
+      const { Pool: UndiciPool } = require('undici') as typeof import('undici');
+      pool = new UndiciPool(url.origin, {
         connections: this.options.connections,
         pipelining: 1,
         keepAliveTimeout: 30_000,

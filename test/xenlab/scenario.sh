@@ -98,6 +98,33 @@ if [ "${XENLAB_DIAG:-0}" = 1 ]; then
   say "platform diagnostic exit status $?"
 fi
 
+# ---- how long Node and tapkit take to start in dom0 (XENLAB_PROBE=1) -------------------
+if [ "${XENLAB_PROBE:-0}" = 1 ]; then
+  probe() {
+    local t0 t1
+    t0=$(cut -d' ' -f1 /proc/uptime); "$@" >/dev/null 2>&1; t1=$(cut -d' ' -f1 /proc/uptime)
+    say "probe $(awk "BEGIN{print $t1 - $t0}") s: $*"
+  }
+  for flags in "" "--jitless" "--max-lazy" "--no-opt --no-sparkplug"; do
+    probe /opt/node $flags -e 0
+    probe /opt/node $flags /opt/tapkit/dist/core/cli/main.js --version
+    probe /opt/node $flags -e 'require("/opt/tapkit/node_modules/undici")'
+  done
+  mkdir -p /tmp/probe-mnt
+  for flags in "" "--jitless"; do
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    /opt/node $flags /opt/tapkit/dist/core/cli/main.js mount --loop memory:16M /tmp/probe-mnt > /tmp/probe.out 2>&1 &
+    i=0; until grep -q '^/dev/loop' /tmp/probe.out || [ $i -ge 3000 ]; do sleep 0.1; i=$((i+1)); done
+    say "probe $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $t0}") s: tapkit mount --loop $flags"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    dd if=$(grep '^/dev/loop' /tmp/probe.out) of=/dev/null bs=1M iflag=direct 2>/dev/null
+    say "probe $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $t0}") s: dd 16M from the loop device $flags"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    /opt/node $flags /opt/tapkit/dist/core/cli/main.js unmount /tmp/probe-mnt; wait
+    say "probe $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $t0}") s: tapkit unmount $flags"
+  done
+fi
+
 # ---- the direct ring ---------------------------------------------------------------
 if [ -n "${XENLAB_DIRECT:-}" ]; then
   lsmod | grep -q xen_blkback && { say "xen-blkback is loaded: it would take backend/vbd"; exit 11; }
