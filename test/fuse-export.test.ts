@@ -260,6 +260,22 @@ test.serial('SIGTERM unmounts cleanly: the server detaches its loop device, flus
   t.deepEqual(fs.readFileSync(image).subarray(0, data.length), data);
 });
 
+test.serial('SIGTERM while the loop device is still open (xen-blkback closing it a moment later): the server waits for the last close, then unmounts cleanly', async (t) => {
+  const dir = tempDir(t, 'fuse-term-held-');
+  const image = path.join(dir, 'disk.raw');
+  fs.writeFileSync(image, Buffer.alloc(8 * 2 ** 20));
+  const served = await serve(t, `raw:${image}`, ['--loop'], dir);
+  // A user of the block device that lets go 3 s after the stop begins.
+  const holder = run('bash', ['-c', 'exec 3<"$1"; echo open; sleep 3', 'hold', served.device!], 60_000);
+  await new Promise((r) => setTimeout(r, 1000));
+  served.proc.kill('SIGTERM');
+  const exit = await served.exit;
+  t.is((await holder).code, 0);
+  t.is(exit.code, 0, served.stderr());
+  t.notRegex(served.stderr(), /aborting/);
+  gone(t, served);
+});
+
 test.serial('a stopped (hung) server does not hang tapkit unmount: it aborts the connection and cleans up', async (t) => {
   const served = await serve(t, 'memory:64M', ['--loop']);
   t.teardown(() => {

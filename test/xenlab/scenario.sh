@@ -39,7 +39,7 @@ diagnose() {
       for t in $p/task/*; do echo "   task ${t##*/} $(awk '/^State:/{print $2}' $t/status 2>/dev/null) $(cat $t/wchan 2>/dev/null)"; cat $t/stack 2>/dev/null | sed 's/^/      /'; done
     done
     echo "== tapkit mount logs"
-    for p in /run/tapkit/xen/*; do [ -d "$p" ] && { echo "-- $p"; cat $p/out $p/err 2>/dev/null; }; done
+    for p in /run/tapkit/xen/*/out /var/log/xen/tapkit-mount-*.log; do [ -f "$p" ] && { echo "-- $p"; cat "$p"; }; done
     echo w > /proc/sysrq-trigger 2>/dev/null
     echo "== dmesg (with sysrq-w: blocked tasks)"; dmesg | tail -n 300
   } > "$out" 2>&1
@@ -168,6 +168,7 @@ if [ -n "${XENLAB_KERNEL:-}" ]; then
     # The hotplug script's remove ran `tapkit unmount`: no FUSE mount may be left.
     i=0; while grep -q ' fuse' /proc/mounts && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
     grep ' fuse' /proc/mounts && { say "a FUSE mount is left"; status=20; }
+    cat /var/log/xen/tapkit-mount-*.log >> /lab/tapkit-mount.log 2>/dev/null; rm -f /var/log/xen/tapkit-mount-*.log
     cp "/tmp/$image" "/lab/out-kernel-$image" || status=15
     rm -f "/tmp/$image"
   done
