@@ -123,6 +123,20 @@ test.serial('fio --verify=crc32c: mixed random I/O on the loop device reads back
   gone(t, served);
 });
 
+test.serial('a small UV_THREADPOOL_SIZE inherited from the caller (an xl hotplug script) is raised: the loop device over a raw file serves reads', async (t) => {
+  const dir = tempDir(t, 'fuse-pool-');
+  const image = path.join(dir, 'disk.raw');
+  const content = randomBytes(8 << 20);
+  fs.writeFileSync(image, content);
+  // With 4 threads every one would wait on /dev/fuse and the raw file's reads (on the
+  // same pool) would never run: the mount must raise the pool, not hang or refuse.
+  const served = await serve(t, `raw:${image}`, ['--loop'], dir, { UV_THREADPOOL_SIZE: '4' });
+  t.is(await sha256Of(t, served.device!, true), sha256(content), 'the loop device reads the file through the FUSE export');
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  gone(t, served);
+});
+
 test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and tapkit unmount recovers', async (t) => {
   const dir = tempDir(t, 'tapkit-fuse-kill-');
   const served = await serve(t, 'memory:256M', ['--loop'], dir);
@@ -246,6 +260,22 @@ test.serial('SIGTERM unmounts cleanly: the server detaches its loop device, flus
   t.is(exit.code, 0, served.stderr());
   gone(t, served);
   t.deepEqual(fs.readFileSync(image).subarray(0, data.length), data);
+});
+
+test.serial('SIGTERM while the loop device is still open (xen-blkback closing it a moment later): the server waits for the last close, then unmounts cleanly', async (t) => {
+  const dir = tempDir(t, 'fuse-term-held-');
+  const image = path.join(dir, 'disk.raw');
+  fs.writeFileSync(image, Buffer.alloc(8 * 2 ** 20));
+  const served = await serve(t, `raw:${image}`, ['--loop'], dir);
+  // A user of the block device that lets go 3 s after the stop begins.
+  const holder = run('bash', ['-c', 'exec 3<"$1"; echo open; sleep 3', 'hold', served.device!], 60_000);
+  await new Promise((r) => setTimeout(r, 1000));
+  served.proc.kill('SIGTERM');
+  const exit = await served.exit;
+  t.is((await holder).code, 0);
+  t.is(exit.code, 0, served.stderr());
+  t.notRegex(served.stderr(), /aborting/);
+  gone(t, served);
 });
 
 test.serial('a stopped (hung) server does not hang tapkit unmount: it aborts the connection and cleans up', async (t) => {

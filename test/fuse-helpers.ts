@@ -27,10 +27,10 @@ export interface Served {
  * the loop device with --loop). Registers a teardown that unmounts and detaches
  * everything, even when the test failed or killed the server.
  */
-export async function serve(t: ExecutionContext, spec: string, args: string[] = [], dir = tempDir(t, 'tapkit-fuse-')): Promise<Served> {
+export async function serve(t: ExecutionContext, spec: string, args: string[] = [], dir = tempDir(t, 'tapkit-fuse-'), env: Record<string, string> = {}): Promise<Served> {
   const mountpoint = path.join(dir, 'mnt');
   fs.mkdirSync(mountpoint, { recursive: true });
-  const proc = spawn(process.execPath, [CLI, 'mount', spec, mountpoint, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [CLI, 'mount', spec, mountpoint, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   let stdout = '';
   let stderr = '';
   proc.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
