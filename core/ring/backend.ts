@@ -19,6 +19,8 @@ export interface BackendOptions {
   /** Serve only this guest's devices (a device model serves one domain). */
   domid?: number;
   limits?: DeviceLimits;
+  /** How long a device waits for its frontend to close after `online=0` (DeviceOptions). */
+  unplugTimeoutMs?: number;
   log?(message: string): void;
 }
 
@@ -77,6 +79,7 @@ export class BlkifBackend {
       devid: Number(devid),
       openVbd: (params, readOnly) => this.options.openVbd(specFromParams(this.options.type ?? 'vbd', params), readOnly),
       limits: this.options.limits,
+      unplugTimeoutMs: this.options.unplugTimeoutMs,
       log: this.options.log,
       onEnd: () => this.devices.set(key, 'ended'),
     });

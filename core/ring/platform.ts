@@ -51,6 +51,12 @@ export interface GrantMapper {
 
 export interface RingMapping {
   readonly bytes: Uint8Array;
+  /**
+   * Optional: throws GrantError when `bytes` can no longer be touched safely (on `sim`,
+   * a guest that shrank its memory file under the mapping). The engine calls it before
+   * each stretch of work on the ring; a platform whose mappings cannot vanish leaves it out.
+   */
+  check?(): void;
   unmap(): void;
 }
 
