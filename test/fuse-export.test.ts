@@ -131,7 +131,7 @@ test.serial('a small UV_THREADPOOL_SIZE inherited from the caller (an xl hotplug
   // With 4 threads every one would wait on /dev/fuse and the raw file's reads (on the
   // same pool) would never run: the mount must raise the pool, not hang or refuse.
   const served = await serve(t, `raw:${image}`, ['--loop'], dir, { UV_THREADPOOL_SIZE: '4' });
-  t.is(await sha256Of(t, served.device!, true), sha256(content), 'the loop device reads the file through the FUSE export');
+  t.is(await sha256Of(served.device!, true), sha256(content), 'the loop device reads the file through the FUSE export');
   const unmounted = await tapkit(['unmount', served.mountpoint]);
   t.is(unmounted.code, 0, unmounted.stderr);
   gone(t, served);
@@ -268,7 +268,7 @@ test.serial('SIGTERM while the loop device is still open (xen-blkback closing it
   fs.writeFileSync(image, Buffer.alloc(8 * 2 ** 20));
   const served = await serve(t, `raw:${image}`, ['--loop'], dir);
   // A user of the block device that lets go 3 s after the stop begins.
-  const holder = run('bash', ['-c', 'exec 3<"$1"; echo open; sleep 3', 'hold', served.device!], 60_000);
+  const holder = run('bash', ['-c', 'exec 3<"$1"; echo open; sleep 3', 'hold', served.device!], { timeoutMs: 60_000 });
   await new Promise((r) => setTimeout(r, 1000));
   served.proc.kill('SIGTERM');
   const exit = await served.exit;

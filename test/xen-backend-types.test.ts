@@ -16,7 +16,8 @@ import { specFromParams } from '../core/ring/backend-types';
 import { parseQemuArguments, JsonObjectSplitter } from '../core/ring/qemu-stub';
 import type { DeviceSummary } from '../core/daemon/devices';
 import { CLI, startDaemon } from './helpers/daemon';
-import { firstMismatch, runFrontend, tempDir } from './xen/harness';
+import { firstMismatch, runFrontend } from './xen/harness';
+import { fileTempDir } from './helpers/temp';
 
 const run = promisify(execFile);
 const DEVID = 51712;
@@ -98,7 +99,7 @@ test('QMP messages split on object boundaries, whatever the chunking', (t) => {
 
 for (const type of ['vbd', 'qdisk', 'vbd3'] as const) {
   test.serial(`xen serve --backend-type ${type} serves the C frontend on backend/${type}`, async (t) => {
-    const dir = tempDir(`xen-${type}-`);
+    const dir = fileTempDir(`tapkit-xen-${type}-`);
     t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
     const file = image(dir, 'disk.img', 64 << 20);
     const serve = startTapkit(t, ['xen', 'serve', '--platform', `sim:${dir}`, '--backend-type', type]);
@@ -156,7 +157,7 @@ async function qmpSession(socketPath: string, commands: string[]): Promise<unkno
 }
 
 test.serial('qemu-stub: started with libxl\'s arguments, it reports running, answers QMP, serves only its domain\'s qdisks, and stops on SIGHUP', async (t) => {
-  const dir = tempDir('xen-qemu-stub-');
+  const dir = fileTempDir('tapkit-xen-qemu-stub-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const file = image(dir, 'disk.img', 32 << 20);
   const qmp = path.join(dir, 'qmp-libxl-5');
@@ -195,7 +196,7 @@ test.serial('qemu-stub: started with libxl\'s arguments, it reports running, ans
 });
 
 test.serial('qemu-stub with -S (libxl pre-opened QMP): prelaunch until cont, then running', async (t) => {
-  const dir = tempDir('xen-qemu-stub-s-');
+  const dir = fileTempDir('tapkit-xen-qemu-stub-s-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const qmp = path.join(dir, 'qmp');
   const stub = startTapkit(t, ['xen', 'qemu-stub', '--platform', `sim:${dir}`, '--', '-xen-domid', '9', '-chardev', `socket,id=libxl-cmd,path=${qmp},server=on,wait=off`, '-S', '-mon', 'chardev=libxl-cmd,mode=control']);
@@ -212,7 +213,7 @@ test.serial('qemu-stub with -S (libxl pre-opened QMP): prelaunch until cont, the
 });
 
 test.serial("xen attach --platform xen (libxenstore, as on a dom0) writes a vbd3 with libxl's permissions; the backend serves it; detach removes it", async (t) => {
-  const dir = tempDir('xen-vbd3-xs-');
+  const dir = fileTempDir('tapkit-xen-vbd3-xs-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const serve = startTapkit(t, ['xen', 'serve', '--platform', `sim:${dir}`, '--backend-type', 'vbd3']);
   await until('serving', () => serve.output().includes('serving'), serve.output);
@@ -237,7 +238,7 @@ test.serial("xen attach --platform xen (libxenstore, as on a dom0) writes a vbd3
 test.serial('the daemon\'s xen export with type=vbd3,grants=copy,attach serves the C frontend; a bad type or grants is refused', async (t) => {
   const daemon = await startDaemon();
   t.teardown(() => daemon.stop());
-  const dir = tempDir('xen-daemon-types-');
+  const dir = fileTempDir('tapkit-xen-daemon-types-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const a = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:64M', name: 'a', exports: [`xen:5/${DEVID},platform=sim:${dir},type=vbd3,grants=copy,attach`] });
   t.deepEqual(a.exports, [{ kind: 'xen', target: `sim:${dir} /local/domain/0/backend/vbd3/5/${DEVID}` }]);
@@ -258,7 +259,7 @@ test.serial('the daemon\'s xen export with type=vbd3,grants=copy,attach serves t
 });
 
 test.serial('examples/xen/vbd3-attach (xenstore-write, xenstore-chmod) gives the frontend a vbd3 the backend serves', async (t) => {
-  const dir = tempDir('xen-vbd3-script-');
+  const dir = fileTempDir('tapkit-xen-vbd3-script-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const serve = startTapkit(t, ['xen', 'serve', '--platform', `sim:${dir}`, '--backend-type', 'vbd3']);
   await until('serving', () => serve.output().includes('serving'), serve.output);

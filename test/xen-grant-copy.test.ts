@@ -18,7 +18,8 @@ import type { GrantMapper, PageMapping } from '../core/ring/platform';
 import { GrantError } from '../core/ring/platform';
 import { COPY_LAYOUT, encodeCopySegments, GNTCOPY_dest_gref, GNTCOPY_source_gref, GRANT_COPY_SEGMENT_SIZE } from '../native/xengnttab';
 import { CLI } from './helpers/daemon';
-import { runFrontend, tempDir } from './xen/harness';
+import { runFrontend } from './xen/harness';
+import { fileTempDir } from './helpers/temp';
 
 const run = promisify(execFile);
 
@@ -54,7 +55,7 @@ int main(void) {
 `;
 
 test('the grant copy segment table matches xengnttab.h (layout and encoded bytes)', async (t) => {
-  const dir = tempDir('gntcopy-');
+  const dir = fileTempDir('tapkit-gntcopy-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   fs.writeFileSync(path.join(dir, 'layout.c'), LAYOUT_PROGRAM);
   await run('gcc', ['-Wall', '-Werror', '-o', path.join(dir, 'layout'), path.join(dir, 'layout.c')], { timeout: 60_000 });
@@ -158,7 +159,7 @@ test('the copying mapper moves only the segments\' sectors, skips failed READs, 
 });
 
 test.serial('xen serve --grant-access copy on the sim: the C frontend reads and writes, indirect and refused grants', async (t) => {
-  const dir = tempDir('xen-copy-');
+  const dir = fileTempDir('tapkit-xen-copy-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const child = spawn(process.execPath, [CLI, 'xen', 'serve', '--platform', `sim:${dir}`, '--grant-access', 'copy'], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => child.kill('SIGKILL'));
