@@ -37,9 +37,24 @@ export class BlkifBackend {
 
   async start(): Promise<void> {
     const { store } = this.options.platform;
+    let firstScan: (scan: Promise<void>) => void = () => undefined;
+    const first = new Promise<Promise<void>>((resolve) => (firstScan = resolve));
     this.watch = await store.watch(this.root, (path) => {
       this.scanning = this.scanning.then(() => this.scan(path)).catch((e) => this.options.log?.(`backend: ${(e as Error).message}`));
+      firstScan(this.scanning);
     });
+    this.firstScan = first.then((scan) => scan);
+  }
+
+  private firstScan: Promise<void> = Promise.resolve();
+
+  /**
+   * Resolves once the devices present when the backend started have been looked at (each
+   * started, at InitWait, or failed): a device model reports "running" only then, so it
+   * is idle when libxl's QMP questions come (libxl gives them 10 s).
+   */
+  settled(): Promise<void> {
+    return this.firstScan;
   }
 
   /** Looks at the device a change concerns (or at all of them). */

@@ -155,6 +155,9 @@ export class QemuStub {
   async start(): Promise<void> {
     this.backend = new BlkifBackend({ ...this.backendOptions, platform: this.platform, type: 'qdisk', domid: this.args.domid });
     await this.backend.start();
+    // The domain's disks (libxl wrote them before spawning us) are opened and at InitWait
+    // before libxl hears "running" and starts its QMP questions (10 s for those).
+    await this.backend.settled();
     for (const q of this.args.qmp) this.servers.push(await this.listen(q));
     if (this.status === 'running') await this.platform.store.write(this.statePath, 'running');
     this.log(`serving backend/qdisk/${this.args.domid}, ${this.args.qmp.length} QMP socket(s)${this.args.paused ? ', paused until cont' : ''}`);
