@@ -9,6 +9,10 @@
  * this turn. `take` then returns a copy (the caller may keep it), and `settle` copies
  * whatever borrowed bytes are still unparsed before the buffer is reused.
  */
+/** Copies up to this size share slabs of SLAB_SIZE bytes. */
+const SLAB_PIECE_MAX = 16 * 1024;
+const SLAB_SIZE = 256 * 1024;
+
 export class ByteQueue {
   private chunks: Buffer[] = [];
   /** Bytes of chunks[0] already consumed. */
@@ -16,6 +20,9 @@ export class ByteQueue {
   private total = 0;
   /** The chunk in the queue that is borrowed (only ever the last one pushed), if any. */
   private borrowed: Buffer | undefined;
+  /** Where small copies are carved from, and how much of it is used. */
+  private slab: Buffer | undefined;
+  private slabUsed = 0;
 
   get length(): number {
     return this.total;
@@ -68,8 +75,25 @@ export class ByteQueue {
       this.consume(n);
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = this.allocate(n);
     this.copyInto(out, 0, n);
+    return out;
+  }
+
+  /**
+   * Memory for a copy handed out by `take`. Small ones are carved from a shared slab: a
+   * separate allocation per 4 KiB write payload is external memory V8 must collect (the
+   * slab is freed once no copy from it is alive).
+   */
+  private allocate(n: number): Buffer {
+    if (n > SLAB_PIECE_MAX) return Buffer.allocUnsafe(n);
+    if (!this.slab || this.slabUsed + n > this.slab.length) {
+      this.slab = Buffer.allocUnsafeSlow(SLAB_SIZE);
+      this.slabUsed = 0;
+    }
+    const out = this.slab.subarray(this.slabUsed, this.slabUsed + n);
+    // Keep pieces 8-byte aligned, as Node's own pool does.
+    this.slabUsed += (n + 7) & ~7;
     return out;
   }
 
