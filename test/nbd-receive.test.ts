@@ -47,6 +47,8 @@ test('readDirectly: this Node reads an accepted socket into the buffers we pick'
   const landedIn: string[] = [];
   // The read after the first one goes to `target` (exactly its size), the rest to `general`.
   let reads = 0;
+  let firstRead!: () => void;
+  const first = new Promise<void>((resolve) => (firstRead = resolve));
   const done = new Promise<void>((resolve) => {
     t.true(
       readDirectly(accepted, {
@@ -55,6 +57,7 @@ test('readDirectly: this Node reads an accepted socket into the buffers we pick'
           reads++;
           got.push(Buffer.from(buf.subarray(0, n)));
           landedIn.push(buf === target ? 'target' : buf === general ? 'general' : 'elsewhere');
+          if (reads === 1) firstRead();
           if (Buffer.concat(got).length === 3 + 10 + 5) resolve();
         },
       }),
@@ -63,12 +66,11 @@ test('readDirectly: this Node reads an accepted socket into the buffers we pick'
   });
   let dataEvents = 0;
   accepted.on('data', () => dataEvents++);
-  // Three bytes land in the general buffer; then the next read may fill exactly `target`.
+  // Three bytes land in the general buffer; then 15 bytes at once: the read into `target`
+  // takes exactly its 10, the next read the other 5.
   client.write(Buffer.from('xyz'));
-  await new Promise((r) => setTimeout(r, 50));
-  client.write(Buffer.from('AAAAAAAAAA'));
-  await new Promise((r) => setTimeout(r, 50));
-  client.write(Buffer.from('tail!'));
+  await first;
+  client.write(Buffer.from('AAAAAAAAAAtail!'));
   await done;
   t.is(Buffer.concat(got).toString(), 'xyzAAAAAAAAAAtail!');
   t.is(target.toString(), 'AAAAAAAAAA');
