@@ -64,6 +64,11 @@ export class ClusterMap {
     this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   }
 
+  /** L2 tables held in the cache now, and how many it may hold. */
+  l2CacheUse(): { tables: number; capacity: number } {
+    return { tables: this.l2Cache.size, capacity: this.l2Cache.capacity };
+  }
+
   clearCaches(): void {
     this.l2Cache.clear();
   }
