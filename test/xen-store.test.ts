@@ -6,30 +6,29 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import * as fc from 'fast-check';
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import { SimPlatform } from '../core/ring/sim/platform';
+import { DEFAULT_NODES_PER_DOMAIN } from '../core/ring/sim/store';
 import { MAX_BACKLOG, MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
 import { encodeMessage, MessageReader, nulTerminated, splitArgs, XS, type XsMessage } from '../core/ring/sim/xs-wire';
-import { tempDir } from './xen/harness';
+import { mustRun } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
-const run = promisify(execFile);
 
 async function platform(t: ExecutionContext): Promise<{ dir: string; sim: SimPlatform; env: NodeJS.ProcessEnv }> {
-  const dir = tempDir('xs-');
+  const dir = tempDir(t, 'tapkit-xs-');
   const sim = await SimPlatform.start(dir);
   t.teardown(async () => {
     await sim.close();
-    fs.rmSync(dir, { recursive: true, force: true });
   });
   return { dir, sim, env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') } };
 }
 
 function tool(env: NodeJS.ProcessEnv, name: string, ...args: string[]) {
-  return run(name, args, { env, timeout: 10_000 });
+  return mustRun(name, args, { env, timeoutMs: 10_000 });
 }
 
 /** A raw wire connection: send messages, read what comes back. */
@@ -206,6 +205,51 @@ test('wire: open transactions and watches are limited per connection (EQUOTA); e
   t.is(answered.slice(before).filter((m) => m.type === XS.WATCH).length, MAX_WATCHES);
   const r = await w.call(XS.WATCH, nulTerminated('/one-more', 'tok'));
   t.deepEqual(r.args, ['EQUOTA']);
+});
+
+test('wire: a guest domain\'s nodes are limited (EQUOTA, nothing created); other domains, dom0 and the connection go on; removing makes room', async (t) => {
+  const { dir, sim } = await platform(t);
+  const hostile = await Wire.connect(dir);
+  t.teardown(() => hostile.close());
+  const write = (w: Wire, p: string, v: string, tx = 0) => w.call(XS.WRITE, Buffer.concat([nulTerminated(p), Buffer.from(v)]), tx).then((r) => r.args[0]);
+  // /local/domain/7 and /local/domain/7/junk count too.
+  let written = 0;
+  let answer = '';
+  for (; written < 2 * DEFAULT_NODES_PER_DOMAIN; written++) {
+    answer = await write(hostile, `/local/domain/7/junk/n${written}`, 'x');
+    if (answer !== 'OK') break;
+  }
+  t.is(answer, 'EQUOTA');
+  t.is(written, DEFAULT_NODES_PER_DOMAIN - 2);
+  t.is(await sim.store.read(`/local/domain/7/junk/n${written}`), undefined, 'the refused node was not created');
+  t.is(await write(hostile, '/local/domain/7/deeper/a/b', 'x'), 'EQUOTA', 'no missing parent is created either');
+  t.deepEqual(await sim.store.directory('/local/domain/7'), ['junk']);
+  t.is(await write(hostile, '/local/domain/7/junk/n0', 'rewritten'), 'OK', 'rewriting a node it holds still works');
+  // Nothing else is charged: another guest, dom0's backend area, the same connection.
+  t.is(await write(hostile, '/local/domain/8/device/vbd/51712/state', '1'), 'OK');
+  t.is(await write(hostile, '/local/domain/0/backend/vbd/7/51712/state', '1'), 'OK');
+  const other = await Wire.connect(dir);
+  t.teardown(() => other.close());
+  t.is(await write(other, '/local/domain/9/x', 'y'), 'OK');
+  // Inside a transaction the write is refused at once; the commit applies what was allowed.
+  const tx = Number((await hostile.call(XS.TRANSACTION_START, nulTerminated(''))).args[0]);
+  t.is(await write(hostile, '/local/domain/7/in-tx', 'x', tx), 'EQUOTA');
+  t.is(await write(hostile, '/local/domain/8/in-tx', 'x', tx), 'OK');
+  t.deepEqual((await hostile.call(XS.TRANSACTION_END, nulTerminated('T'), tx)).args, ['OK']);
+  t.is(await sim.store.read('/local/domain/8/in-tx'), 'x');
+  // Removing nodes makes room again.
+  t.deepEqual((await hostile.call(XS.RM, nulTerminated('/local/domain/7/junk/n1'))).args, ['OK']);
+  t.is(await write(hostile, '/local/domain/7/junk/again', 'x'), 'OK');
+  // A transaction whose new node was allowed when written, but not any more at its
+  // commit (another write took the last place meanwhile), commits nothing.
+  t.deepEqual((await hostile.call(XS.RM, nulTerminated('/local/domain/7/junk/n2'))).args, ['OK']);
+  const late = Number((await hostile.call(XS.TRANSACTION_START, nulTerminated(''))).args[0]);
+  t.is(await write(hostile, '/local/domain/7/late', 'x', late), 'OK');
+  t.is(await write(hostile, '/local/domain/8/late', 'x', late), 'OK');
+  t.is(await write(other, '/local/domain/7/junk/first', 'x'), 'OK');
+  t.deepEqual((await hostile.call(XS.TRANSACTION_END, nulTerminated('T'), late)).args, ['EQUOTA']);
+  t.is(await sim.store.read('/local/domain/7/late'), undefined);
+  t.is(await sim.store.read('/local/domain/8/late'), undefined, 'all or nothing');
 });
 
 test('wire: a client that watches and never reads is cut off past its backlog; the daemon and other clients go on', async (t) => {

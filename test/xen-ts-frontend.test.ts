@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LAYOUTS, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER, PAGE, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY } from '../core/ring/abi';
 import { XenbusState } from '../core/ring/device';
+import type { TxId, XenStore } from '../core/ring/platform';
 import { XsClient } from '../core/ring/sim/xs-client';
 import { detach } from '../core/ring/toolstack';
 import { firstMismatch, readProvider, SimBackend } from './xen/harness';
@@ -351,6 +352,28 @@ test.serial('ts hostile files: memory shrunk while connected gets refused reques
   await fe.disconnect();
 });
 
+test.serial('ts hostile files: memory cut below the ring page while connected fails that connection (error, Closing), not the process; a reconnect serves', async (t) => {
+  const { sim, fe } = await setup(t, { memPages: 64 });
+  await fe.connect();
+  await fe.writeAndRead(0, 2, 3);
+  const memoryFile = path.join(sim.dir, `dom${DOMID}`, 'memory');
+  const Q = fe.queues[0];
+  t.true(Q.ringPage > 0, 'the ring is not on the first page');
+  // The ring's page (and every data page) is gone; only the kick is sent (the frontend
+  // must not touch its own ring either).
+  fs.truncateSync(memoryFile, Q.ringPage * PAGE);
+  fe.events.notify(Q.port);
+  await fe.waitBackend(XenbusState.Closing);
+  t.regex((await fe.xs.read(`${fe.be}/error`)) ?? '', /ring unreachable: .*shrank/);
+  fs.truncateSync(memoryFile, 64 * PAGE);
+  await fe.setState(XenbusState.Closed);
+  await fe.waitBackend(XenbusState.Closed);
+  await fe.connect();
+  await fe.writeAndRead(0, 4, 5);
+  await holdsPattern(t, sim, 0, 4, 5);
+  await fe.disconnect();
+});
+
 // ---- random request slots on a live ring -------------------------------------------
 
 test.serial('ts fuzz: random request slots on a live ring each get exactly one response with their id and operation; the device serves on', async (t) => {
@@ -485,4 +508,126 @@ test.serial('ts: hot-unplug (online=0) asks a connected frontend to close; the d
   await fe.connect();
   await fe.writeAndRead(0, 2, 2);
   await fe.disconnect();
+});
+
+test.serial('ts: hot-unplug with a frontend that never closes: the backend gives up after its timeout, writes Closed and frees the device', async (t) => {
+  const sim = await SimBackend.start({ unplugTimeoutMs: 300 });
+  t.teardown(() => sim.close());
+  await sim.attach(DOMID, DEVID, SPEC);
+  await sim.waitForDevice(DOMID, DEVID);
+  const fe = await TsFrontend.open(sim.dir, DOMID, DEVID);
+  t.teardown(() => fe.close());
+  await fe.connect();
+  await fe.writeAndRead(0, 2, 1);
+  await fe.xs.write(`${fe.be}/online`, '0');
+  await fe.waitBackend(XenbusState.Closing);
+  // The frontend stays Connected and never answers.
+  await fe.waitBackend(XenbusState.Closed);
+  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+  t.is(sim.backend.active.size, 0, 'the device ended');
+  t.regex(sim.log.join('\n'), /did not close within 300 ms/);
+  t.regex(sim.log.join('\n'), /ended/);
+  // Its ring is no longer served: a request gets no answer.
+  const late = fe.send({ kind: 'rw', operation: OP_READ, handle: H, sector: 0n, segments: [fe.segment(fe.mem.allocPages(1), false)] });
+  late.catch(() => undefined);
+  t.is(await Promise.race([late.then(() => 'answered'), new Promise((r) => setTimeout(() => r('silent'), 500))]), 'silent');
+  // The toolstack's detach finds it Closed and removes the nodes.
+  const client = await XsClient.connect(path.join(sim.dir, 'xenstored.sock'));
+  t.teardown(() => client.close());
+  t.true(await detach(client, DOMID, DEVID, 10_000));
+  t.is(await client.read(`${fe.be}/state`), undefined);
+});
+
+test.serial('ts: detach with a frontend that never closes gives up after its own timeout, removes the nodes, and the device ends', async (t) => {
+  const { sim, fe } = await setup(t);
+  await fe.connect();
+  await fe.writeAndRead(0, 2, 1);
+  const client = await XsClient.connect(path.join(sim.dir, 'xenstored.sock'));
+  t.teardown(() => client.close());
+  t.false(await detach(client, DOMID, DEVID, 300), 'the backend could not reach Closed');
+  t.is(await client.read(`${fe.be}/state`), undefined);
+  t.is(await client.read(`${fe.fe}/state`), undefined);
+  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+  t.is(sim.backend.active.size, 0, 'the device ended with its nodes');
+  t.regex(sim.log.join('\n'), /ended/);
+});
+
+// ---- XenStore conflicts ---------------------------------------------------------------
+
+/**
+ * The platform's XenStore with a real conflict made before every other commit: a path
+ * the transaction touched is rewritten (same value) outside it, so the sim store answers
+ * EAGAIN and commits nothing.
+ */
+class ConflictingStore implements XenStore {
+  private readonly touched = new Map<TxId, Set<string>>();
+  private commits = 0;
+  conflictsMade = 0;
+  conflictsSeen = 0;
+
+  constructor(private readonly inner: XenStore) {}
+
+  private touch(path: string, tx?: TxId): void {
+    if (tx) this.touched.get(tx)?.add(path);
+  }
+  read(path: string, tx?: TxId) {
+    this.touch(path, tx);
+    return this.inner.read(path, tx);
+  }
+  write(path: string, value: string, tx?: TxId) {
+    this.touch(path, tx);
+    return this.inner.write(path, value, tx);
+  }
+  directory(path: string, tx?: TxId) {
+    this.touch(path, tx);
+    return this.inner.directory(path, tx);
+  }
+  rm(path: string, tx?: TxId) {
+    this.touch(path, tx);
+    return this.inner.rm(path, tx);
+  }
+  watch(path: string, onChange: (path: string) => void) {
+    return this.inner.watch(path, onChange);
+  }
+  async transactionStart() {
+    const tx = await this.inner.transactionStart();
+    this.touched.set(tx, new Set());
+    return tx;
+  }
+  async transactionEnd(tx: TxId, commit: boolean) {
+    const paths = this.touched.get(tx) ?? new Set<string>();
+    this.touched.delete(tx);
+    let made = false;
+    if (commit && this.commits++ % 2 === 0) {
+      for (const p of paths) {
+        const value = await this.inner.read(p);
+        if (value === undefined) continue;
+        await this.inner.write(p, value);
+        made = true;
+        this.conflictsMade++;
+        break;
+      }
+    }
+    const ok = await this.inner.transactionEnd(tx, commit);
+    if (made && !ok) this.conflictsSeen++;
+    return ok;
+  }
+}
+
+test.serial('ts: every other commit of the device meets a real conflict (EAGAIN); its transactions are retried and it serves', async (t) => {
+  let store: ConflictingStore | undefined;
+  const sim = await SimBackend.start({ store: (platform) => (store = new ConflictingStore(platform.store)) });
+  t.teardown(() => sim.close());
+  await sim.attach(DOMID, DEVID, SPEC);
+  await sim.waitForDevice(DOMID, DEVID);
+  const fe = await TsFrontend.open(sim.dir, DOMID, DEVID);
+  t.teardown(() => fe.close());
+  await fe.connect();
+  await fe.writeAndRead(0, 8, 6);
+  await holdsPattern(t, sim, 0, 8, 6);
+  await fe.disconnect();
+  t.true(store!.conflictsMade >= 3, `conflicts made: ${store!.conflictsMade}`);
+  t.is(store!.conflictsSeen, store!.conflictsMade, 'every conflict made was answered EAGAIN');
+  t.is(await fe.backendState(), XenbusState.Closed);
+  t.is(await fe.xs.read(`${fe.be}/sectors`), String(64 * 2048), 'the retried publication is complete');
 });

@@ -107,6 +107,13 @@ function malformed(operation: number, id: bigint, reason: string): Malformed {
   return { kind: 'malformed', operation, id, status: RSP_ERROR, reason };
 }
 
+let lastView: DataView | undefined;
+/** A DataView over `bytes`, kept while the same bytes come back (the ring's reused slot copy). */
+function viewOf(bytes: Uint8Array): DataView {
+  if (lastView?.buffer === bytes.buffer && lastView.byteOffset === bytes.byteOffset && lastView.byteLength === bytes.length) return lastView;
+  return (lastView = new DataView(bytes.buffer, bytes.byteOffset, bytes.length));
+}
+
 /** Reads one segment descriptor (same layout in both ABIs) and checks it. */
 export function parseSegment(bytes: Uint8Array, at: number): Segment | string {
   // Plain byte loads (a DataView per segment costs more than the segment's parse).
@@ -123,7 +130,7 @@ export function parseSegment(bytes: Uint8Array, at: number): Segment | string {
  */
 export function parseRequest(slot: Uint8Array, layout: Layout, maxIndirectSegments: number): BlkifRequest {
   if (slot.length < layout.slotSize) throw new RangeError(`a ${layout.protocol} slot is ${layout.slotSize} bytes, got ${slot.length}`);
-  const view = new DataView(slot.buffer, slot.byteOffset, layout.slotSize);
+  const view = viewOf(slot);
   const operation = view.getUint8(0);
   const id = view.getBigUint64(layout.id, true);
   const sector = view.getBigUint64(layout.sectorNumber, true);
@@ -178,13 +185,16 @@ export function responseOperation(request: BlkifRequest): number {
  * padding is zero, then copied; nothing past the response structure is written.
  */
 export function writeResponse(slot: Uint8Array, layout: Layout, id: bigint, operation: number, status: number): void {
-  const response = new Uint8Array(layout.responseSize);
-  const view = new DataView(response.buffer);
-  view.setBigUint64(0, id, true);
-  view.setUint8(8, operation);
-  view.setInt16(10, status, true);
-  slot.set(response);
+  responseScratch.fill(0);
+  responseView.setBigUint64(0, id, true);
+  responseView.setUint8(8, operation);
+  responseView.setInt16(10, status, true);
+  slot.set(layout.responseSize === 16 ? responseScratch : responseScratch12);
 }
+/** The zeroed buffer a response is built in (one for the process: responses are written one at a time). */
+const responseScratch = new Uint8Array(16);
+const responseScratch12 = responseScratch.subarray(0, 12);
+const responseView = new DataView(responseScratch.buffer);
 
 /** Encodes a request (the frontend side; used by tests and the TypeScript frontend). */
 export function encodeRequest(slot: Uint8Array, layout: Layout, request: Exclude<BlkifRequest, Malformed | { kind: 'unknown' }>): void {

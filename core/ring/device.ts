@@ -38,6 +38,8 @@ export interface DeviceLimits {
   maxIndirectSegments: number;
 }
 
+export const DEFAULT_UNPLUG_TIMEOUT_MS = 20_000;
+
 export const DEFAULT_LIMITS: DeviceLimits = { maxRingPageOrder: 4, maxQueues: 4, maxIndirectSegments: 256 };
 
 export interface DeviceOptions {
@@ -53,6 +55,12 @@ export interface DeviceOptions {
   openVbd?(spec: string, readOnly: boolean): Promise<Vbd>;
   vbd?: Vbd;
   limits?: DeviceLimits;
+  /**
+   * After `online=0`, how long the device waits for its frontend to reach Closed before
+   * it gives up: it drains, unmaps, unbinds, writes Closed and ends (default 20 s; the
+   * toolstack's detach waits 10 s, then removes the nodes, which ends the device too).
+   */
+  unplugTimeoutMs?: number;
   log?(message: string): void;
   /** Called once when the device has ended (online=0, or its directory was removed). */
   onEnd?(): void;
@@ -74,6 +82,7 @@ export class BlkifDevice {
   private grants?: GrantMapper;
   private ended = false;
   private readOnly = false;
+  private unplugTimer?: NodeJS.Timeout;
   /** Counters of the queues of earlier connections (the live ones are added on read). */
   private readonly pastStats = { connections: 0, requests: 0, kicksSent: 0, kicksReceived: 0, batches: 0 };
 
@@ -185,9 +194,10 @@ export class BlkifDevice {
       if (this.state !== S.Closed) await this.setState(S.Closed);
       return this.end();
     }
-    if (!online && this.state !== S.Closing && this.state !== S.Closed) {
-      // Hot-unplug: ask the frontend to let go.
-      await this.setState(S.Closing);
+    if (!online) {
+      // Hot-unplug: ask the frontend to let go, for a bounded time.
+      if (this.state !== S.Closing && this.state !== S.Closed) await this.setState(S.Closing);
+      this.armUnplugTimer();
       return;
     }
     if (!this.vbd) return; // could not open: stay in Closing with the error
@@ -217,6 +227,22 @@ export class BlkifDevice {
           await this.setState(S.Closed);
         }
     }
+  }
+
+  private armUnplugTimer(): void {
+    if (this.unplugTimer || this.ended) return;
+    const ms = this.options.unplugTimeoutMs ?? DEFAULT_UNPLUG_TIMEOUT_MS;
+    this.unplugTimer = setTimeout(() => void this.enqueue(() => this.giveUp(ms)), ms);
+    this.unplugTimer.unref();
+  }
+
+  /** online=0 and the frontend never closed: free everything anyway. */
+  private async giveUp(ms: number): Promise<void> {
+    if (this.ended) return;
+    this.log(`the frontend did not close within ${ms} ms of online=0: closing without it`);
+    await this.disconnect();
+    if (this.state !== XenbusState.Closed) await this.setState(XenbusState.Closed).catch(() => undefined);
+    await this.end();
   }
 
   private async connect(): Promise<void> {
@@ -254,6 +280,7 @@ export class BlkifDevice {
           maxIndirectSegments: this.limits.maxIndirectSegments,
           discard: this.discard,
           readOnly: this.readOnly,
+          checkRing: ringMapping.check ? () => ringMapping.check!() : undefined,
           onFatal: (reason) => void this.enqueue(() => this.fail(reason)),
           onRefused: (reason) => this.log(`refused a request: ${reason}`),
         });
@@ -263,7 +290,7 @@ export class BlkifDevice {
         this.queues.push(queue);
       }
       await this.setState(XenbusState.Connected);
-      this.log(`connected: ${layout.protocol}, ${queueCount} queue(s), ring order ${order}${persistent ? ', persistent grants' : ''}`);
+      this.log(`connected: ${layout.protocol}, ${queueCount} queue(s), ring order ${order}${persistent ? ', persistent grants' : ''}${this.grants.access ? `, data by ${this.grants.access}` : ''}`);
       for (const q of this.queues) q.kick();
     } catch (e) {
       await this.fail(`cannot connect: ${(e as Error).message}`);
@@ -299,6 +326,7 @@ export class BlkifDevice {
   private async end(): Promise<void> {
     if (this.ended) return;
     this.ended = true;
+    clearTimeout(this.unplugTimer);
     await this.disconnect();
     for (const w of this.watches) await w.cancel();
     this.watches = [];

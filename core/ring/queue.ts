@@ -30,7 +30,7 @@ import {
   type Segment,
   writeResponse,
 } from './abi';
-import { GrantError, type EventChannel, type GrantMapper } from './platform';
+import { GrantError, type EventChannel, type GrantMapper, type PageSpan } from './platform';
 import { BackRing, RingOverrun } from './sring';
 
 export interface QueueOptions {
@@ -43,11 +43,19 @@ export interface QueueOptions {
   discard: boolean;
   /** Writes and discards are refused (the VBD is read-only, or the vbd's mode is r). */
   readOnly: boolean;
+  /**
+   * Throws when the ring's memory can no longer be touched (RingMapping.check); called
+   * before the ring is read or written. The connection then fails.
+   */
+  checkRing?(): void;
   /** The frontend broke the protocol: the device must stop serving it. */
   onFatal(reason: string): void;
   /** A request was refused (for logs). */
   onRefused?(reason: string): void;
 }
+
+/** Sector numbers up to this one give byte offsets that are exact as plain numbers (the sum of two stays below 2^53). */
+const MAX_EXACT_SECTOR = BigInt(Math.floor(Number.MAX_SAFE_INTEGER / SECTOR / 2));
 
 /** A request answered with an error status, without touching data. */
 class Refused extends Error {
@@ -59,14 +67,35 @@ class Refused extends Error {
   }
 }
 
+/** Responses completed in this turn, waiting to be written into the ring (parallel arrays: no object per response). */
+class Answers {
+  readonly ids: bigint[] = [];
+  readonly operations: number[] = [];
+  readonly statuses: number[] = [];
+  count = 0;
+
+  push(id: bigint, operation: number, status: number): void {
+    this.ids[this.count] = id;
+    this.operations[this.count] = operation;
+    this.statuses[this.count] = status;
+    this.count++;
+  }
+
+  clear(): void {
+    this.count = 0;
+  }
+}
+
 export class BlkifQueue {
   private channel?: EventChannel;
   private inFlight = 0;
   private barrier?: BlkifRequest;
   private stopping = false;
   private failed = false;
+  private ringGone = false;
   private publishScheduled = false;
   private drained?: () => void;
+  private readonly answers = new Answers();
   readonly stats = { requests: 0, kicksSent: 0, kicksReceived: 0, batches: 0 };
 
   constructor(
@@ -87,6 +116,7 @@ export class BlkifQueue {
   /** Consumes every request the frontend has produced, until a barrier or the end. */
   private pump(): void {
     if (this.stopping || this.failed) return;
+    if (!this.ringReachable()) return;
     try {
       for (;;) {
         let n = this.ring.available();
@@ -109,9 +139,32 @@ export class BlkifQueue {
     } catch (e) {
       // Nothing a frontend puts in shared memory may escape as an exception: a bug
       // reached through hostile input fails this connection only.
-      this.failed = true;
-      this.options.onFatal(e instanceof RingOverrun ? `ring overrun: ${e.message}` : `internal error serving the ring: ${(e as Error).message}`);
-      this.maybeDrained();
+      this.fail(e);
+    }
+  }
+
+  private fail(e: unknown): void {
+    if (this.failed) return;
+    this.failed = true;
+    const reason =
+      e instanceof RingOverrun ? `ring overrun: ${e.message}` : e instanceof GrantError ? `ring unreachable: ${e.message}` : `internal error serving the ring: ${(e as Error).message}`;
+    this.options.onFatal(reason);
+    this.maybeDrained();
+  }
+
+  /**
+   * False (and the connection failed) when the ring can no longer be touched. Other
+   * failures (an overrun) still answer the requests already taken.
+   */
+  private ringReachable(): boolean {
+    if (this.ringGone) return false;
+    try {
+      this.options.checkRing?.();
+      return true;
+    } catch (e) {
+      this.ringGone = true;
+      this.fail(e);
+      return false;
     }
   }
 
@@ -136,8 +189,8 @@ export class BlkifQueue {
   }
 
   private complete(request: BlkifRequest, status: number, after?: () => void): void {
-    writeResponse(this.ring.nextResponseSlot(), this.options.layout, request.id, responseOperation(request), status);
-    this.ring.produced();
+    // Written into the ring when the turn's responses are published, all at once.
+    this.answers.push(request.id, responseOperation(request), status);
     this.inFlight--;
     after?.();
     if (!this.publishScheduled) {
@@ -148,10 +201,19 @@ export class BlkifQueue {
 
   private publish(): void {
     this.publishScheduled = false;
-    if (this.ring.pushResponses()) {
-      this.stats.kicksSent++;
-      this.channel?.notify();
+    // A ring that cannot be touched gets no more responses (the connection has failed).
+    if (this.ringReachable()) {
+      const { layout } = this.options;
+      for (let i = 0; i < this.answers.count; i++) {
+        writeResponse(this.ring.nextResponseSlot(), layout, this.answers.ids[i], this.answers.operations[i], this.answers.statuses[i]);
+        this.ring.produced();
+      }
+      if (this.ring.pushResponses()) {
+        this.stats.kicksSent++;
+        this.channel?.notify();
+      }
     }
+    this.answers.clear();
     this.startBarrierIfDrained();
     this.pump();
     this.maybeDrained();
@@ -220,11 +282,20 @@ export class BlkifQueue {
   }
 
   /** Byte range of `nrSectors` 512-byte sectors at `sector`, checked against the disk. */
-  private range(sector: bigint, nrSectors: bigint): { offset: number; length: number } {
-    const size = BigInt(this.options.vbd.info().size);
-    const end = (sector + nrSectors) * BigInt(SECTOR);
-    if (end > size) throw new Refused(RSP_ERROR, `sectors ${sector}+${nrSectors} pass the end of the disk`);
-    return { offset: Number(sector * BigInt(SECTOR)), length: Number(nrSectors * BigInt(SECTOR)) };
+  private range(sector: bigint, nrSectors: bigint | number): { offset: number; length: number } {
+    // Plain numbers where they are exact (every disk smaller than 4 PiB): BigInt
+    // arithmetic costs more than the rest of a 4 KiB request's checks.
+    const size = this.options.vbd.info().size;
+    if (sector <= MAX_EXACT_SECTOR && (typeof nrSectors === 'number' || nrSectors <= MAX_EXACT_SECTOR)) {
+      const offset = Number(sector) * SECTOR;
+      const length = Number(nrSectors) * SECTOR;
+      if (offset + length > size) throw new Refused(RSP_ERROR, `sectors ${sector}+${nrSectors} pass the end of the disk`);
+      return { offset, length };
+    }
+    const count = BigInt(nrSectors);
+    const end = (sector + count) * BigInt(SECTOR);
+    if (end > BigInt(size)) throw new Refused(RSP_ERROR, `sectors ${sector}+${nrSectors} pass the end of the disk`);
+    return { offset: Number(sector * BigInt(SECTOR)), length: Number(count * BigInt(SECTOR)) };
   }
 
   /** Copies an indirect request's segment descriptors out of its indirect pages (once) and checks them. */
@@ -249,9 +320,9 @@ export class BlkifQueue {
     return segments;
   }
 
-  private map(refs: number[], writable: boolean) {
+  private map(refs: number[], writable: boolean, spans?: PageSpan[]) {
     try {
-      return this.options.grants.mapPages(refs, writable);
+      return this.options.grants.mapPages(refs, writable, spans);
     } catch (e) {
       if (e instanceof GrantError) throw new Refused(RSP_ERROR, e.message);
       throw e;
@@ -265,13 +336,16 @@ export class BlkifQueue {
    */
   private async transfer(op: number, sector: bigint, segments: Segment[]): Promise<void> {
     const { vbd } = this.options;
-    const sectors = segments.reduce((n, s) => n + (s.lastSect - s.firstSect + 1), 0);
-    const { offset } = this.range(sector, BigInt(sectors));
+    let sectors = 0;
+    for (const s of segments) sectors += s.lastSect - s.firstSect + 1;
+    const { offset } = this.range(sector, sectors);
     if (op === OP_WRITE && this.options.readOnly) throw new Refused(RSP_ERROR, 'write to a read-only disk');
     const mapping = this.map(
       segments.map((s) => s.gref),
       op === OP_READ,
+      segments.map((s) => ({ offset: s.firstSect * SECTOR, length: (s.lastSect - s.firstSect + 1) * SECTOR })),
     );
+    let completed = false;
     try {
       const runs: Array<{ bytes: Uint8Array; offset: number }> = [];
       let at = offset;
@@ -285,12 +359,18 @@ export class BlkifQueue {
         }
         at += bytes.length;
       });
+      if (runs.length === 1) {
+        const [r] = runs;
+        await (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset));
+        return;
+      }
       // Wait for every run, even when one fails, before the pages are released.
       const results = await Promise.allSettled(runs.map((r) => (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset))));
       const failure = results.find((r) => r.status === 'rejected');
       if (failure) throw (failure as PromiseRejectedResult).reason;
+      completed = true;
     } finally {
-      mapping.release();
+      mapping.release(completed);
     }
   }
 }

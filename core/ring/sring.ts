@@ -39,6 +39,8 @@ export class BackRing {
   reqCons = 0;
   /** Next response slot to fill (private until pushed). */
   rspProdPvt = 0;
+  /** Where `take()` copies a request slot (one allocation per ring, not per request). */
+  private readonly scratch: Uint8Array;
 
   constructor(
     readonly bytes: Uint8Array,
@@ -47,6 +49,7 @@ export class BackRing {
     if (bytes.length < PAGE) throw new RangeError('a ring is at least one page');
     this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
     this.entries = ringEntries(bytes.length, slotSize);
+    this.scratch = new Uint8Array(slotSize);
   }
 
   private u32(at: number): number {
@@ -78,12 +81,15 @@ export class BackRing {
     return Math.min(unconsumed, room);
   }
 
-  /** Copies the next request slot out of shared memory (once) and consumes it. */
+  /**
+   * Copies the next request slot out of shared memory (once) and consumes it. The copy
+   * is private to the backend but reused: it is valid until the next `take()` (parse it
+   * before taking another).
+   */
   take(): Uint8Array {
-    const copy = new Uint8Array(this.slotSize);
-    copy.set(this.slot(this.reqCons));
+    this.scratch.set(this.slot(this.reqCons));
     this.reqCons = (this.reqCons + 1) >>> 0;
-    return copy;
+    return this.scratch;
   }
 
   /** The slot the next response goes into; call `produced()` after writing it. */

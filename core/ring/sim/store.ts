@@ -59,9 +59,43 @@ interface Change {
   event?: { path: string; removed: boolean };
 }
 
+/**
+ * Nodes a guest domain may hold, as Xen's daemon's `quota-nodes` (default 1000). Every
+ * connection acts as domain 0, so a node is charged by where it lives: at or below
+ * `/local/domain/<N>` (N > 0) it is domain N's. Domain 0's own nodes are not limited.
+ */
+export const DEFAULT_NODES_PER_DOMAIN = 1000;
+const DOMAIN_HOME = /^\/local\/domain\/([1-9]\d*)(?:\/|$)/;
+
 /** Tree operations on one root (the live tree or a transaction's copy). */
 class Tree {
-  constructor(public root: Node) {}
+  constructor(
+    public root: Node,
+    readonly nodesPerDomain: number,
+  ) {}
+
+  /**
+   * Refuses (EQUOTA, nothing created) a write or mkdir that would create nodes past the
+   * quota of the domain whose home holds `path`.
+   */
+  private checkQuota(path: string): void {
+    const m = DOMAIN_HOME.exec(path);
+    if (!m) return;
+    const home = `/local/domain/${m[1]}`;
+    let fresh = 0;
+    let node: Node | undefined = this.root;
+    let at = '';
+    for (const name of segments(path)) {
+      at += `/${name}`;
+      node = node?.children.get(name);
+      if (!node && at.length >= home.length) fresh++;
+    }
+    if (fresh === 0) return;
+    const held = countNodes(this.find(home));
+    if (held + fresh > this.nodesPerDomain) {
+      throw new StoreError('EQUOTA', `domain ${m[1]} holds ${held} nodes; ${fresh} more would pass its quota of ${this.nodesPerDomain}`);
+    }
+  }
 
   find(path: string): Node | undefined {
     let node: Node | undefined = this.root;
@@ -99,6 +133,7 @@ class Tree {
     const changed: string[] = [];
     switch (op.kind) {
       case 'write': {
+        this.checkQuota(op.path);
         const node = this.ensure(op.path, changed);
         node.value = op.value;
         changed.push(op.path);
@@ -106,6 +141,7 @@ class Tree {
       }
       case 'mkdir': {
         if (this.find(op.path)) return { changed };
+        this.checkQuota(op.path);
         this.ensure(op.path, changed);
         return { changed, event: { path: op.path, removed: false } };
       }
@@ -135,6 +171,13 @@ class Tree {
   }
 }
 
+function countNodes(node: Node | undefined): number {
+  if (!node) return 0;
+  let n = 1;
+  for (const child of node.children.values()) n += countNodes(child);
+  return n;
+}
+
 interface Transaction {
   id: number;
   startGen: number;
@@ -151,14 +194,15 @@ export interface WatchRegistration {
 }
 
 export class Store {
-  private readonly live = new Tree(new Node(Buffer.alloc(0), ['n0']));
+  private readonly live: Tree;
   private gen = 0;
   private readonly changedAt = new Map<string, number>();
   private readonly transactions = new Map<number, Transaction>();
   private nextTx = 1;
   private readonly watches = new Set<WatchRegistration>();
 
-  constructor() {
+  constructor(options: { nodesPerDomain?: number } = {}) {
+    this.live = new Tree(new Node(Buffer.alloc(0), ['n0']), options.nodesPerDomain ?? DEFAULT_NODES_PER_DOMAIN);
     for (const path of ['/local/domain/0', '/tool']) this.mutate({ kind: 'mkdir', path });
   }
 
@@ -237,7 +281,7 @@ export class Store {
 
   transactionStart(): number {
     const id = this.nextTx++;
-    this.transactions.set(id, { id, startGen: this.gen, tree: new Tree(this.live.root.clone()), touched: new Set(), ops: [] });
+    this.transactions.set(id, { id, startGen: this.gen, tree: new Tree(this.live.root.clone(), this.live.nodesPerDomain), touched: new Set(), ops: [] });
     return id;
   }
 
@@ -250,11 +294,18 @@ export class Store {
     for (const p of t.touched) {
       if ((this.changedAt.get(p) ?? 0) > t.startGen) throw new StoreError('EAGAIN', `transaction ${id} conflicts at ${p}`);
     }
+    // Nodes created outside the transaction since it started can make its own new nodes
+    // pass a domain's quota: try the operations on a copy first, so a commit applies
+    // all of them or none.
+    if (t.ops.some((op) => op.kind === 'write' || op.kind === 'mkdir')) {
+      const trial = new Tree(this.live.root.clone(), this.live.nodesPerDomain);
+      for (const op of t.ops) trial.apply(op);
+    }
     for (const op of t.ops) {
       try {
         this.mutate(op);
       } catch {
-        // Cannot happen: the same operation succeeded on the copy of an unchanged tree.
+        // Cannot happen: the same operations succeeded on a copy of the live tree.
       }
     }
   }
