@@ -9,20 +9,18 @@
  */
 import test from 'ava';
 import fc from 'fast-check';
-import { execFile } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ClusterCache, PromiseLru } from '../providers/qcow2/lru';
-import { qemuImg, qemuIo, tempDir } from './helpers/qemu-images';
+import { qemuImg, qemuIo } from './helpers/qemu-images';
+import { describeRun, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 /** Allowance for what the child's own reads and the runtime leave in ArrayBuffers. */
 const SLACK = 1 * MiB;
-
-const dir = tempDir('tapkit-qcow2-bounds-');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 interface Use {
   l2Bytes: number;
@@ -42,17 +40,11 @@ interface ChildAnswer {
 
 const CHILD = path.join(__dirname, 'helpers', 'qcow2-cache-child.js');
 
-function driveInChild(spec: string, reads: Array<[number, number]>, concurrency: number): Promise<ChildAnswer> {
-  const input = JSON.stringify({ spec, reads, concurrency });
-  return new Promise((resolve, reject) => {
-    execFile(process.execPath, ['--expose-gc', CHILD, input], { timeout: 120_000, killSignal: 'SIGKILL', maxBuffer: 16 << 20 }, (error, stdout, stderr) => {
-      try {
-        resolve(JSON.parse(stdout.trim().split('\n').pop() ?? '') as ChildAnswer);
-      } catch {
-        reject(new Error(`cache child failed (${error?.message ?? 'no output'}): ${stderr}`));
-      }
-    });
-  });
+async function driveInChild(spec: string, reads: Array<[number, number]>, concurrency: number): Promise<ChildAnswer> {
+  const args = ['--expose-gc', CHILD, JSON.stringify({ spec, reads, concurrency })];
+  const r = await run(process.execPath, args, { timeoutMs: 120_000 });
+  if (r.code !== 0) throw new Error(`cache child failed: ${describeRun('node', [CHILD], r, 120_000)}`);
+  return JSON.parse(r.stdout.trim().split('\n').pop() ?? '') as ChildAnswer;
 }
 
 /** A fixed shuffle (the same every run), so a failure can be replayed. */
@@ -71,11 +63,12 @@ const sha1 = (bytes: Uint8Array) => crypto.createHash('sha1').update(bytes).dige
 
 test('reads over 32 L2 tables keep at most l2-cache-size of them, and no more memory than the bounds', async (t) => {
   // 1 MiB clusters: each L2 table is 1 MiB and maps 128 GiB. One 64 KiB write per table.
+  const dir = tempDir(t, 'tapkit-qcow2-bounds-');
   const image = path.join(dir, 'tables.qcow2');
   const tables = 32;
   const span = 128 * GiB;
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=1M', image, `${(tables * span) / GiB}G`]);
-  qemuIo(image, Array.from({ length: tables }, (_, i) => `write -P ${i + 1} ${i * span} 64k`));
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=1M', image, `${(tables * span) / GiB}G`]);
+  await qemuIo(image, Array.from({ length: tables }, (_, i) => `write -P ${i + 1} ${i * span} 64k`));
 
   // Three passes over every table, each in another order, eight reads in flight.
   const reads: Array<[number, number]> = [];
@@ -103,11 +96,12 @@ test('small reads over 40 compressed clusters keep at most the decoded-cluster c
   const clusters = 40;
   const source = Buffer.alloc(clusters * MiB);
   for (let i = 0; i < clusters; i++) source.fill(`cluster ${i}: compressible text for the decoded-cluster cache test. `, i * MiB, (i + 1) * MiB);
+  const dir = tempDir(t, 'tapkit-qcow2-bounds-');
   const raw = path.join(dir, 'text.raw');
   const image = path.join(dir, 'compressed.qcow2');
   fs.writeFileSync(raw, source);
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=1M', raw, image]);
-  const map = JSON.parse(qemuImg(['map', '--output=json', image])) as Array<{ data: boolean; compressed?: boolean }>;
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=1M', raw, image]);
+  const map = JSON.parse(await qemuImg(['map', '--output=json', image])) as Array<{ data: boolean; compressed?: boolean }>;
   t.true(map.every((m) => m.data && m.compressed !== false), 'qemu-img stored every cluster compressed');
 
   // 4 KiB reads at scattered places, each cluster visited several times far apart.
