@@ -99,7 +99,7 @@ function get(pool: ConnectionPool, targets: Buffer[], headers: Record<string, st
         reject(e);
       },
     });
-    const timer = setTimeout(() => cancel(new Error('test timeout')), 10_000);
+    const timer = setTimeout(() => cancel(new Error('test timeout')), 30_000);
   });
 }
 
@@ -129,7 +129,8 @@ test('Content-Length bodies fill several buffers in order, on one kept-alive con
   t.teardown(() => pool.destroy());
   const targets = [Buffer.alloc(100_000), Buffer.alloc(150_000), Buffer.alloc(50_000)];
   const first = get(pool, targets, { range: 'bytes=0-299999' });
-  await new Promise((r) => setTimeout(r, 50));
+  // Once the server has the request (its head is on the way), the body follows in a write of its own.
+  while (server.requests.length === 0) await new Promise((r) => setTimeout(r, 10));
   server.connections[0].write(a);
   const r1 = await first;
   t.is(r1.status, 206);

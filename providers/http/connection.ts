@@ -286,7 +286,8 @@ class Connection {
         this.headLength = rest.length;
         continue;
       }
-      this.startBody(status, version, headers);
+      // Bytes past an answer without a body would be taken for the next answer: not kept alive then.
+      this.startBody(status, version, headers, rest.length > 0);
       this.headLength = 0;
       // Body bytes that came with the head are used where they are: the head buffer is
       // not read into again before this callback returns.
@@ -296,7 +297,7 @@ class Connection {
     }
   }
 
-  private startBody(status: number, version: string, headers: ResponseHeaders): void {
+  private startBody(status: number, version: string, headers: ResponseHeaders, bytesFollow: boolean): void {
     const exchange = this.exchange!;
     const connection = first(headers.connection)?.toLowerCase() ?? '';
     this.keep = version === '1.1' ? !/\bclose\b/.test(connection) : /\bkeep-alive\b/.test(connection);
@@ -311,7 +312,7 @@ class Connection {
       if (Array.isArray(headers['content-length']) && new Set(headers['content-length'].map((v) => v.trim())).size > 1) throw new ProtocolError('conflicting Content-Length headers');
       this.framing = { kind: 'length', left: Number(length) };
     } else this.framing = { kind: 'close' };
-    if (this.framing.kind === 'close') this.keep = false;
+    if (this.framing.kind === 'close' || (this.framing.kind === 'none' && bytesFollow)) this.keep = false;
     this.plan = exchange.onHead(status, headers);
     this.dropped = 0;
     this.chunked = new ChunkedDecoder();
