@@ -190,6 +190,22 @@ test('a kept-alive connection the server closed meanwhile is replaced without fa
   t.is(server.connections.length, 2);
 });
 
+test('bytes after an answer without a body are not taken for the next answer: that connection is not reused', async (t) => {
+  const server = await scripted(t, [
+    { bytes: Buffer.concat([http('204 No Content', []), Buffer.from('HTTP/1.1 206 Partial Content\r\nContent-Length: 2\r\n\r\nXX')]) },
+    { bytes: http('206 Partial Content', ['Content-Length: 2'], Buffer.from('ok')) },
+  ]);
+  const pool = new ConnectionPool(server.origin, { connections: 1 });
+  t.teardown(() => pool.destroy());
+  const first = await get(pool, [Buffer.alloc(2)]);
+  t.is(first.status, 204);
+  const out = Buffer.alloc(2);
+  const second = await get(pool, [out]);
+  t.is(second.status, 206);
+  t.is(out.toString(), 'ok', 'the smuggled answer was not read as the second one');
+  t.is(server.connections.length, 2);
+});
+
 test('answers that break HTTP are refused with a ProtocolError, never hang and never overrun the buffers', async (t) => {
   const cases: Array<[string, Buffer, RegExp]> = [
     ['headers over the limit', http('200 OK', [`X-Big: ${'a'.repeat(HEAD_LIMIT)}`]), /headers longer than 64 KiB/],

@@ -72,11 +72,14 @@ export interface PoolOptions {
   ca?: string[];
 }
 
+/** An exchange waiting for a connection, and how to start it on one. */
+type Waiting = Exchange & { start(): void };
+
 /** The keep-alive connections to one origin; exchanges beyond `connections` wait in order. */
 export class ConnectionPool {
   private readonly idle: Connection[] = [];
   private readonly all = new Set<Connection>();
-  private readonly waiting: Exchange[] = [];
+  private readonly waiting: Waiting[] = [];
   private destroyed = false;
 
   constructor(
@@ -88,8 +91,12 @@ export class ConnectionPool {
   dispatch(exchange: Exchange): (reason: Error) => void {
     let connection: Connection | undefined;
     let settled = false;
-    const tracked: Exchange & { start?: () => void } = {
+    const tracked: Waiting = {
       ...exchange,
+      start: () => {
+        connection = this.connectionFor();
+        connection.run(tracked, (reusable) => this.release(connection!, reusable));
+      },
       onEnd: () => {
         if (settled) return;
         settled = true;
@@ -100,10 +107,6 @@ export class ConnectionPool {
         settled = true;
         exchange.onError(e);
       },
-    };
-    tracked.start = () => {
-      connection = this.connectionFor();
-      connection.run(tracked, (reusable) => this.release(connection!, reusable));
     };
     if (this.destroyed) queueMicrotask(() => tracked.onError(new Error('the pool is closed')));
     else {
@@ -149,8 +152,7 @@ export class ConnectionPool {
 
   private startWaiting(): void {
     while (this.waiting.length > 0 && !this.destroyed && (this.idle.length > 0 || this.all.size < this.options.connections)) {
-      const next = this.waiting.shift() as Exchange & { start?: () => void };
-      next.start!();
+      this.waiting.shift()!.start();
     }
   }
 }
