@@ -81,6 +81,14 @@ export interface Provider {
 
   /** Fills all of `buf` with the bytes at `offset`. */
   read(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * Optional zero-copy read, for providers that hold the disk in memory: the bytes at
+   * [offset, offset+length) as views of the provider's own storage, in order, their lengths
+   * summing to `length`. The caller only reads them. A view held after the call (a socket
+   * still sending it) shows what later writes put there: use it only where a read concurrent
+   * with those writes may return any mix of old and new bytes (an NBD reply not yet sent).
+   */
+  readViews?(offset: number, length: number): Uint8Array[];
   write?(buf: Uint8Array, offset: number, options: WriteOptions): Promise<void>;
   flush?(): Promise<void>;
   trim?(offset: number, length: number, options: WriteOptions): Promise<void>;

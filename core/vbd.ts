@@ -113,6 +113,30 @@ export class Vbd {
     });
   }
 
+  /** True when the provider lends views of its memory for reads (Provider.readViews). */
+  get lendsReads(): boolean {
+    return typeof this.provider.readViews === 'function';
+  }
+
+  /**
+   * A zero-copy read: the bytes at [offset, offset+length) as views of the provider's
+   * memory, with the caveat of Provider.readViews. A provider without it (swapped in by a
+   * snapshot meanwhile) is read into a fresh buffer instead.
+   */
+  readViews(offset: number, length: number): Promise<Uint8Array[]> {
+    return this.run('read', length, () => {
+      this.checkRange(offset, length, 'EINVAL');
+      if (length === 0) return [];
+      return this.call(async () => {
+        const provider = this.provider;
+        if (provider.readViews) return provider.readViews(offset, length);
+        const buf = new Uint8Array(length);
+        await provider.read(buf, offset);
+        return [buf];
+      });
+    });
+  }
+
   write(buf: Uint8Array, offset: number, options: WriteOptions = {}): Promise<void> {
     return this.run('write', buf.length, () => {
       this.checkWritable('write');

@@ -30,10 +30,38 @@ const gnttab = lazyLibrary<Gnttab>('libxengnttab.so.1', 'the Xen platform (grant
 export const XEN_PAGE = 4096;
 const PROT_READ = 1;
 const PROT_WRITE = 2;
-/** xengnttab_grant_copy_segment_t: two 8-byte unions, len, flags, status, padded to 24. */
+/**
+ * xengnttab_grant_copy_segment_t (xengnttab.h): two 8-byte unions `source` and `dest`
+ * (a local pointer, or {ref u32, offset u16, domid u16} of a guest's page), then len u16,
+ * flags u16, status i16, padded to 24. Checked against the header by a C program in
+ * test/xen-grant-copy.test.ts.
+ */
 export const GRANT_COPY_SEGMENT_SIZE = 24;
-const GNTCOPY_source_gref = 1;
-const GNTCOPY_dest_gref = 2;
+export const COPY_LAYOUT = { source: 0, dest: 8, foreignRef: 0, foreignOffset: 4, foreignDomid: 6, len: 16, flags: 18, status: 20 } as const;
+export const GNTCOPY_source_gref = 1;
+export const GNTCOPY_dest_gref = 2;
+
+/**
+ * The segment table xengnttab_grant_copy takes. `writePointer(table, at, local)` stores the
+ * address of `local` (ref-napi's writePointer; a test passes its own).
+ */
+export function encodeCopySegments(domid: number, segments: CopySegment[], writePointer: (table: Buffer, at: number, local: Buffer) => void): Buffer {
+  const L = COPY_LAYOUT;
+  const table = Buffer.alloc(GRANT_COPY_SEGMENT_SIZE * segments.length);
+  segments.forEach((s, i) => {
+    if (s.local.length === 0 || s.offset + s.local.length > XEN_PAGE) throw new BlockError('EINVAL', `grant copy segment ${i} is empty or crosses a page`);
+    const at = i * GRANT_COPY_SEGMENT_SIZE;
+    const foreignAt = at + (s.direction === 'in' ? L.source : L.dest);
+    const localAt = at + (s.direction === 'in' ? L.dest : L.source);
+    table.writeUInt32LE(s.ref >>> 0, foreignAt + L.foreignRef);
+    table.writeUInt16LE(s.offset, foreignAt + L.foreignOffset);
+    table.writeUInt16LE(domid, foreignAt + L.foreignDomid);
+    writePointer(table, localAt, s.local);
+    table.writeUInt16LE(s.local.length, at + L.len);
+    table.writeUInt16LE(s.direction === 'in' ? GNTCOPY_source_gref : GNTCOPY_dest_gref, at + L.flags);
+  });
+  return table;
+}
 /** GNTST_okay; other statuses are negative (GNTST_bad_gntref -4, ...). */
 const GNTST_okay = 0;
 
@@ -99,25 +127,25 @@ export class GntTab {
   /**
    * Copies between local buffers and granted pages in one call (Linux's gntdev grant
    * copy). Returns the per-segment status: 0 for done, a negative GNTST_* otherwise.
-   * A segment may not cross a page: offset + local.length <= 4096.
+   * A segment may not cross a page: offset + local.length <= 4096. Throws a NativeError
+   * when the call itself fails (ENOSYS where libxengnttab has no grant copy: NetBSD,
+   * FreeBSD; ENOTTY on a kernel without the ioctl).
    */
   copy(domid: number, segments: CopySegment[]): number[] {
     const { ref } = ffiModules('the Xen platform');
-    const table = Buffer.alloc(GRANT_COPY_SEGMENT_SIZE * segments.length);
-    segments.forEach((s, i) => {
-      if (s.offset + s.local.length > XEN_PAGE || s.local.length === 0) throw new BlockError('EINVAL', `grant copy segment ${i} crosses a page`);
-      const at = i * GRANT_COPY_SEGMENT_SIZE;
-      const foreignAt = s.direction === 'in' ? at : at + 8;
-      const localAt = s.direction === 'in' ? at + 8 : at;
-      table.writeUInt32LE(s.ref >>> 0, foreignAt);
-      table.writeUInt16LE(s.offset, foreignAt + 4);
-      table.writeUInt16LE(domid, foreignAt + 6);
-      ref.writePointer(table, localAt, s.local);
-      table.writeUInt16LE(s.local.length, at + 16);
-      table.writeUInt16LE(s.direction === 'in' ? GNTCOPY_source_gref : GNTCOPY_dest_gref, at + 18);
-    });
+    const table = encodeCopySegments(domid, segments, (buf, at, local) => ref.writePointer(buf, at, local));
     if (gnttab().xengnttab_grant_copy(this.h, segments.length, table) !== 0) throw new NativeError('xengnttab_grant_copy', lastErrno());
-    return segments.map((_, i) => table.readInt16LE(i * GRANT_COPY_SEGMENT_SIZE + 20));
+    return segments.map((_, i) => table.readInt16LE(i * GRANT_COPY_SEGMENT_SIZE + COPY_LAYOUT.status));
+  }
+
+  /** Whether grant copy works here: a copy of no segments reaches the ioctl and checks nothing. */
+  probeCopy(): { ok: true } | { ok: false; reason: string } {
+    try {
+      if (gnttab().xengnttab_grant_copy(this.h, 0, Buffer.alloc(GRANT_COPY_SEGMENT_SIZE)) !== 0) throw new NativeError('xengnttab_grant_copy', lastErrno());
+      return { ok: true };
+    } catch (e) {
+      return { ok: false, reason: (e as Error).message };
+    }
   }
 
   close(): void {

@@ -26,6 +26,7 @@ interface Xs {
   xs_read_watch: AsyncFn<[Buffer, Buffer], Buffer>;
   xs_transaction_start(h: Buffer): number;
   xs_transaction_end(h: Buffer, tx: number, abort: boolean): boolean;
+  xs_set_permissions(h: Buffer, tx: number, path: string, perms: Buffer, count: number): boolean;
 }
 
 const xs = lazyLibrary<Xs>('libxenstore.so.4', 'the Xen platform (XenStore)', {
@@ -40,7 +41,23 @@ const xs = lazyLibrary<Xs>('libxenstore.so.4', 'the Xen platform (XenStore)', {
   xs_read_watch: ['pointer', ['pointer', 'pointer']],
   xs_transaction_start: ['uint32', ['pointer']],
   xs_transaction_end: ['bool', ['pointer', 'uint32', 'bool']],
+  xs_set_permissions: ['bool', ['pointer', 'uint32', 'string', 'pointer', 'uint']],
 });
+
+/** xenstore_lib.h's XS_PERM_* bits by Xen's letters (n: none, r, w, b: both). */
+const PERM_BITS: Record<string, number> = { n: 0, r: 1, w: 2, b: 3 };
+
+/** `['n5', 'r0']` as an array of struct xs_permissions {unsigned id; unsigned perms;}. */
+export function encodePermissions(permissions: string[]): Buffer {
+  const out = Buffer.alloc(8 * permissions.length);
+  permissions.forEach((p, i) => {
+    const m = /^([nrwb])(\d+)$/.exec(p);
+    if (!m || Number(m[2]) > 0xffff) throw new BlockError('EINVAL', `XenStore permission '${p}' is not LETTER+DOMID (n, r, w or b)`);
+    out.writeUInt32LE(Number(m[2]), 8 * i);
+    out.writeUInt32LE(PERM_BITS[m[1]], 8 * i + 4);
+  });
+  return out;
+}
 
 const libc = lazyLibrary<{ free(p: Buffer): void }>(null, 'native/xenstore', { free: ['void', ['pointer']] });
 
@@ -127,6 +144,13 @@ export class XsHandle {
       const errno = lastErrno();
       if (errno !== ENOENT) throw new NativeError(`xs_rm ${path}`, errno);
     }
+  }
+
+  /** Sets `path`'s permissions, owner first, in Xen's letters (`n5`, `r0`, `w3`, `b2`). */
+  setPermissions(path: string, permissions: string[], tx = 0): void {
+    if (permissions.length === 0) throw new BlockError('EINVAL', `no permissions given for ${path}`);
+    const table = encodePermissions(permissions);
+    if (!xs().xs_set_permissions(this.h, tx, path, table, permissions.length)) throw new NativeError(`xs_set_permissions ${path}`, lastErrno());
   }
 
   transactionStart(): number {

@@ -9,18 +9,12 @@ import '../providers';
 import test from 'ava';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { openSpec } from '../core/open';
 import type { Provider } from '../core/provider';
 import { Vbd } from '../core/vbd';
 import { FaultServer } from './helpers/fault-server';
-
-function tempDir(t: { teardown(fn: () => void): void }): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-cache-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
+import { tempDir } from './helpers/temp';
 
 /** A small deterministic PRNG, so a failure can be replayed from its seed. */
 function prng(seed: number): () => number {
@@ -44,7 +38,7 @@ const DISK = 1 << 20;
 
 for (const lowerKind of ['memory', 'raw'] as const) {
   test(`random concurrent I/O through a small cache over ${lowerKind} matches a model`, async (t) => {
-    const dir = tempDir(t);
+    const dir = tempDir(t, 'tapkit-cache-');
     let lowerSpec = `memory:${DISK}`;
     if (lowerKind === 'raw') {
       const file = path.join(dir, 'disk.raw');
@@ -124,7 +118,7 @@ test('concurrent misses for one block share one lower read', async (t) => {
 });
 
 test('a file-backed cache over a file is kept across restarts, and discarded when the file changed underneath', async (t) => {
-  const dir = tempDir(t);
+  const dir = tempDir(t, 'tapkit-cache-');
   const file = path.join(dir, 'disk.raw');
   const content = crypto.randomBytes(DISK);
   fs.writeFileSync(file, content);
@@ -158,7 +152,7 @@ test('a file-backed cache over a file is kept across restarts, and discarded whe
 });
 
 test('a cache over a memory disk (no validator) is not kept, with a warning', async (t) => {
-  const dir = tempDir(t);
+  const dir = tempDir(t, 'tapkit-cache-');
   const warnings: string[] = [];
   const p = await openSpec(`cache,file=${path.join(dir, 'c')}:memory:1M`, { warn: (m) => warnings.push(m) });
   await p.read(Buffer.alloc(4096), 0);
@@ -183,7 +177,7 @@ test('writes through a cache over a read-only source are EROFS', async (t) => {
 });
 
 test('a corrupt or hostile saved index is ignored, never trusted', async (t) => {
-  const dir = tempDir(t);
+  const dir = tempDir(t, 'tapkit-cache-');
   const file = path.join(dir, 'disk.raw');
   const content = crypto.randomBytes(DISK);
   fs.writeFileSync(file, content);
@@ -217,7 +211,7 @@ test('a corrupt or hostile saved index is ignored, never trusted', async (t) => 
 });
 
 test('a cache file that fails under the cache costs lower reads, never a failed or wrong read', async (t) => {
-  const dir = tempDir(t);
+  const dir = tempDir(t, 'tapkit-cache-');
   const file = path.join(dir, 'disk.raw');
   const content = crypto.randomBytes(DISK);
   fs.writeFileSync(file, content);

@@ -1,16 +1,12 @@
 /** Runs the built tapkit CLI (`node dist/core/cli/main.js`) as a child process, bounded in time. */
-import { execFile } from 'node:child_process';
 import * as path from 'node:path';
+import { run, type RunResult } from './helpers/run';
 
 /** The repository root (this file is compiled to dist/test/). */
 export const ROOT = path.resolve(__dirname, '..', '..');
 export const CLI = path.join(ROOT, 'dist', 'core', 'cli', 'main.js');
 
-export interface CliResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
+export type CliResult = RunResult;
 
 export interface CliOptions {
   cwd?: string;
@@ -21,15 +17,5 @@ export interface CliOptions {
 
 export function runCli(args: string[], options: CliOptions = {}): Promise<CliResult> {
   const [command, ...rest] = [...(options.prefix ?? []), process.execPath, CLI, ...args];
-  return new Promise((resolve) => {
-    execFile(
-      command,
-      rest,
-      { cwd: options.cwd ?? ROOT, timeout: options.timeoutMs ?? 120_000, maxBuffer: 16 << 20, encoding: 'utf8' },
-      (error, stdout, stderr) => {
-        const code = error ? (typeof error.code === 'number' ? error.code : null) : 0;
-        resolve({ code, stdout, stderr });
-      },
-    );
-  });
+  return run(command, rest, { cwd: options.cwd ?? ROOT, timeoutMs: options.timeoutMs ?? 120_000 });
 }

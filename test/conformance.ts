@@ -2,7 +2,7 @@
  * The provider conformance suite: the checks every provider passes, built-in or not.
  *
  *   import test from 'ava';
- *   import { runConformance } from 'tapkit/dist/test/conformance';   // in this repo: './conformance'
+ *   import { runConformance } from 'tapkit/conformance';   // in this repo: './conformance'
  *   runConformance(test, { name: 'mine', open: () => 'mine:64M' });
  *
  * `open` is called once per test and gives a fresh disk: a spec string (opened through the

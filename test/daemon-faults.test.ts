@@ -9,8 +9,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { DeviceStats, DeviceSummary } from '../core/daemon/devices';
 import { startDaemon, type RunningDaemon } from './helpers/daemon';
-import { run } from './helpers/nbd';
 import { startNginx } from './helpers/nginx';
+import { run } from './helpers/run';
 
 const MiB = 1 << 20;
 
@@ -36,20 +36,20 @@ test('a full disk and a vanished web server fail their own requests; the device 
   const remote = await withNbd(daemon, 'remote', `http,retries=0,timeout=5:${nginx.base}/disk.raw`);
   const good = await withNbd(daemon, 'good', `raw:${raw}`);
 
-  const remoteOk = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x33 0 64k', remote], { timeout: 60_000 });
+  const remoteOk = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x33 0 64k', remote], { timeoutMs: 60_000 });
   t.is(remoteOk.code, 0, remoteOk.stderr);
   t.notRegex(remoteOk.stdout, /Pattern verification failed/);
 
   // 2 MiB of new data into a disk allowed 1 MiB of RAM.
-  const tooMuch = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 0 2M', full], { timeout: 60_000 });
+  const tooMuch = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 0 2M', full], { timeoutMs: 60_000 });
   t.regex(tooMuch.stdout + tooMuch.stderr, /No space left on device/);
 
   await nginx.stop();
-  const gone = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read 1M 64k', remote], { timeout: 60_000 });
+  const gone = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read 1M 64k', remote], { timeoutMs: 60_000 });
   t.regex(gone.stdout + gone.stderr, /Input\/output error/);
 
   // The good device, and the daemon, go on as before.
-  const goodWrite = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 0 1M', '-c', 'flush', '-c', 'read -P 0x55 0 1M', good], { timeout: 60_000 });
+  const goodWrite = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 0 1M', '-c', 'flush', '-c', 'read -P 0x55 0 1M', good], { timeoutMs: 60_000 });
   t.is(goodWrite.code, 0, goodWrite.stderr);
   t.notRegex(goodWrite.stdout, /Pattern verification failed/);
   t.true(fs.readFileSync(raw).subarray(0, MiB).every((b) => b === 0x55));
@@ -64,6 +64,6 @@ test('a full disk and a vanished web server fail their own requests; the device 
   t.deepEqual(list.map((d) => [d.name, d.state]), [['full', 'running'], ['remote', 'running'], ['good', 'running']]);
 
   // The full disk still serves what fits: a small write and its read-back succeed.
-  const small = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x66 8M 4k', '-c', 'read -P 0x66 8M 4k', full], { timeout: 60_000 });
+  const small = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x66 8M 4k', '-c', 'read -P 0x66 8M 4k', full], { timeoutMs: 60_000 });
   t.notRegex(small.stdout + small.stderr, /Pattern verification failed|error/i);
 });

@@ -15,8 +15,9 @@ import type { DeviceSummary } from '../core/daemon/devices';
 import { startDaemon, type RunningDaemon } from './helpers/daemon';
 import { startNginx } from './helpers/nginx';
 import { cleanupMount } from './fuse-helpers';
-import { tool } from './helpers/vhd';
-import { firstMismatch, runFrontend, tempDir as xenTempDir } from './xen/harness';
+import { firstMismatch, runFrontend } from './xen/harness';
+import { must } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 const MiB = 1 << 20;
 const SIZE = 4 * MiB;
@@ -44,9 +45,9 @@ async function cases(t: ExecutionContext, dir: string): Promise<Case[]> {
   const nginx = await startNginx(served);
   t.teardown(() => nginx.stop());
   const vhd = path.join(dir, 'disk.vhd');
-  await tool('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic,force_size=on', raw, vhd]);
+  await must('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic,force_size=on', raw, vhd]);
   const qcow2 = path.join(dir, 'disk.qcow2');
-  await tool('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', raw, qcow2]);
+  await must('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', raw, qcow2]);
   const cached = path.join(dir, 'cached.raw');
   fs.copyFileSync(raw, cached);
   return [
@@ -77,11 +78,11 @@ const EXPORTS: Record<string, ExportDriver> = {
       const file = path.join(dir, 'patch.bin');
       fs.writeFileSync(file, data);
       // qemu-io writes a file's bytes with its `write -s` (source file) command.
-      await tool('qemu-io', ['-f', 'raw', '-c', `write -s ${file} ${offset} ${data.length}`, uri]);
+      await must('qemu-io', ['-f', 'raw', '-c', `write -s ${file} ${offset} ${data.length}`, uri]);
     },
     async readAll(uri, dir) {
       const out = path.join(dir, `read-${Math.random().toString(36).slice(2)}.raw`);
-      await tool('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, out]);
+      await must('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, out]);
       const data = fs.readFileSync(out);
       fs.rmSync(out);
       return data;
@@ -136,7 +137,7 @@ for (const [kind, driver] of Object.entries(EXPORTS)) {
       await daemon.ok({ op: 'destroy', device: device.id });
       if (c.image) {
         const out = path.join(scratch, `${c.name}.qemu.raw`);
-        await tool('qemu-img', ['convert', '-f', c.image.format, '-O', 'raw', c.image.file, out]);
+        await must('qemu-img', ['convert', '-f', c.image.format, '-O', 'raw', c.image.file, out]);
         t.true(fs.readFileSync(out).equals(expected), `${c.name} over ${kind}: the image qemu-img reads after destroy`);
         fs.rmSync(out);
       }
@@ -148,8 +149,7 @@ for (const [kind, driver] of Object.entries(EXPORTS)) {
 test('every provider kind over the daemon\'s xen export (sim platform, C frontend)', async (t) => {
   const daemon = await startDaemon();
   t.teardown(() => daemon.stop());
-  const sim = xenTempDir('matrix-xen-');
-  t.teardown(() => fs.rmSync(sim, { recursive: true, force: true }));
+  const sim = tempDir(t, 'tapkit-matrix-xen-');
   const devid = 51712;
   const seed = 7;
   let domid = 5;
@@ -164,7 +164,7 @@ test('every provider kind over the daemon\'s xen export (sim platform, C fronten
     if (c.image) {
       // The rw scenario wrote its pattern over the first 256 KiB: it must be in the image now.
       const out = path.join(daemon.dir, `${c.name}.xen.raw`);
-      await tool('qemu-img', ['convert', '-f', c.image.format, '-O', 'raw', c.image.file, out]);
+      await must('qemu-img', ['convert', '-f', c.image.format, '-O', 'raw', c.image.file, out]);
       t.is(firstMismatch(fs.readFileSync(out).subarray(0, 256 * 1024), 0, seed), -1, `${c.name} over xen: the image holds what the guest wrote`);
       fs.rmSync(out);
     }

@@ -7,8 +7,9 @@ import test from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { startDaemon } from './helpers/daemon';
-import { qemuRaw, sevenZipRaw, tapkit, tool } from './helpers/vhd';
+import { qemuRaw, sevenZipRaw } from './helpers/vhd';
 import type { DeviceSummary } from '../core/daemon/devices';
+import { must, tapkit } from './helpers/run';
 
 const MiB = 1 << 20;
 /** What qemu-img makes of `8M` for vpc: the size its CHS geometry rounds to. */
@@ -23,8 +24,8 @@ function expectedDisk(): Buffer {
 /** A dynamic VHD made by qemu-img, its first MiB written with 0x11 by qemu-io. */
 async function baseImage(dir: string, name = 'base.vhd'): Promise<string> {
   const file = path.join(dir, name);
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file, '8M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -q -P 0x11 0 1M', file]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file, '8M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -q -P 0x11 0 1M', file]);
   return file;
 }
 
@@ -51,7 +52,7 @@ test('snapshot makes a child, reopens the device on it and leaves the parent unt
   t.true(fs.readFileSync(base).equals(baseBefore));
   t.true((await qemuRaw(base, daemon.dir)).equals(expectedDisk()), 'qemu-img reads the parent as it was');
   t.true((await sevenZipRaw(child, daemon.dir)).equals(expectedDisk()), '7-Zip reads the chain as it was');
-  const info = JSON.parse(await tool('qemu-img', ['info', '--output=json', '-f', 'vpc', child])) as { 'virtual-size': number };
+  const info = JSON.parse(await must('qemu-img', ['info', '--output=json', '-f', 'vpc', child])) as { 'virtual-size': number };
   t.is(info['virtual-size'], SIZE);
   for (const image of [base, child]) {
     const check = await tapkit(['vhd', 'check', image]);

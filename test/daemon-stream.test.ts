@@ -10,7 +10,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { DeviceStats, DeviceSummary } from '../core/daemon/devices';
 import { startDaemon, type RunningDaemon } from './helpers/daemon';
-import { qemuRaw, sevenZipRaw, tapkit, tool } from './helpers/vhd';
+import { qemuRaw, sevenZipRaw } from './helpers/vhd';
+import { must, tapkit } from './helpers/run';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const WRITER = path.join(ROOT, 'test', 'helpers', 'write-stream.py');
@@ -105,7 +106,7 @@ for (const format of ['raw', 'vpc'] as const) {
     const daemon = await startDaemon();
     t.teardown(() => daemon.stop());
     const image = path.join(daemon.dir, `disk.${format}`);
-    await tool('qemu-img', ['create', '-q', '-f', format, ...(format === 'vpc' ? ['-o', 'subformat=dynamic'] : []), image, '8M']);
+    await must('qemu-img', ['create', '-q', '-f', format, ...(format === 'vpc' ? ['-o', 'subformat=dynamic'] : []), image, '8M']);
     const { id, uri } = await createWithNbd(daemon, `${format === 'vpc' ? 'vhd' : 'raw'}:${image}`);
     const stream = startStream(t, uri, daemon.dir);
     await stream.until(300, 'the first writes');
@@ -136,7 +137,7 @@ test('a live snapshot under a write stream: both layers consistent, the chain eq
   const daemon = await startDaemon();
   t.teardown(() => daemon.stop());
   const base = path.join(daemon.dir, 'base.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', base, '8M']);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', base, '8M']);
   const { id, uri } = await createWithNbd(daemon, `vhd:${base}`);
   const stream = startStream(t, uri, daemon.dir);
   await stream.until(300, 'the first writes');

@@ -13,7 +13,9 @@ import { Opener } from '../core/open';
 import { Vbd } from '../core/vbd';
 import { loopsBackedBy } from '../core/fuse/loop';
 import * as libc from '../native/libc';
-import { isMounted, mountExt4, must, run, serve, sha256, sha256Of, tapkit, tempDir, type Served } from './fuse-helpers';
+import { isMounted, mountExt4, serve, sha256, sha256Of, type Served } from './fuse-helpers';
+import { must, run, tapkit } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 const DISK = '256M';
 
@@ -31,14 +33,14 @@ function qemuImage(name: string, qemuFormat: string, specName: string): ImageCas
   return {
     name,
     create: async (t, dir) => {
-      await must(t, 'qemu-img', ['create', '-q', '-f', qemuFormat, image(dir), DISK]);
+      await must('qemu-img', ['create', '-q', '-f', qemuFormat, image(dir), DISK]);
       // The virtual size as qemu sees it (VHD rounds up to its CHS geometry).
-      const info = JSON.parse(await must(t, 'qemu-img', ['info', '--output=json', '-f', qemuFormat, image(dir)])) as { 'virtual-size': number };
+      const info = JSON.parse(await must('qemu-img', ['info', '--output=json', '-f', qemuFormat, image(dir)])) as { 'virtual-size': number };
       return { spec: `${specName}:${image(dir)}`, size: info['virtual-size'] };
     },
     qemuToRaw: async (t, dir) => {
       const out = path.join(dir, `${name}-qemu.raw`);
-      await must(t, 'qemu-img', ['convert', '-f', qemuFormat, '-O', 'raw', image(dir), out], 300_000);
+      await must('qemu-img', ['convert', '-f', qemuFormat, '-O', 'raw', image(dir), out], { timeoutMs: 300_000 });
       return out;
     },
   };
@@ -58,7 +60,7 @@ function gone(t: ExecutionContext, served: Served): void {
 
 for (const c of CASES) {
   test.serial(`${c.name}: ext4 on the loop device survives write, remount, fsck, unmount and reopen`, async (t) => {
-    const dir = tempDir(t, `fuse-${c.name}-`);
+    const dir = tempDir(t, `tapkit-fuse-${c.name}-`);
     const { spec, size } = await c.create(t, dir);
     const served = await serve(t, spec, ['--loop'], dir);
     t.true(served.file.endsWith('/mnt/disk'));
@@ -66,7 +68,7 @@ for (const c of CASES) {
     t.is(fs.statSync(served.file).size, size);
     t.is(fs.readFileSync(`/sys/block/${path.basename(served.device!)}/loop/dio`, 'utf8').trim(), '1', 'the loop device does direct I/O on the file');
 
-    await must(t, 'mkfs.ext4', ['-q', '-F', served.device!], 180_000);
+    await must('mkfs.ext4', ['-q', '-F', served.device!], { timeoutMs: 180_000 });
     const ext4 = await mountExt4(t, served.device!, dir);
     const files = new Map<string, string>();
     for (const [i, size] of [1, 3, 2, 8].entries()) {
@@ -75,18 +77,18 @@ for (const c of CASES) {
       fs.writeFileSync(path.join(ext4.path, name), data);
       files.set(name, sha256(data));
     }
-    await must(t, 'sync', []);
+    await must('sync', []);
     await ext4.unmount();
 
     // Read back from a fresh mount, so nothing comes from the page cache of the first one.
     const again = await mountExt4(t, served.device!, dir);
     for (const [name, digest] of files) t.is(sha256(fs.readFileSync(path.join(again.path, name))), digest, name);
     await again.unmount();
-    const fsck = await run('fsck.ext4', ['-fn', served.device!], 180_000);
+    const fsck = await run('fsck.ext4', ['-fn', served.device!], { timeoutMs: 180_000 });
     t.is(fsck.code, 0, `fsck.ext4 -fn: ${fsck.stdout}${fsck.stderr}`);
 
-    const held = await sha256Of(t, served.device!, true);
-    t.is(await sha256Of(t, served.file), held, 'the file and the loop device hold the same bytes');
+    const held = await sha256Of(served.device!, true);
+    t.is(await sha256Of(served.file), held, 'the file and the loop device hold the same bytes');
 
     const unmounted = await tapkit(['unmount', served.mountpoint]);
     t.is(unmounted.code, 0, unmounted.stderr);
@@ -95,20 +97,20 @@ for (const c of CASES) {
     gone(t, served);
 
     if (c.qemuToRaw) {
-      t.is(await sha256Of(t, await c.qemuToRaw(t, dir)), held, 'qemu-img reads what the loop device held');
+      t.is(await sha256Of(await c.qemuToRaw(t, dir)), held, 'qemu-img reads what the loop device held');
       const ours = path.join(dir, 'tapkit.raw');
-      const converted = await tapkit(['convert', spec, ours], 300_000);
+      const converted = await tapkit(['convert', spec, ours], { timeoutMs: 300_000 });
       t.is(converted.code, 0, converted.stderr);
-      t.is(await sha256Of(t, ours), held, 'tapkit reopens the image with what the loop device held');
+      t.is(await sha256Of(ours), held, 'tapkit reopens the image with what the loop device held');
     }
   });
 }
 
 test.serial('fio --verify=crc32c: mixed random I/O on the loop device reads back what it wrote', async (t) => {
-  const dir = tempDir(t, 'fuse-fio-');
+  const dir = tempDir(t, 'tapkit-fuse-fio-');
   const served = await serve(t, 'memory:512M', ['--loop'], dir);
   // fio saves its verify state in the working directory: keep it in the test's.
-  const fio = (args: string[]) => run('fio', args, 300_000, { cwd: dir });
+  const fio = (args: string[]) => run('fio', args, { timeoutMs: 300_000, cwd: dir });
   const common = ['--name=verify', `--filename=${served.device}`, '--ioengine=libaio', '--direct=1', '--iodepth=16', '--size=320M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0', '--output-format=terse'];
   // Random writes of mixed sizes over 320 MiB, then every block read back and checked.
   const write = await fio([...common, '--rw=randwrite', '--bssplit=4k/40:16k/25:64k/20:1m/15', '--norandommap=0']);
@@ -121,10 +123,24 @@ test.serial('fio --verify=crc32c: mixed random I/O on the loop device reads back
   gone(t, served);
 });
 
+test.serial('a small UV_THREADPOOL_SIZE inherited from the caller (an xl hotplug script) is raised: the loop device over a raw file serves reads', async (t) => {
+  const dir = tempDir(t, 'fuse-pool-');
+  const image = path.join(dir, 'disk.raw');
+  const content = randomBytes(8 << 20);
+  fs.writeFileSync(image, content);
+  // With 4 threads every one would wait on /dev/fuse and the raw file's reads (on the
+  // same pool) would never run: the mount must raise the pool, not hang or refuse.
+  const served = await serve(t, `raw:${image}`, ['--loop'], dir, { UV_THREADPOOL_SIZE: '4' });
+  t.is(await sha256Of(served.device!, true), sha256(content), 'the loop device reads the file through the FUSE export');
+  const unmounted = await tapkit(['unmount', served.mountpoint]);
+  t.is(unmounted.code, 0, unmounted.stderr);
+  gone(t, served);
+});
+
 test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and tapkit unmount recovers', async (t) => {
-  const dir = tempDir(t, 'fuse-kill-');
+  const dir = tempDir(t, 'tapkit-fuse-kill-');
   const served = await serve(t, 'memory:256M', ['--loop'], dir);
-  const io = run('fio', ['--name=busy', `--filename=${served.device}`, '--ioengine=libaio', '--direct=1', '--iodepth=8', '--rw=randrw', '--bs=64k', '--time_based', '--runtime=120', '--size=256M'], 90_000, { cwd: dir });
+  const io = run('fio', ['--name=busy', `--filename=${served.device}`, '--ioengine=libaio', '--direct=1', '--iodepth=8', '--rw=randrw', '--bs=64k', '--time_based', '--runtime=120', '--size=256M'], { timeoutMs: 90_000, cwd: dir });
   await new Promise((r) => setTimeout(r, 2000));
   served.proc.kill('SIGKILL');
   await served.exit;
@@ -133,7 +149,7 @@ test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and
   t.not(result.code, 0, 'the I/O failed');
   t.regex(result.stderr + result.stdout, /error|err=/i);
   // Any new access fails at once too.
-  const dd = await run('dd', [`if=${served.device}`, 'of=/dev/null', 'bs=4k', 'count=1', 'iflag=direct'], 30_000);
+  const dd = await run('dd', [`if=${served.device}`, 'of=/dev/null', 'bs=4k', 'count=1', 'iflag=direct'], { timeoutMs: 30_000 });
   t.is(dd.signal, null);
   t.not(dd.code, 0);
 
@@ -144,7 +160,7 @@ test.serial('SIGKILL of the server during I/O: the I/O fails, nothing hangs, and
 });
 
 test.serial('a read-only mount refuses writes to the file and to the loop device', async (t) => {
-  const dir = tempDir(t, 'fuse-ro-');
+  const dir = tempDir(t, 'tapkit-fuse-ro-');
   const image = path.join(dir, 'disk.raw');
   fs.writeFileSync(image, randomBytes(4 * 2 ** 20));
   const before = sha256(fs.readFileSync(image));
@@ -152,17 +168,17 @@ test.serial('a read-only mount refuses writes to the file and to the loop device
   t.is(path.basename(served.file), 'ro.img');
   const err = t.throws(() => fs.openSync(served.file, 'r+')) as NodeJS.ErrnoException;
   t.true(['EROFS', 'EPERM', 'EACCES'].includes(err.code!), err.code);
-  const dd = await run('dd', ['if=/dev/zero', `of=${served.device}`, 'bs=4k', 'count=1', 'oflag=direct'], 30_000);
+  const dd = await run('dd', ['if=/dev/zero', `of=${served.device}`, 'bs=4k', 'count=1', 'oflag=direct'], { timeoutMs: 30_000 });
   t.not(dd.code, 0);
   t.regex(dd.stderr, /Read-only file system|Operation not permitted|Permission denied/);
-  t.is(await sha256Of(t, served.device!, true), before, 'reads still work');
+  t.is(await sha256Of(served.device!, true), before, 'reads still work');
   const unmounted = await tapkit(['unmount', served.mountpoint]);
   t.is(unmounted.code, 0, unmounted.stderr);
   t.is(sha256(fs.readFileSync(image)), before, 'the image is unchanged');
 });
 
 test.serial('lseek SEEK_DATA/SEEK_HOLE on the file matches the extents; truncate is refused; fallocate punches', async (t) => {
-  const dir = tempDir(t, 'fuse-seek-');
+  const dir = tempDir(t, 'tapkit-fuse-seek-');
   const image = path.join(dir, 'sparse.raw');
   const MiB = 2 ** 20;
   const fd = fs.openSync(image, 'w');
@@ -198,7 +214,7 @@ test.serial('lseek SEEK_DATA/SEEK_HOLE on the file matches the extents; truncate
   t.is(libc.seekData(file, 64 * MiB - 1, libc.SEEK_HOLE), 64 * MiB, 'the end of the file is a hole');
 
   // The disk cannot change size.
-  const truncate = await run('truncate', ['-s', '1M', served.file], 30_000);
+  const truncate = await run('truncate', ['-s', '1M', served.file], { timeoutMs: 30_000 });
   t.not(truncate.code, 0);
   t.regex(truncate.stderr, /Operation not permitted|Invalid argument/);
   t.is(fs.statSync(served.file).size, 64 * MiB);
@@ -206,12 +222,12 @@ test.serial('lseek SEEK_DATA/SEEK_HOLE on the file matches the extents; truncate
   t.is(grow.code, 'EFBIG');
 
   // Punching a hole through the file reaches the image as a hole that reads as zeros.
-  await must(t, 'fallocate', ['--punch-hole', '--offset', String(MiB), '--length', String(64 * 1024), served.file]);
+  await must('fallocate', ['--punch-hole', '--offset', String(MiB), '--length', String(64 * 1024), served.file]);
   t.is(libc.seekData(file, 0, libc.SEEK_DATA), 40 * MiB);
   const back = Buffer.alloc(64 * 1024, 1);
   fs.readSync(file, back, 0, back.length, MiB);
   t.true(back.every((b) => b === 0));
-  await must(t, 'fallocate', ['--zero-range', '--keep-size', '--offset', String(40 * MiB), '--length', '4096', served.file]);
+  await must('fallocate', ['--zero-range', '--keep-size', '--offset', String(40 * MiB), '--length', '4096', served.file]);
   fs.readSync(file, back, 0, 4096, 40 * MiB);
   t.true(back.subarray(0, 4096).every((b) => b === 0));
   fs.closeSync(file);
@@ -223,7 +239,7 @@ test.serial('lseek SEEK_DATA/SEEK_HOLE on the file matches the extents; truncate
 });
 
 test.serial('tapkit unmount refuses what is not a tapkit mount, and mount refuses a missing directory', async (t) => {
-  const dir = tempDir(t, 'fuse-misc-');
+  const dir = tempDir(t, 'tapkit-fuse-misc-');
   const r = await tapkit(['unmount', dir]);
   t.is(r.code, 2);
   t.regex(r.stderr, /not a tapkit FUSE mount/);
@@ -233,7 +249,7 @@ test.serial('tapkit unmount refuses what is not a tapkit mount, and mount refuse
 });
 
 test.serial('SIGTERM unmounts cleanly: the server detaches its loop device, flushes and unmounts', async (t) => {
-  const dir = tempDir(t, 'fuse-term-');
+  const dir = tempDir(t, 'tapkit-fuse-term-');
   const image = path.join(dir, 'disk.raw');
   fs.writeFileSync(image, Buffer.alloc(8 * 2 ** 20));
   const served = await serve(t, `raw:${image}`, ['--loop'], dir);
@@ -246,13 +262,29 @@ test.serial('SIGTERM unmounts cleanly: the server detaches its loop device, flus
   t.deepEqual(fs.readFileSync(image).subarray(0, data.length), data);
 });
 
+test.serial('SIGTERM while the loop device is still open (xen-blkback closing it a moment later): the server waits for the last close, then unmounts cleanly', async (t) => {
+  const dir = tempDir(t, 'fuse-term-held-');
+  const image = path.join(dir, 'disk.raw');
+  fs.writeFileSync(image, Buffer.alloc(8 * 2 ** 20));
+  const served = await serve(t, `raw:${image}`, ['--loop'], dir);
+  // A user of the block device that lets go 3 s after the stop begins.
+  const holder = run('bash', ['-c', 'exec 3<"$1"; echo open; sleep 3', 'hold', served.device!], { timeoutMs: 60_000 });
+  await new Promise((r) => setTimeout(r, 1000));
+  served.proc.kill('SIGTERM');
+  const exit = await served.exit;
+  t.is((await holder).code, 0);
+  t.is(exit.code, 0, served.stderr());
+  t.notRegex(served.stderr(), /aborting/);
+  gone(t, served);
+});
+
 test.serial('a stopped (hung) server does not hang tapkit unmount: it aborts the connection and cleans up', async (t) => {
   const served = await serve(t, 'memory:64M', ['--loop']);
   t.teardown(() => {
     if (served.proc.exitCode === null) served.proc.kill('SIGCONT');
   });
   served.proc.kill('SIGSTOP');
-  const unmounted = await tapkit(['unmount', served.mountpoint], 90_000);
+  const unmounted = await tapkit(['unmount', served.mountpoint], { timeoutMs: 90_000 });
   t.is(unmounted.signal, null, 'tapkit unmount finished by itself');
   t.is(unmounted.code, 0, unmounted.stderr);
   t.regex(unmounted.stderr, /aborting the FUSE connection/);
@@ -264,9 +296,9 @@ test.serial('a stopped (hung) server does not hang tapkit unmount: it aborts the
 });
 
 test.serial('tapkit unmount refuses while a file system is mounted on the loop device, and succeeds after', async (t) => {
-  const dir = tempDir(t, 'fuse-busy-');
+  const dir = tempDir(t, 'tapkit-fuse-busy-');
   const served = await serve(t, 'memory:64M', ['--loop'], dir);
-  await must(t, 'mkfs.ext4', ['-q', '-F', served.device!], 120_000);
+  await must('mkfs.ext4', ['-q', '-F', served.device!], { timeoutMs: 120_000 });
   const ext4 = await mountExt4(t, served.device!, dir);
   fs.writeFileSync(path.join(ext4.path, 'kept'), 'still here');
   const refused = await tapkit(['unmount', served.mountpoint]);
@@ -282,13 +314,13 @@ test.serial('tapkit unmount refuses while a file system is mounted on the loop d
 });
 
 test.serial("a provider's error reaches the writer through the kernel as its errno (ENOSPC), and the mount keeps serving", async (t) => {
-  const dir = tempDir(t, 'fuse-enospc-');
+  const dir = tempDir(t, 'tapkit-fuse-enospc-');
   const served = await serve(t, 'memory,limit=1M:16M', [], dir);
-  const dd = await run('dd', ['if=/dev/urandom', `of=${served.file}`, 'bs=64k', 'count=64', 'conv=notrunc,fsync', 'status=none'], 60_000);
+  const dd = await run('dd', ['if=/dev/urandom', `of=${served.file}`, 'bs=64k', 'count=64', 'conv=notrunc,fsync', 'status=none'], { timeoutMs: 60_000 });
   t.not(dd.code, 0);
   t.regex(dd.stderr, /No space left on device/);
   // Reading is still fine, and so is writing over what is already allocated.
-  const again = await run('dd', ['if=/dev/zero', `of=${served.file}`, 'bs=64k', 'count=4', 'conv=notrunc,fsync', 'status=none'], 60_000);
+  const again = await run('dd', ['if=/dev/zero', `of=${served.file}`, 'bs=64k', 'count=4', 'conv=notrunc,fsync', 'status=none'], { timeoutMs: 60_000 });
   t.is(again.code, 0, again.stderr);
   t.is(fs.readFileSync(served.file).length, 16 * 2 ** 20);
   const unmounted = await tapkit(['unmount', served.mountpoint]);
@@ -297,9 +329,9 @@ test.serial("a provider's error reaches the writer through the kernel as its err
 });
 
 test.serial('--allow-other lets another user read the file (permissions still apply); without it the kernel refuses them', async (t) => {
-  const asNobody = (args: string[]) => run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', ...args], 30_000);
+  const asNobody = (args: string[]) => run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', ...args], { timeoutMs: 30_000 });
   for (const allowOther of [false, true]) {
-    const dir = tempDir(t, 'fuse-other-');
+    const dir = tempDir(t, 'tapkit-fuse-other-');
     fs.chmodSync(dir, 0o755); // let the other user reach the mount point
     const served = await serve(t, 'memory:4M', allowOther ? ['--allow-other'] : [], dir);
     const read = await asNobody(['dd', `if=${served.file}`, 'of=/dev/null', 'bs=4k', 'count=1', 'status=none']);
@@ -322,7 +354,7 @@ test.serial('with a plugin loaded, tapkit mount still has threads for its reader
   // sized it first, or its 8 waiting reads of /dev/fuse would take every thread.
   const plugin = path.join(__dirname, '..', 'examples', 'pattern.js');
   const served = await serve(t, 'pattern:16M', ['--read-only', '--plugin', plugin]);
-  const read = await run('dd', [`if=${served.file}`, 'of=/dev/null', 'bs=1M', 'status=none'], 30_000);
+  const read = await run('dd', [`if=${served.file}`, 'of=/dev/null', 'bs=1M', 'status=none'], { timeoutMs: 30_000 });
   t.is(read.signal, null, 'the read did not hang');
   t.is(read.code, 0, read.stderr);
   t.true(fs.readdirSync(`/proc/${served.proc.pid}/task`).length > 16);

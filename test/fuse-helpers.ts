@@ -1,64 +1,17 @@
 /**
  * Helpers for the FUSE export tests: run `tapkit mount` as a child process (the server
  * must not share the test's event loop: the test's own reads of the file would wait on
- * it), run real tools with hard timeouts, and clean up mounts and loop devices whatever
- * happened.
+ * it), and clean up mounts and loop devices whatever happened.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
 import { loopsBackedBy } from '../core/fuse/loop';
-import { abortConnection, connectionOf, findMount, readMounts } from '../core/fuse/mounts';
-
-export const CLI = path.join(__dirname, '..', 'core', 'cli', 'main.js');
-
-export interface RunResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-/**
- * Runs a command with a hard timeout (killed with SIGKILL when it passes). Never rejects.
- * `cwd` matters for tools that leave files behind (fio writes its verify state there).
- */
-export function run(command: string, args: string[], timeoutMs = 120_000, options: { cwd?: string } = {}): Promise<RunResult> {
-  return new Promise((resolve) => {
-    execFile(command, args, { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 << 20, cwd: options.cwd }, (err, stdout, stderr) => {
-      const e = err as (NodeJS.ErrnoException & { code?: number | string; signal?: NodeJS.Signals }) | null;
-      resolve({ code: e ? (typeof e.code === 'number' ? e.code : -1) : 0, signal: e?.signal ?? null, stdout: String(stdout), stderr: String(stderr) + (e && typeof e.code === 'string' ? e.message : '') });
-    });
-  });
-}
-
-/** Runs a command and fails the test with its stderr unless it exits 0. */
-export async function must(t: ExecutionContext, command: string, args: string[], timeoutMs?: number): Promise<string> {
-  const r = await run(command, args, timeoutMs);
-  if (r.code !== 0) t.fail(`${command} ${args.join(' ')} exited ${r.code ?? r.signal}: ${r.stderr.trim()}`);
-  return r.stdout;
-}
-
-export function tapkit(args: string[], timeoutMs = 60_000): Promise<RunResult> {
-  return run(process.execPath, [CLI, ...args], timeoutMs);
-}
-
-/**
- * A fresh directory under the system temp dir, removed when the test ends. Teardowns run
- * last-registered first, so mounts made inside it later are gone by then; if one is
- * still there (a cleanup failed), the directory is left alone rather than walked into.
- */
-export function tempDir(t: ExecutionContext, prefix: string): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `tapkit-${prefix}`));
-  t.teardown(() => {
-    if (readMounts().some((m) => m.mountpoint === dir || m.mountpoint.startsWith(`${dir}/`))) return;
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  return dir;
-}
+import { abortConnection, connectionOf, findMount } from '../core/fuse/mounts';
+import { CLI, must, run, tapkit } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 export interface Served {
   proc: ChildProcess;
@@ -74,10 +27,10 @@ export interface Served {
  * the loop device with --loop). Registers a teardown that unmounts and detaches
  * everything, even when the test failed or killed the server.
  */
-export async function serve(t: ExecutionContext, spec: string, args: string[] = [], dir = tempDir(t, 'fuse-')): Promise<Served> {
+export async function serve(t: ExecutionContext, spec: string, args: string[] = [], dir = tempDir(t, 'tapkit-fuse-'), env: Record<string, string> = {}): Promise<Served> {
   const mountpoint = path.join(dir, 'mnt');
   fs.mkdirSync(mountpoint, { recursive: true });
-  const proc = spawn(process.execPath, [CLI, 'mount', spec, mountpoint, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [CLI, 'mount', spec, mountpoint, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   let stdout = '';
   let stderr = '';
   proc.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -99,14 +52,14 @@ export async function serve(t: ExecutionContext, spec: string, args: string[] = 
 
 /** Last-resort cleanup: a polite `tapkit unmount`, then force whatever is left. */
 export async function cleanupMount(mountpoint: string, proc: ChildProcess, exit: Promise<unknown>): Promise<void> {
-  if (findMount(mountpoint)?.fstype === 'fuse.tapkit') await tapkit(['unmount', mountpoint], 60_000);
+  if (findMount(mountpoint)?.fstype === 'fuse.tapkit') await tapkit(['unmount', mountpoint], { timeoutMs: 60_000 });
   const entry = findMount(mountpoint);
   if (entry?.fstype === 'fuse.tapkit') {
     try {
       abortConnection(connectionOf(entry));
     } catch {}
-    for (const { device } of loopsBackedBy({ under: mountpoint })) await run('losetup', ['-d', device], 30_000);
-    await run('umount', ['-l', mountpoint], 30_000);
+    for (const { device } of loopsBackedBy({ under: mountpoint })) await run('losetup', ['-d', device], { timeoutMs: 30_000 });
+    await run('umount', ['-l', mountpoint], { timeoutMs: 30_000 });
   }
   if (proc.exitCode === null && proc.signalCode === null) {
     proc.kill('SIGKILL');
@@ -117,22 +70,22 @@ export async function cleanupMount(mountpoint: string, proc: ChildProcess, exit:
 /** Mounts `device` (ext4) on a fresh directory and unmounts it in teardown. */
 export async function mountExt4(t: ExecutionContext, device: string, dir: string): Promise<{ path: string; unmount(): Promise<void> }> {
   const target = fs.mkdtempSync(path.join(dir, 'ext4-'));
-  await must(t, 'mount', ['-t', 'ext4', device, target], 60_000);
+  await must('mount', ['-t', 'ext4', device, target], { timeoutMs: 60_000 });
   let mounted = true;
   const unmount = async () => {
     if (!mounted) return;
-    await must(t, 'umount', [target], 60_000);
+    await must('umount', [target], { timeoutMs: 60_000 });
     mounted = false;
   };
   t.teardown(async () => {
-    if (mounted) await run('umount', ['-l', target], 30_000);
+    if (mounted) await run('umount', ['-l', target], { timeoutMs: 30_000 });
   });
   return { path: target, unmount };
 }
 
 /** sha256 of a whole file or device; `direct` reads with O_DIRECT (past any page cache). */
-export async function sha256Of(t: ExecutionContext, file: string, direct = false): Promise<string> {
-  const out = await must(t, 'bash', ['-c', `set -o pipefail; dd if="$1" bs=1M status=none ${direct ? 'iflag=direct' : ''} | sha256sum`, 'hash', file], 300_000);
+export async function sha256Of(file: string, direct = false): Promise<string> {
+  const out = await must('bash', ['-c', `set -o pipefail; dd if="$1" bs=1M status=none ${direct ? 'iflag=direct' : ''} | sha256sum`, 'hash', file], { timeoutMs: 300_000 });
   return out.split(' ')[0];
 }
 

@@ -15,8 +15,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Opener, openSpec } from '../core/open';
 import type { Provider } from '../core/provider';
-import { must, run, serve, tempDir } from './helpers/nbd';
+import { serve } from './helpers/nbd';
 import { startNginx, type Nginx } from './helpers/nginx';
+import { must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 /** One row per image format served: how qemu-img writes the image and which spec opens it over http. */
 interface ImageCase {
@@ -243,14 +245,14 @@ for (const file of ['disk.qcow2', 'top.qcow2']) {
   test(`tapkit serve qcow2:http://…/${file} reads as qemu-img reads the local image (qemu-img compare)`, async (t) => {
     const socket = path.join(tempDir(t, 'tapkit-http-serve-'), 'nbd.sock');
     const server = await serve(t, ['--read-only', '--socket', socket, `qcow2:${nginx.base}/${file}`]);
-    await must(t, 'qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', path.join(root, file), server.uri], { timeout: 120_000 });
+    await must('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', path.join(root, file), server.uri], { timeoutMs: 120_000 });
     // compare can fail: one byte changed in a copy of the local image is seen.
     const changed = path.join(tempDir(t, 'tapkit-http-changed-'), 'changed.raw');
     fs.copyFileSync(path.join(work, `${file}.expected`), changed);
     const fd = fs.openSync(changed, 'r+');
     fs.writeSync(fd, Buffer.from([fs.readFileSync(changed)[777_777] ^ 0xff]), 0, 1, 777_777);
     fs.closeSync(fd);
-    const differ = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', changed, server.uri], { timeout: 120_000 });
+    const differ = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', changed, server.uri], { timeoutMs: 120_000 });
     t.is(differ.code, 1, differ.stdout + differ.stderr);
     t.is(await server.stop(), 0);
   });

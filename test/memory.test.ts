@@ -98,3 +98,31 @@ test('bad memory specs are refused as usage errors naming the spec', async (t) =
     t.true(error instanceof SpecError && error.usage, `${spec} is a usage error`);
   }
 });
+
+test('readViews lends the chunks themselves and agrees with read, holes included', async (t) => {
+  const vbd = await open('memory:4M');
+  t.teardown(() => vbd.close());
+  t.true(vbd.lendsReads);
+  // Data across chunk boundaries with a hole chunk between the written runs.
+  const data = new Uint8Array(200 * KiB);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+  await vbd.write(data.subarray(0, 100 * KiB), 10 * KiB);
+  await vbd.write(data.subarray(100 * KiB), 300 * KiB);
+  for (const [offset, length] of [[0, 512 * KiB], [10 * KiB + 1, 99 * KiB], [63 * KiB, 3 * KiB], [129 * KiB, 200 * KiB], [4 * MiB - 5, 5]]) {
+    const views = await vbd.readViews(offset, length);
+    t.is(views.reduce((n, v) => n + v.length, 0), length);
+    const expected = new Uint8Array(length);
+    await vbd.read(expected, offset);
+    t.deepEqual(Buffer.concat(views), Buffer.from(expected), `${offset}+${length}`);
+  }
+  t.deepEqual(await vbd.readViews(0, 0), []);
+  await t.throwsAsync(vbd.readViews(4 * MiB - 5, 6), { code: 'EINVAL' });
+  // The caveat of the contract: a view still held shows a later write (it is not a copy).
+  const [view] = await vbd.readViews(10 * KiB, 16);
+  await vbd.write(new Uint8Array(16).fill(0xee), 10 * KiB);
+  t.is(view[0], 0xee);
+  // A hole's view is zeros, and writing next to it does not change it.
+  const [hole] = await vbd.readViews(3 * MiB, 4096);
+  await vbd.write(new Uint8Array(4096).fill(9), 3 * MiB + 4096);
+  t.true(hole.every((b) => b === 0));
+});

@@ -12,7 +12,8 @@ import { promisify } from 'node:util';
 import type { DeviceStats, DeviceSummary } from '../core/daemon/devices';
 import { parseListenTarget } from '../core/nbd/uri';
 import { CLI, startDaemon } from './helpers/daemon';
-import { must, run, tempDir } from './helpers/nbd';
+import { must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 const exec = promisify(execFile);
 
@@ -42,7 +43,7 @@ test('export arguments: socket paths, unix:, tcp:, HOST:PORT; nonsense refused',
 test('a config device on a Unix socket and a ctl device on TCP, reached by qemu and nbdinfo', async (t) => {
   const dir = tempDir(t, 'tapkit-nbd-daemon-');
   const image = path.join(dir, 'disk.raw');
-  await must(t, 'qemu-img', ['create', '-q', '-f', 'raw', image, '8M']);
+  await must('qemu-img', ['create', '-q', '-f', 'raw', image, '8M']);
   const socket = path.join(dir, 'disk.sock');
   const config = path.join(dir, 'daemon.json');
   fs.writeFileSync(config, JSON.stringify({ devices: [{ name: 'disk', spec: `raw:${image}`, exports: [`nbd:unix:${socket}`] }] }));
@@ -54,7 +55,7 @@ test('a config device on a Unix socket and a ctl device on TCP, reached by qemu 
   const unixUri = disk.exports[0].target;
 
   // Writes through NBD land in the file behind the daemon's device.
-  await must(t, 'qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 1000 70000', '-c', 'flush', unixUri]);
+  await must('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 1000 70000', '-c', 'flush', unixUri]);
   const bytes = fs.readFileSync(image);
   t.true(bytes.subarray(1000, 71000).every((b) => b === 0x5c));
   t.is(bytes[999], 0);
@@ -65,12 +66,12 @@ test('a config device on a Unix socket and a ctl device on TCP, reached by qemu 
   const scratch = (await daemon.ok<DeviceSummary[]>({ op: 'list' })).find((d) => d.name === 'scratch')!;
   const tcpUri = scratch.exports[0].target;
   t.regex(tcpUri, /^nbd:\/\/127\.0\.0\.1:[1-9]\d*\/$/);
-  const info = JSON.parse(await must(t, 'nbdinfo', ['--json', tcpUri]));
+  const info = JSON.parse(await must('nbdinfo', ['--json', tcpUri]));
   t.is(info.exports[0]['export-size'], 32 << 20);
   t.is(info.exports[0].description, `tapkit device ${scratch.id}`);
   t.true(info.exports[0]['can_multi_conn']);
-  await must(t, 'qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 5000000 4096', tcpUri]);
-  const check = await must(t, 'qemu-io', ['-f', 'raw', '-c', 'read -P 0x77 5000000 4096', '-c', 'read -P 0 4999999 1', tcpUri]);
+  await must('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 5000000 4096', tcpUri]);
+  const check = await must('qemu-io', ['-f', 'raw', '-c', 'read -P 0x77 5000000 4096', '-c', 'read -P 0 4999999 1', tcpUri]);
   t.notRegex(check, /Pattern verification failed/);
 
   // The export's counters and the device's operations show up in stats.
@@ -87,9 +88,9 @@ test('a config device on a Unix socket and a ctl device on TCP, reached by qemu 
 
   // Destroy stops the export: the port is closed, the other device is untouched.
   t.is((await ctl(daemon.control, 'destroy', 'scratch')).code, 0);
-  const gone = await run('nbdinfo', ['--size', tcpUri], { timeout: 20_000 });
+  const gone = await run('nbdinfo', ['--size', tcpUri], { timeoutMs: 20_000 });
   t.not(gone.code, 0);
-  t.is((await must(t, 'nbdinfo', ['--size', unixUri])).trim(), String(8 << 20));
+  t.is((await must('nbdinfo', ['--size', unixUri])).trim(), String(8 << 20));
 
   // SIGTERM: exports stop, the socket file goes away, the daemon exits 0.
   t.is(await daemon.stop(), 0);
@@ -107,7 +108,7 @@ test('pause holds NBD requests until unpause; they then complete', async (t) => 
 
   t.is((await ctl(daemon.control, 'pause', 'm')).code, 0);
   let done = false;
-  const writer = run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 0 65536', uri], { timeout: 60_000 }).then((r) => {
+  const writer = run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 0 65536', uri], { timeoutMs: 60_000 }).then((r) => {
     done = true;
     return r;
   });
@@ -117,7 +118,7 @@ test('pause holds NBD requests until unpause; they then complete', async (t) => 
   t.is((await ctl(daemon.control, 'unpause', 'm')).code, 0);
   const result = await writer;
   t.is(result.code, 0, result.stderr);
-  const check = await must(t, 'qemu-io', ['-f', 'raw', '-c', 'read -P 0x42 0 65536', uri]);
+  const check = await must('qemu-io', ['-f', 'raw', '-c', 'read -P 0x42 0 65536', uri]);
   t.notRegex(check, /Pattern verification failed/);
 });
 
@@ -141,5 +142,5 @@ test('bad nbd export arguments fail the create and leave nothing behind', async 
   t.regex(second.stderr, /cannot listen.*another server is listening/);
   const names = (await daemon.ok<DeviceSummary[]>({ op: 'list' })).map((d) => d.name);
   t.deepEqual(names, ['first']);
-  t.is((await must(t, 'nbdinfo', ['--size', `nbd+unix:///?socket=${socket}`])).trim(), String(1 << 20));
+  t.is((await must('nbdinfo', ['--size', `nbd+unix:///?socket=${socket}`])).trim(), String(1 << 20));
 });

@@ -4,8 +4,9 @@
  * it byte by byte, and check what they wrote through a real client (qemu-io) afterwards.
  */
 import test, { type ExecutionContext } from 'ava';
-import { listenArgs, must, serve, type Served } from './helpers/nbd';
+import { listenArgs, serve, type Served } from './helpers/nbd';
 import { RawClient, u32 } from './helpers/raw-nbd';
+import { must } from './helpers/run';
 
 const MiB = 1024 * 1024;
 const OPT_GO = 7;
@@ -111,7 +112,7 @@ test('extended headers: every command answered with 32-byte chunks, 64-bit lengt
   t.true(await client.closedWithin(10_000));
 
   // What was written is there for a client that knows nothing of extended headers.
-  const out = await must(t, 'qemu-io', ['-f', 'raw', '-c', `read -P 0x6b ${3 * MiB + 5} 70000`, '-c', `read -P 0 ${3 * MiB} 5`, server.uri]);
+  const out = await must('qemu-io', ['-f', 'raw', '-c', `read -P 0x6b ${3 * MiB + 5} 70000`, '-c', `read -P 0 ${3 * MiB} 5`, server.uri]);
   t.notRegex(out, /Pattern verification failed/);
   t.is(await server.stop(), 0);
 });

@@ -8,7 +8,9 @@ import { spawn } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { TRANSPORTS, listenArgs, must, run, serve, sleep, tempDir } from './helpers/nbd';
+import { TRANSPORTS, listenArgs, serve, sleep } from './helpers/nbd';
+import { must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 for (const transport of TRANSPORTS) {
   test.serial(`ext4 through nbdfuse and a loop device (${transport})`, async (t) => {
@@ -28,15 +30,15 @@ for (const transport of TRANSPORTS) {
     let mounted = false;
     // Teardown runs in reverse order of registration: unmount, detach, then unmount FUSE.
     t.teardown(async () => {
-      await run('fusermount3', ['-u', fuseDir], { timeout: 20_000 });
+      await run('fusermount3', ['-u', fuseDir], { timeoutMs: 20_000 });
       if (fuse.exitCode === null && fuse.signalCode === null) fuse.kill('SIGKILL');
       await Promise.race([fuseExited, sleep(5000)]);
     });
     t.teardown(async () => {
-      if (loop) await run('losetup', ['-d', loop], { timeout: 20_000 });
+      if (loop) await run('losetup', ['-d', loop], { timeoutMs: 20_000 });
     });
     t.teardown(async () => {
-      if (mounted) await run('umount', [mnt], { timeout: 20_000 });
+      if (mounted) await run('umount', [mnt], { timeoutMs: 20_000 });
     });
 
     const deadline = Date.now() + 30_000;
@@ -45,10 +47,10 @@ for (const transport of TRANSPORTS) {
       if (fuse.exitCode !== null) t.fail(`nbdfuse exited: ${fuseErr}`);
       await sleep(100);
     }
-    loop = (await must(t, 'losetup', ['-f', '--show', image])).trim();
+    loop = (await must('losetup', ['-f', '--show', image])).trim();
     t.regex(loop, /^\/dev\/loop\d+$/);
-    await must(t, 'mkfs.ext4', ['-q', '-F', loop], { timeout: 120_000 });
-    await must(t, 'mount', [loop, mnt]);
+    await must('mkfs.ext4', ['-q', '-F', loop], { timeoutMs: 120_000 });
+    await must('mount', [loop, mnt]);
     mounted = true;
     const files: Record<string, Buffer> = {};
     for (let i = 0; i < 8; i++) {
@@ -58,27 +60,27 @@ for (const transport of TRANSPORTS) {
     }
     fs.mkdirSync(path.join(mnt, 'sub'));
     fs.writeFileSync(path.join(mnt, 'sub', 'small'), 'tapkit over nbd\n');
-    await must(t, 'sync', []);
-    await must(t, 'umount', [mnt]);
+    await must('sync', []);
+    await must('umount', [mnt]);
     mounted = false;
 
     // Detach everything, so nothing can come from a kernel cache: what follows reads
     // only what reached the server.
-    await must(t, 'losetup', ['-d', loop]);
+    await must('losetup', ['-d', loop]);
     loop = '';
-    await must(t, 'fusermount3', ['-u', fuseDir]);
+    await must('fusermount3', ['-u', fuseDir]);
     await Promise.race([fuseExited, sleep(10_000)]);
     const copy = path.join(dir, 'copy.img');
-    await must(t, 'nbdcopy', [server.uri, copy], { timeout: 120_000 });
+    await must('nbdcopy', [server.uri, copy], { timeoutMs: 120_000 });
 
-    const fsck = await run('fsck.ext4', ['-fn', copy], { timeout: 120_000 });
+    const fsck = await run('fsck.ext4', ['-fn', copy], { timeoutMs: 120_000 });
     t.is(fsck.code, 0, fsck.stdout + fsck.stderr);
 
-    await must(t, 'mount', ['-o', 'ro,loop', copy, mnt]);
+    await must('mount', ['-o', 'ro,loop', copy, mnt]);
     mounted = true;
     for (const [name, data] of Object.entries(files)) t.true(fs.readFileSync(path.join(mnt, name)).equals(data), name);
     t.is(fs.readFileSync(path.join(mnt, 'sub', 'small'), 'utf8'), 'tapkit over nbd\n');
-    await must(t, 'umount', [mnt]);
+    await must('umount', [mnt]);
     mounted = false;
     t.is(await server.stop(), 0);
   });

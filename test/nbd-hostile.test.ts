@@ -5,8 +5,9 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
-import { TRANSPORTS, listenArgs, must, serve, sleep, type Served, type Transport } from './helpers/nbd';
+import { TRANSPORTS, listenArgs, serve, sleep, type Served, type Transport } from './helpers/nbd';
 import { RawClient, u16, u32 } from './helpers/raw-nbd';
+import { must } from './helpers/run';
 
 const MiB = 1024 * 1024;
 
@@ -29,7 +30,7 @@ async function connect(t: ExecutionContext, server: Served): Promise<RawClient> 
 
 /** A real client still gets correct service. */
 async function stillServes(t: ExecutionContext, server: Served): Promise<void> {
-  const out = await must(t, 'qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 12345 4096', '-c', 'read -P 0x42 12345 4096', server.uri]);
+  const out = await must('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 12345 4096', '-c', 'read -P 0x42 12345 4096', server.uri]);
   t.regex(out, /read 4096\/4096 bytes/);
 }
 

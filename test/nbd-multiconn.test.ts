@@ -10,19 +10,21 @@
 import test from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { listenArgs, must, nbdPython, run, serve, tempDir } from './helpers/nbd';
+import { listenArgs, nbdPython, serve } from './helpers/nbd';
+import { must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 const MiB = 1024 * 1024;
 const SHAPE = path.join(__dirname, 'fixtures', 'shape-filter.js');
 
-async function exportInfo(t: Parameters<typeof must>[0], uri: string): Promise<Record<string, unknown>> {
-  return JSON.parse(await must(t, 'nbdinfo', ['--json', uri])).exports[0];
+async function exportInfo(uri: string): Promise<Record<string, unknown>> {
+  return JSON.parse(await must('nbdinfo', ['--json', uri])).exports[0];
 }
 
 test('flags follow the chain: no multiConn, trim or zero below means no MULTI_CONN, TRIM or FAST_ZERO', async (t) => {
   const server = await serve(t, ['--plugin', SHAPE, ...listenArgs(t, 'unix'), 'shape,no=multiConn+trim+zero:memory:4M']);
   // WRITE_ZEROES stays: the VBD writes zeros itself when the chain cannot zero, but never fast.
-  t.like(await exportInfo(t, server.uri), {
+  t.like(await exportInfo(server.uri), {
     is_read_only: false, can_multi_conn: false, can_trim: false, can_zero: true, can_fast_zero: false,
     can_flush: true, can_fua: true, can_cache: true,
   });
@@ -48,15 +50,15 @@ print("refused")
 
 test('no flush below: neither FLUSH nor FUA is advertised', async (t) => {
   const server = await serve(t, ['--plugin', SHAPE, ...listenArgs(t, 'unix'), 'shape,no=flush+fua:memory:4M']);
-  t.like(await exportInfo(t, server.uri), { can_flush: false, can_fua: false, can_trim: true, can_multi_conn: true });
+  t.like(await exportInfo(server.uri), { can_flush: false, can_fua: false, can_trim: true, can_multi_conn: true });
   t.is(await server.stop(), 0);
 });
 
 test('block sizes from the geometry: logical is the minimum, physical the preferred', async (t) => {
   const server = await serve(t, ['--plugin', SHAPE, ...listenArgs(t, 'unix'), '--max-request', '8M', 'shape,logical=4096,physical=65536:memory:4M']);
-  t.like(await exportInfo(t, server.uri), { block_size_minimum: 4096, block_size_preferred: 65536, block_size_maximum: 8 * MiB });
+  t.like(await exportInfo(server.uri), { block_size_minimum: 4096, block_size_preferred: 65536, block_size_maximum: 8 * MiB });
   // A client that honours the minimum still writes 512 bytes (qemu does read-modify-write).
-  const out = await must(t, 'qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 512 512', '-c', 'read -P 0x3c 512 512', '-c', 'read -P 0 0 512', server.uri]);
+  const out = await must('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 512 512', '-c', 'read -P 0x3c 512 512', '-c', 'read -P 0 0 512', server.uri]);
   t.notRegex(out, /Pattern verification failed/);
   t.is(await server.stop(), 0);
 });
@@ -64,11 +66,11 @@ test('block sizes from the geometry: logical is the minimum, physical the prefer
 test('a qcow2 image made by qemu-img advertises 512-byte blocks and its cluster size as preferred', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.qcow2');
-  await must(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=128k', image, '16M']);
-  await must(t, 'qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x61 1M 300k', image]);
+  await must('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=128k', image, '16M']);
+  await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x61 1M 300k', image]);
   const server = await serve(t, [...listenArgs(t, 'unix'), image]);
-  t.like(await exportInfo(t, server.uri), { is_read_only: true, block_size_minimum: 512, block_size_preferred: 128 * 1024, export_size: undefined });
-  const out = await must(t, 'qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x61 1M 300k', '-c', 'read -P 0 0 1M', server.uri]);
+  t.like(await exportInfo(server.uri), { is_read_only: true, block_size_minimum: 512, block_size_preferred: 128 * 1024, export_size: undefined });
+  const out = await must('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x61 1M 300k', '-c', 'read -P 0 0 1M', server.uri]);
   t.notRegex(out, /Pattern verification failed/);
   t.is(await server.stop(), 0);
 });
@@ -76,7 +78,7 @@ test('a qcow2 image made by qemu-img advertises 512-byte blocks and its cluster 
 test('MULTI_CONN: a flush on one connection makes the writes of the others durable (VHD)', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.vhd');
-  await must(t, 'qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', image, '64M']);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', image, '64M']);
   const server = await serve(t, [...listenArgs(t, 'unix'), `vhd:${image}`]);
   // Three connections; the first two write into unallocated blocks (new BAT entries), the
   // third only flushes, after both writes were answered.
@@ -97,7 +99,7 @@ print("flushed")
   // No goodbye: the server dies at once; only what the flush made durable survives.
   server.process.kill('SIGKILL');
   await server.exited;
-  const check = await must(t, 'qemu-io', [
+  const check = await must('qemu-io', [
     '-f', 'vpc', '-r',
     '-c', 'read -P 0xa1 0 64k',
     '-c', 'read -P 0xb2 20M 64k',

@@ -7,8 +7,10 @@ import test from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseExportArg, parseHostPort } from '../core/cli/commands/serve';
-import { CLI, must, run, serve, sleep, tempDir } from './helpers/nbd';
+import { serve, sleep } from './helpers/nbd';
 import { RawClient } from './helpers/raw-nbd';
+import { CLI, must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 test('export arguments: NAME=SPEC or a bare spec', (t) => {
   t.deepEqual(parseExportArg('memory:1G'), { name: '', spec: 'memory:1G' });
@@ -26,11 +28,11 @@ test('export arguments: NAME=SPEC or a bare spec', (t) => {
 
 test('usage errors exit 2 with one line', async (t) => {
   for (const args of [['--connections', '0'], ['--max-request', '1'], ['--tls-cert', '/nonexistent'], ['a=memory:1M', 'a=memory:2M'], ['--listen', 'nohost']]) {
-    const r = await run(process.execPath, [CLI, 'serve', ...args], { timeout: 30_000 });
+    const r = await run(process.execPath, [CLI, 'serve', ...args], { timeoutMs: 30_000 });
     t.is(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
     t.regex(r.stderr, /^tapkit: .+\n$/);
   }
-  const missing = await run(process.execPath, [CLI, 'serve', '--socket', path.join(tempDir(t), 's'), '/nonexistent/disk.img'], { timeout: 30_000 });
+  const missing = await run(process.execPath, [CLI, 'serve', '--socket', path.join(tempDir(t), 's'), '/nonexistent/disk.img'], { timeoutMs: 30_000 });
   t.is(missing.code, 1, missing.stderr);
   t.regex(missing.stderr, /no such file/);
 });
@@ -41,9 +43,9 @@ test('tapkit serve with no export: a sparse memory:1G disk on a default Unix soc
   const socketPath = path.join(runtime, 'tapkit', 'nbd.sock');
   t.is(server.uri, `nbd+unix:///?socket=${socketPath}`);
   t.true(server.stdout().includes(`try: qemu-img info 'nbd+unix:///?socket=${socketPath}'`), server.stdout());
-  const info = JSON.parse(await must(t, 'qemu-img', ['info', '--output=json', server.uri]));
+  const info = JSON.parse(await must('qemu-img', ['info', '--output=json', server.uri]));
   t.is(info['virtual-size'], 1024 ** 3);
-  const map = JSON.parse(await must(t, 'nbdinfo', ['--map', '--json', server.uri]));
+  const map = JSON.parse(await must('nbdinfo', ['--map', '--json', server.uri]));
   t.deepEqual(map, [{ offset: 0, length: 1024 ** 3, type: 3, description: 'hole,zero' }]);
   t.is(await server.stop('SIGINT'), 0);
   t.false(fs.existsSync(socketPath), 'the socket file is removed');
@@ -52,7 +54,7 @@ test('tapkit serve with no export: a sparse memory:1G disk on a default Unix soc
 test('SIGTERM: running writes finish and reach the file, then exit 0', async (t) => {
   const dir = tempDir(t);
   const file = path.join(dir, 'disk.raw');
-  await must(t, 'truncate', ['-s', '64M', file]);
+  await must('truncate', ['-s', '64M', file]);
   const socketPath = path.join(dir, 's');
   const server = await serve(t, ['--socket', socketPath, `raw:${file}`]);
   const client = await RawClient.connect({ path: socketPath });

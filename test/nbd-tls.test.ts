@@ -6,8 +6,10 @@
 import test, { type ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { TRANSPORTS, listenArgs, must, run, serve, tempDir } from './helpers/nbd';
+import { TRANSPORTS, listenArgs, serve } from './helpers/nbd';
 import { RawClient } from './helpers/raw-nbd';
+import { must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 /** A CA, a server certificate for localhost/127.0.0.1 and a client certificate, in libnbd's layout. */
 async function makeCertificates(t: ExecutionContext): Promise<{ server: string; client: string; caOnly: string }> {
@@ -16,7 +18,7 @@ async function makeCertificates(t: ExecutionContext): Promise<{ server: string; 
   const client = path.join(dir, 'client');
   const caOnly = path.join(dir, 'ca-only');
   for (const d of [server, client, caOnly]) fs.mkdirSync(d);
-  const ossl = (...args: string[]) => must(t, 'openssl', args);
+  const ossl = (...args: string[]) => must('openssl', args);
   const ca = path.join(server, 'ca-cert.pem');
   const caKey = path.join(dir, 'ca-key.pem');
   await ossl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', caKey, '-out', ca, '-days', '2', '-subj', '/CN=tapkit test CA');
@@ -53,10 +55,10 @@ for (const transport of TRANSPORTS) {
       { readyUri: (uris) => withCerts(uris[0], certs.client) },
     );
     t.regex(server.uri, /^nbds(\+unix)?:\/\//);
-    const info = JSON.parse(await must(t, 'nbdinfo', ['--json', withCerts(server.uri, certs.client)]));
+    const info = JSON.parse(await must('nbdinfo', ['--json', withCerts(server.uri, certs.client)]));
     t.true(info.TLS);
     t.is(info.exports[0]['export-size'], 16 * 1024 * 1024);
-    const io = await must(t, 'qemu-io', [
+    const io = await must('qemu-io', [
       '--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${certs.client}`,
       '--image-opts', ...(transport === 'unix'
         ? [`driver=nbd,server.type=unix,server.path=${/socket=([^&]+)/.exec(server.uri)![1]},tls-creds=tls0,tls-hostname=localhost`]
@@ -66,10 +68,10 @@ for (const transport of TRANSPORTS) {
     t.regex(io, /read 5000\/5000/);
 
     // In clear: the server answers nothing but "TLS required".
-    const plain = await run('nbdinfo', ['--size', server.uri.replace(/^nbds/, 'nbd')], { timeout: 20_000 });
+    const plain = await run('nbdinfo', ['--size', server.uri.replace(/^nbds/, 'nbd')], { timeoutMs: 20_000 });
     t.not(plain.code, 0);
     // TLS without a client certificate (the server asks for one signed by its CA).
-    const noClientCert = await run('nbdinfo', ['--size', withCerts(server.uri, certs.caOnly)], { timeout: 20_000 });
+    const noClientCert = await run('nbdinfo', ['--size', withCerts(server.uri, certs.caOnly)], { timeoutMs: 20_000 });
     t.not(noClientCert.code, 0);
     t.is(await server.stop(), 0);
   });
@@ -84,7 +86,7 @@ test('TLS-only mode: options before STARTTLS get ERR_TLS_REQD, EXPORT_NAME is dr
     { readyUri: (uris) => withCerts(uris[0], certs.client) },
   );
   // Without --tls-ca any TLS client will do, with the CA to check the server.
-  const info = JSON.parse(await must(t, 'nbdinfo', ['--list', '--json', withCerts(server.uri, certs.caOnly)]));
+  const info = JSON.parse(await must('nbdinfo', ['--list', '--json', withCerts(server.uri, certs.caOnly)]));
   t.deepEqual(info.exports.map((e: { 'export-name': string }) => e['export-name']), ['secret']);
 
   const client = await RawClient.connect({ path: socketPath });

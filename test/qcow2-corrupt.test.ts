@@ -6,42 +6,40 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import fc from 'fast-check';
-import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockError, CorruptImageError, isBlockError, type ErrnoName } from '../core';
-import { createEncrypted, headerFields, mixedContent, openVbd, qemuImg, qemuIo, readAll, readU64, tempDir, writeBytes, writeU64 } from './helpers/qemu-images';
+import { createEncrypted, headerFields, mixedContent, openVbd, qemuImg, qemuIo, readAll, readU64, writeBytes, writeU64 } from './helpers/qemu-images';
+import { bounded } from './helpers/bounded';
+import { run } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
 let dir: string;
 const images: Record<string, string> = {};
 
-test.before(() => {
-  dir = tempDir();
-  const make = (name: string, options: string, writes: string[]) => {
+test.before(async () => {
+  dir = fileTempDir('tapkit-qcow2-');
+  const make = async (name: string, options: string, writes: string[]) => {
     const image = path.join(dir, `${name}.qcow2`);
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, image, '4M']);
-    qemuIo(image, writes);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, image, '4M']);
+    await qemuIo(image, writes);
     images[name] = image;
   };
-  make('plain', 'cluster_size=64k', ['write -P 0x11 0 200k', 'write -P 0x22 3m 64k']);
-  make('v2', 'compat=0.10,cluster_size=4k', ['write -P 0x33 0 100k']);
-  make('extl2', 'extended_l2=on,cluster_size=64k', ['write -P 0x44 0 2k', 'write -P 0x45 8k 4k']);
+  await make('plain', 'cluster_size=64k', ['write -P 0x11 0 200k', 'write -P 0x22 3m 64k']);
+  await make('v2', 'compat=0.10,cluster_size=4k', ['write -P 0x33 0 100k']);
+  await make('extl2', 'extended_l2=on,cluster_size=64k', ['write -P 0x44 0 2k', 'write -P 0x45 8k 4k']);
   const src = path.join(dir, 'src.raw');
   fs.writeFileSync(src, mixedContent(1024 * 1024, 3));
   images.compressed = path.join(dir, 'compressed.qcow2');
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', src, images.compressed]);
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', src, images.compressed]);
   // LUKS creation times its key derivation for seconds: done here, before any test's timer runs.
   for (const format of ['aes', 'luks'] as const) {
     images[`enc-${format}`] = path.join(dir, `enc-${format}.qcow2`);
-    createEncrypted(images[`enc-${format}`], format);
+    await createEncrypted(images[`enc-${format}`], format);
   }
 });
 
-// Serial: the tools run synchronously inside some tests, and a blocked event loop would
-// make another test's hang timer (bounded below) fire for no fault of the code under test.
-test.after.always(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+// Serial: one test measures this process's memory around an open; others running beside it would blur that.
 
 let copies = 0;
 function copyOf(name: string): string {
@@ -50,22 +48,8 @@ function copyOf(name: string): string {
   return target;
 }
 
-/**
- * Fails the test instead of hanging. The bound is generous: the qemu-img calls of the
- * tests beside this one run synchronously and hold the event loop (timers included)
- * for many seconds on a loaded machine.
- */
-async function bounded<T>(promise: Promise<T>, what: string, ms = 120_000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+/** How long one open (and read) of a corrupted image may take before the test calls it a hang: generous, for a loaded machine. */
+const HANG_MS = 120_000;
 
 /** Opens and reads everything (data and extents). Resolves to the error, or undefined when all went well. */
 async function openAndRead(spec: string): Promise<unknown> {
@@ -91,7 +75,7 @@ async function assertRefusedAtOpen(t: ExecutionContext, image: string, message: 
   const error = await bounded(openVbd(`qcow2:${image}`).then(async (v) => {
     await v.close();
     return undefined;
-  }, (e: unknown) => e), 'open');
+  }, (e: unknown) => e), 'open', HANG_MS);
   t.true(isBlockError(error), `open refused with a BlockError (got ${String(error)})`);
   t.regex((error as Error).message, message);
   if (code) t.is((error as BlockError).code, code);
@@ -100,7 +84,7 @@ async function assertRefusedAtOpen(t: ExecutionContext, image: string, message: 
 
 /** Opens fine, but reading the whole disk fails with EIO naming the damage. */
 async function assertReadFails(t: ExecutionContext, image: string, message: RegExp): Promise<void> {
-  const error = await bounded(openAndRead(`qcow2:${image}`), 'read');
+  const error = await bounded(openAndRead(`qcow2:${image}`), 'read', HANG_MS);
   t.true(error instanceof CorruptImageError, `read failed with a CorruptImageError (got ${String(error)})`);
   t.is((error as BlockError).code, 'EIO');
   t.regex((error as Error).message, message);
@@ -175,7 +159,7 @@ test.serial('hostile L1 sizes: the limit bounds what is allocated, and a larger 
   setU32(atLimit, 36, 4 * MiB);
   fs.truncateSync(atLimit, l1Offset + 32 * MiB);
   const before = process.memoryUsage().arrayBuffers;
-  const vbd = await bounded(openVbd(`qcow2:${atLimit}`), 'open');
+  const vbd = await bounded(openVbd(`qcow2:${atLimit}`), 'open', HANG_MS);
   const grown = process.memoryUsage().arrayBuffers - before;
   try {
     t.true(grown <= 40 * MiB, `an L1 at the 32 MiB limit costs about 32 MiB (grew ${(grown / MiB).toFixed(1)} MiB)`);
@@ -196,8 +180,8 @@ test.serial('hostile L1 sizes: the limit bounds what is allocated, and a larger 
   }
   // A snapshot claiming a huge L1 is refused when the snapshot table is read.
   const snap = path.join(dir, 'hostile-snap.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', snap, '1M']);
-  qemuImg(['snapshot', '-c', 's1', snap]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', snap, '1M']);
+  await qemuImg(['snapshot', '-c', 's1', snap]);
   const snapshotsOffset = Number(readU64(snap, 64));
   setU32(snap, snapshotsOffset + 8, 0x7fffffff);
   await assertRefusedAtOpen(t, snap, /snapshot 0 has an L1 table of 2147483647 entries/);
@@ -215,9 +199,9 @@ test.serial('a header extension that overruns its area is refused', async (t) =>
 
 test.serial('a backing-format extension that is too long is refused', async (t) => {
   const base = path.join(dir, 'fmt-base.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
   const image = path.join(dir, 'fmt-top.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'fmt-base.qcow2', '-F', 'qcow2', image]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'fmt-base.qcow2', '-F', 'qcow2', image]);
   const at = fs.readFileSync(image).indexOf(Buffer.from([0xe2, 0x79, 0x2a, 0xca]), 104);
   setU32(image, at + 4, 40);
   await assertRefusedAtOpen(t, image, /backing format name of 40 bytes is too long/);
@@ -273,20 +257,20 @@ test.serial('an extended L2 entry marked both allocated and zero fails the read'
 });
 
 /** `qemu-img check`'s verdict: its exit code (2: corruptions found) and the corruption count. */
-function qemuCheck(image: string): { code: number | null; corruptions: number } {
-  const r = spawnSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', timeout: 60_000 });
+async function qemuCheck(image: string): Promise<{ code: number | null; corruptions: number }> {
+  const r = await run('qemu-img', ['check', '--output=json', image]);
   let corruptions = 0;
   try {
     corruptions = (JSON.parse(r.stdout) as { corruptions?: number }).corruptions ?? 0;
   } catch {
     // No JSON: the image did not even open; the exit code says so.
   }
-  return { code: r.status, corruptions };
+  return { code: r.code, corruptions };
 }
 
 /** What qemu-io gives for a read of the first bytes: 'eio', or the bytes it returned. */
-function qemuIoRead(image: string, offset = 0): 'eio' | 'zeros' | 'data' {
-  const r = spawnSync('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -v ${offset} 16`, image], { encoding: 'utf8', timeout: 60_000 });
+async function qemuIoRead(image: string, offset = 0): Promise<'eio' | 'zeros' | 'data'> {
+  const r = await run('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -v ${offset} 16`, image]);
   if (/Input\/output error/.test(r.stdout + r.stderr)) return 'eio';
   return /^[0-9a-f]{8}: +00( 00){15} /m.test(r.stdout) ? 'zeros' : 'data';
 }
@@ -318,12 +302,12 @@ test.serial('damage qemu-img check finds is refused too, including L1/L2 pointer
   ];
   for (const c of cases) {
     const image = copyOf(c.from);
-    t.is(qemuCheck(image).code, 0, `${c.what}: the undamaged copy passes qemu-img check`);
+    t.is((await qemuCheck(image)).code, 0, `${c.what}: the undamaged copy passes qemu-img check`);
     c.damage(image);
-    const verdict = qemuCheck(image);
+    const verdict = await qemuCheck(image);
     t.is(verdict.code, 2, `${c.what}: qemu-img check reports corruption`);
     t.true(verdict.corruptions > 0, `${c.what}: qemu-img check counts corruptions`);
-    t.is(qemuIoRead(image, c.at), c.qemuIo, `${c.what}: qemu-io reads ${c.qemuIo === 'eio' ? 'fail' : 'silent zeros'}`);
+    t.is(await qemuIoRead(image, c.at), c.qemuIo, `${c.what}: qemu-io reads ${c.qemuIo === 'eio' ? 'fail' : 'silent zeros'}`);
     await assertReadFails(t, image, c.ours);
   }
 });
@@ -337,7 +321,7 @@ test.serial('truncated files are refused at open or fail the read, never read as
   for (const length of [0, 50, 100, 70_000]) {
     const cut = copyOf('plain');
     fs.truncateSync(cut, length);
-    const error = await bounded(openAndRead(`qcow2:${cut}`), 'open');
+    const error = await bounded(openAndRead(`qcow2:${cut}`), 'open', HANG_MS);
     t.true(isBlockError(error), `cut at ${length}: refused with a BlockError (got ${String(error)})`);
   }
 });
@@ -345,17 +329,17 @@ test.serial('truncated files are refused at open or fail the read, never read as
 test.serial('a backing loop and a missing backing file are refused with their names', async (t) => {
   const a = path.join(dir, 'loop-a.qcow2');
   const b = path.join(dir, 'loop-b.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', a, '1M']);
-  qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'loop-a.qcow2', '-F', 'qcow2', b]);
-  qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'loop-b.qcow2', '-F', 'qcow2', a]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', a, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'loop-a.qcow2', '-F', 'qcow2', b]);
+  await qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'loop-b.qcow2', '-F', 'qcow2', a]);
   const error = await assertRefusedAtOpen(t, a, /loops/, 'ELOOP');
   t.regex(error.message, /loop-b\.qcow2|loop-a\.qcow2/);
   const self = path.join(dir, 'self.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', self, '1M']);
-  qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'self.qcow2', '-F', 'qcow2', self]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', self, '1M']);
+  await qemuImg(['rebase', '-u', '-f', 'qcow2', '-b', 'self.qcow2', '-F', 'qcow2', self]);
   await assertRefusedAtOpen(t, self, /loops/, 'ELOOP');
   const orphan = path.join(dir, 'orphan.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.raw', '-F', 'raw', orphan, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.raw', '-F', 'raw', orphan, '1M']);
   await assertRefusedAtOpen(t, orphan, /cannot open backing file 'gone.raw'/, 'ENOENT');
 });
 
@@ -369,7 +353,7 @@ test.serial('fuzzed headers are refused with typed errors or read, never crash o
         const bytes = Buffer.from(original);
         for (const { at, value } of edits) bytes[at] = value;
         fs.writeFileSync(target, bytes);
-        const error = await bounded(openAndRead(`qcow2:${target}`), 'fuzzed open');
+        const error = await bounded(openAndRead(`qcow2:${target}`), 'fuzzed open', HANG_MS);
         return error === undefined || isBlockError(error);
       },
     ),
@@ -391,7 +375,7 @@ test.serial('fuzzed L1 and L2 tables are refused with typed errors or read, neve
           const bytes = Buffer.from(original);
           for (const { table, entry, value } of edits) bytes.writeBigUInt64BE(value, table + entry * 8);
           fs.writeFileSync(target, bytes);
-          const error = await bounded(openAndRead(`qcow2:${target}`), 'fuzzed read');
+          const error = await bounded(openAndRead(`qcow2:${target}`), 'fuzzed read', HANG_MS);
           return error === undefined || isBlockError(error);
         },
       ),

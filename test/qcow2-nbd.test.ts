@@ -8,8 +8,10 @@
 import test, { type ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { must, run, serve, tempDir } from './helpers/nbd';
+import { serve } from './helpers/nbd';
 import { mixedContent, qemuImg, qemuIo, qemuRaw } from './helpers/qemu-images';
+import { must, run } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
 interface QemuMapEntry {
   start: number;
@@ -42,8 +44,8 @@ function at<T extends { start: number; length: number }>(map: T[], offset: numbe
  * has anything (qemu's present: false).
  */
 async function assertBlockStatusLikeQemu(t: ExecutionContext, uri: string, image: string, size: number): Promise<NbdMapEntry[]> {
-  const qemu = JSON.parse(await must(t, 'qemu-img', ['map', '--output=json', image])) as QemuMapEntry[];
-  const nbd = JSON.parse(await must(t, 'nbdinfo', ['--map', '--json', uri])) as NbdMapEntry[];
+  const qemu = JSON.parse(await must('qemu-img', ['map', '--output=json', image])) as QemuMapEntry[];
+  const nbd = JSON.parse(await must('nbdinfo', ['--map', '--json', uri])) as NbdMapEntry[];
   const ours = nbd.map((e) => ({ ...e, start: e.offset }));
   const points = boundaries(size, qemu, ours);
   t.is(points[points.length - 1], size);
@@ -71,7 +73,7 @@ async function serveImage(t: ExecutionContext, spec: string): Promise<string> {
 }
 
 async function assertIdentical(t: ExecutionContext, image: string, uri: string, format = 'qcow2'): Promise<void> {
-  const out = await must(t, 'qemu-img', ['compare', '-f', format, '-F', 'raw', image, uri], { timeout: 120_000 });
+  const out = await must('qemu-img', ['compare', '-f', format, '-F', 'raw', image, uri], { timeoutMs: 120_000 });
   t.regex(out, /Images are identical/);
 }
 
@@ -85,15 +87,15 @@ test('a chain qcow2 ← qcow2 ← sparse raw: compare, qemu-io patterns, block s
   fs.ftruncateSync(fd, 2 * 1024 * 1024);
   fs.closeSync(fd);
   const mid = path.join(dir, 'mid.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'base.raw', '-F', 'raw', mid, '3M']);
-  qemuIo(mid, ['write -P 0x6d 512k 600k', 'write -z 2m 64k', 'write -z 1540k 8k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'base.raw', '-F', 'raw', mid, '3M']);
+  await qemuIo(mid, ['write -P 0x6d 512k 600k', 'write -z 2m 64k', 'write -z 1540k 8k']);
   const top = path.join(dir, 'top.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', top, '4M']);
-  qemuIo(top, ['write -P 0x01 0 64k', 'write -z 128k 64k', 'write -z -u 256k 64k', 'write -P 0x02 3m 64k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', top, '4M']);
+  await qemuIo(top, ['write -P 0x01 0 64k', 'write -z 128k 64k', 'write -z -u 256k 64k', 'write -P 0x02 3m 64k']);
 
   const uri = await serveImage(t, top);
   await assertIdentical(t, top, uri);
-  const out = await must(t, 'qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x01 0 64k', '-c', 'read -P 0xb5 64k 64k', '-c', 'read -P 0 128k 64k', '-c', 'read -P 0 256k 64k',
+  const out = await must('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x01 0 64k', '-c', 'read -P 0xb5 64k 64k', '-c', 'read -P 0 128k 64k', '-c', 'read -P 0 256k 64k',
     '-c', 'read -P 0x6d 512k 600k', '-c', 'read -P 0xb6 1548k 52k', '-c', 'read -P 0 1540k 8k', '-c', 'read -P 0 2m 64k', '-c', 'read -P 0x02 3m 64k', '-c', 'read -P 0 3136k 960k', uri]);
   t.notRegex(out, /Pattern verification failed|error/i, out);
   const map = await assertBlockStatusLikeQemu(t, uri, top, 4 * 1024 * 1024);
@@ -107,8 +109,8 @@ test('extended L2 subclusters over a raw backing file: block status at subcluste
   fs.writeFileSync(base, Buffer.alloc(1024 * 1024, 0x5b));
   fs.truncateSync(base, 2 * 1024 * 1024);
   const image = path.join(dir, 'ext.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.raw', '-F', 'raw', image, '2M']);
-  qemuIo(image, ['write -P 0x01 2k 2k', 'write -z 8k 4k', 'write -P 0x03 130k 1k', 'write -z -u 1m 64k', 'write -z 1100k 2k', 'write -P 0x04 1200k 6k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.raw', '-F', 'raw', image, '2M']);
+  await qemuIo(image, ['write -P 0x01 2k 2k', 'write -z 8k 4k', 'write -P 0x03 130k 1k', 'write -z -u 1m 64k', 'write -z 1100k 2k', 'write -P 0x04 1200k 6k']);
   const uri = await serveImage(t, image);
   await assertIdentical(t, image, uri);
   const map = await assertBlockStatusLikeQemu(t, uri, image, 2 * 1024 * 1024);
@@ -122,7 +124,7 @@ test('zstd-compressed clusters with holes: compare and block status', async (t) 
   mixedContent(2 * 1024 * 1024, 9).copy(content, 1024 * 1024);
   fs.writeFileSync(src, content);
   const image = path.join(dir, 'c.qcow2');
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k,compression_type=zstd', src, image]);
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k,compression_type=zstd', src, image]);
   const uri = await serveImage(t, image);
   await assertIdentical(t, image, uri);
   const map = await assertBlockStatusLikeQemu(t, uri, image, content.length);
@@ -132,15 +134,15 @@ test('zstd-compressed clusters with holes: compare and block status', async (t) 
 test('an internal snapshot served by name reads as qemu reads the snapshot', async (t) => {
   const dir = tempDir(t, 'tapkit-qcow2-nbd-');
   const image = path.join(dir, 'snap.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', image, '2M']);
-  qemuIo(image, ['write -P 0x0a 0 1m']);
-  qemuImg(['snapshot', '-c', 'golden', image]);
-  qemuIo(image, ['write -P 0x0b 256k 1m']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', image, '2M']);
+  await qemuIo(image, ['write -P 0x0a 0 1m']);
+  await qemuImg(['snapshot', '-c', 'golden', image]);
+  await qemuIo(image, ['write -P 0x0b 256k 1m']);
   const reference = path.join(dir, 'golden.raw');
-  fs.writeFileSync(reference, qemuRaw(image, ['-l', 'snapshot.name=golden']));
+  fs.writeFileSync(reference, await qemuRaw(image, ['-l', 'snapshot.name=golden']));
   const uri = await serveImage(t, `qcow2,snapshot=golden:${image}`);
   await assertIdentical(t, reference, uri, 'raw');
   // The active layer differs from the snapshot: compare says so.
-  const differ = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, uri], { timeout: 60_000 });
+  const differ = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, uri], { timeoutMs: 60_000 });
   t.is(differ.code, 1, differ.stdout + differ.stderr);
 });

@@ -5,7 +5,7 @@
  * structural checks find damage that qemu-img check also finds, and pass what it passes.
  */
 import test from 'ava';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -14,7 +14,7 @@ import { Inspector } from '../core/inspect';
 import { plantVhdParent, qcow2Naming, vhdChild, vpcImage } from './helpers/hostile';
 import { startNginx } from './helpers/nginx';
 import { headerFields, qemuImg, qemuIo, readU64, writeU64 } from './helpers/qemu-images';
-import { tapkit } from './helpers/vhd';
+import { run, tapkit } from './helpers/run';
 
 const roots: string[] = [];
 test.after.always(() => {
@@ -32,8 +32,8 @@ function tempRoot(): { root: string; vm: string; outside: string } {
 }
 
 /** qemu-img check's verdict: 0 clean, 2 corruptions, 3 leaks only (refcounts), others errors. */
-function qemuCheck(image: string, format = 'qcow2'): number {
-  return spawnSync('qemu-img', ['check', '-f', format, image], { timeout: 60_000 }).status ?? -1;
+async function qemuCheck(image: string, format = 'qcow2'): Promise<number> {
+  return (await run('qemu-img', ['check', '-f', format, image])).code ?? -1;
 }
 
 test('info --inspect names the chain and refuses hostile names without touching them', async (t) => {
@@ -41,9 +41,9 @@ test('info --inspect names the chain and refuses hostile names without touching 
   // A FIFO outside the tree: opening it for reading would block until a writer comes.
   const fifo = path.join(outside, 'trap');
   execFileSync('mkfifo', [fifo], { timeout: 10_000 });
-  qcow2Naming(path.join(vm, 'middle.qcow2'), fifo);
-  const top = qcow2Naming(path.join(vm, 'top.qcow2'), 'middle.qcow2', { format: 'qcow2' });
-  const { code, stdout, stderr } = await tapkit(['info', '--inspect', '--json', top], 30_000);
+  await qcow2Naming(path.join(vm, 'middle.qcow2'), fifo);
+  const top = await qcow2Naming(path.join(vm, 'top.qcow2'), 'middle.qcow2', { format: 'qcow2' });
+  const { code, stdout, stderr } = await tapkit(['info', '--inspect', '--json', top], { timeoutMs: 30_000 });
   t.is(code, 0, stderr);
   const report = JSON.parse(stdout);
   t.false(report.wouldOpen);
@@ -56,16 +56,16 @@ test('info --inspect names the chain and refuses hostile names without touching 
   t.is(refused.resolved, undefined);
   t.regex(refused.refused, /backing policy \(outside the image's directory tree/);
   // The text form says the same.
-  const text = await tapkit(['info', '--inspect', top], 30_000);
+  const text = await tapkit(['info', '--inspect', top], { timeoutMs: 30_000 });
   t.regex(text.stdout, /backing 'middle\.qcow2' as qcow2: -> .*middle\.qcow2\n/);
   t.regex(text.stdout, /refused: backing policy/);
   t.regex(text.stdout, /would open: no\n$/);
   // Plain info refuses too, naming the rule, and does not hang on the FIFO either.
-  const opened = await tapkit(['info', top], 30_000);
+  const opened = await tapkit(['info', top], { timeoutMs: 30_000 });
   t.is(opened.code, 1);
   t.regex(opened.stderr, /backing policy \(outside the image's directory tree.*\[EACCES\]/);
   // With --json it also prints what the chain would have been.
-  const json = await tapkit(['info', '--json', top], 30_000);
+  const json = await tapkit(['info', '--json', top], { timeoutMs: 30_000 });
   t.is(json.code, 1);
   const refusedReport = JSON.parse(json.stdout);
   t.false(refusedReport.opened);
@@ -75,7 +75,7 @@ test('info --inspect names the chain and refuses hostile names without touching 
 
 test('inspection reports each VHD parent candidate with its verdict, and what the flags change', async (t) => {
   const { vm, outside } = tempRoot();
-  const base = vpcImage(path.join(outside, 'base.vhd'));
+  const base = await vpcImage(path.join(outside, 'base.vhd'));
   const child = vhdChild(path.join(vm, 'child.vhd'), base);
   plantVhdParent(child, '../../outside/base.vhd');
   const refused = await new Inspector({ warn: () => {} }).inspect(`vhd:${child}`);
@@ -105,9 +105,9 @@ test('inspection of an image on nginx: same-origin names resolve to URLs, local 
   const web = path.join(root, 'web');
   fs.mkdirSync(web);
   fs.writeFileSync(path.join(outside, 'base.raw'), Buffer.alloc(65536, 1));
-  qcow2Naming(path.join(web, 'local.qcow2'), `file://${path.join(outside, 'base.raw')}`);
-  qemuImg(['create', '-q', '-f', 'qcow2', path.join(web, 'base.qcow2'), '1M']);
-  qcow2Naming(path.join(web, 'top.qcow2'), 'base.qcow2', { format: 'qcow2' });
+  await qcow2Naming(path.join(web, 'local.qcow2'), `file://${path.join(outside, 'base.raw')}`);
+  await qemuImg(['create', '-q', '-f', 'qcow2', path.join(web, 'base.qcow2'), '1M']);
+  await qcow2Naming(path.join(web, 'top.qcow2'), 'base.qcow2', { format: 'qcow2' });
   const nginx = await startNginx(web);
   t.teardown(() => nginx.stop());
   const local = await new Inspector().inspect(`qcow2:${nginx.base}/local.qcow2`);
@@ -123,22 +123,22 @@ test('inspection of an image on nginx: same-origin names resolve to URLs, local 
 test('check: qemu-made images of every kind are sound, as qemu-img check says', async (t) => {
   const { vm } = tempRoot();
   const base = path.join(vm, 'base.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', base, '4M']);
-  qemuIo(base, ['write -P 0x11 0 300k', 'write -P 0x22 2m 64k']);
-  qemuImg(['snapshot', '-c', 'first', base]);
-  qemuIo(base, ['write -P 0x33 0 8k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', base, '4M']);
+  await qemuIo(base, ['write -P 0x11 0 300k', 'write -P 0x22 2m 64k']);
+  await qemuImg(['snapshot', '-c', 'first', base]);
+  await qemuIo(base, ['write -P 0x33 0 8k']);
   const top = path.join(vm, 'top.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.qcow2', '-F', 'qcow2', top]);
-  qemuIo(top, ['write -P 0x44 4k 2k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+  await qemuIo(top, ['write -P 0x44 4k 2k']);
   const raw = path.join(vm, 'content.raw');
   fs.writeFileSync(raw, Buffer.from('compressible text '.repeat(200_000)));
   const compressed = path.join(vm, 'compressed.qcow2');
-  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
-  const vhd = vpcImage(path.join(vm, 'disk.vhd'));
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
+  const vhd = await vpcImage(path.join(vm, 'disk.vhd'));
   for (const [image, format] of [[top, 'qcow2'], [compressed, 'qcow2'], [vhd, 'vpc']] as const) {
     // qemu-img check has no checks for vpc (exit 63): only qcow2 is cross-checked.
-    if (format === 'qcow2') t.is(qemuCheck(image, format), 0, `qemu-img check finds ${image} clean`);
-    const { code, stdout, stderr } = await tapkit(['check', '--json', image], 60_000);
+    if (format === 'qcow2') t.is(await qemuCheck(image, format), 0, `qemu-img check finds ${image} clean`);
+    const { code, stdout, stderr } = await tapkit(['check', '--json', image], { timeoutMs: 60_000 });
     t.is(code, 0, `${image}: ${stdout}${stderr}`);
     const report = JSON.parse(stdout);
     t.true(report.sound);
@@ -153,10 +153,10 @@ test('check: qemu-made images of every kind are sound, as qemu-img check says', 
 
 test('check: damage qemu-img check reports is found and named, exit 1', async (t) => {
   const { vm } = tempRoot();
-  const make = (name: string) => {
+  const make = async (name: string) => {
     const image = path.join(vm, `${name}.qcow2`);
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', image, '4M']);
-    qemuIo(image, ['write -P 0x11 0 64k', 'write -P 0x22 1m 4k']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', image, '4M']);
+    await qemuIo(image, ['write -P 0x11 0 64k', 'write -P 0x22 1m 4k']);
     return image;
   };
   const cases: Array<[string, (image: string) => void, RegExp]> = [
@@ -188,16 +188,16 @@ test('check: damage qemu-img check reports is found and named, exit 1', async (t
     ],
   ];
   for (const [what, damage, expected] of cases) {
-    const image = make(what.replace(/\W+/g, '-'));
+    const image = await make(what.replace(/\W+/g, '-'));
     damage(image);
-    t.not(qemuCheck(image), 0, `qemu-img check finds '${what}' wrong too`);
-    const { code, stdout } = await tapkit(['check', image], 60_000);
+    t.not(await qemuCheck(image), 0, `qemu-img check finds '${what}' wrong too`);
+    const { code, stdout } = await tapkit(['check', image], { timeoutMs: 60_000 });
     t.is(code, 1, what);
     t.regex(stdout, expected, what);
     t.regex(stdout, /problems: [1-9]/);
   }
   // A VHD whose BAT entry points into its own BAT.
-  const vhd = vpcImage(path.join(vm, 'bad.vhd'));
+  const vhd = await vpcImage(path.join(vm, 'bad.vhd'));
   const bytes = fs.readFileSync(vhd);
   const tableOffset = Number(bytes.readBigUInt64BE(512 + 16));
   const entry = Buffer.alloc(4);
@@ -205,7 +205,7 @@ test('check: damage qemu-img check reports is found and named, exit 1', async (t
   const fd = fs.openSync(vhd, 'r+');
   fs.writeSync(fd, entry, 0, 4, tableOffset);
   fs.closeSync(fd);
-  const { code, stdout } = await tapkit(['check', vhd], 60_000);
+  const { code, stdout } = await tapkit(['check', vhd], { timeoutMs: 60_000 });
   t.is(code, 1);
   t.regex(stdout, /problem: bat\[0\]: BAT entry 0 .* points inside the image's metadata \(the BAT/);
 });

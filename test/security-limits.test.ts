@@ -16,8 +16,8 @@ import { isBlockError, Opener, type OpenOptions } from '../core';
 import { openInChild, type ChildResult } from './helpers/child-open';
 import { qcow2Naming, vhdChild, vpcImage, plantVhdParent } from './helpers/hostile';
 import { headerFields, qemuImg, qemuIo, qemuRaw, readU64, writeBytes, writeU64 } from './helpers/qemu-images';
-import { tapkit } from './helpers/vhd';
 import { validateConfig } from '../core/daemon/config';
+import { tapkit } from './helpers/run';
 
 const MiB = 1024 * 1024;
 /** Peak RSS a refused open may add over a sane open: far below every hostile request (≥ 512 MiB). */
@@ -29,8 +29,8 @@ let baselineKiB = 0;
 test.before(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-limits-'));
   const sane = path.join(dir, 'sane.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', sane, '64M']);
-  qemuIo(sane, ['write -P 0x12 0 1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', sane, '64M']);
+  await qemuIo(sane, ['write -P 0x12 0 1M']);
   const result = await openInChild(`qcow2:${sane}`, {}, MiB);
   if (!result.ok) throw new Error(`the sane image did not open: ${result.error?.message}`);
   baselineKiB = result.maxRssKiB;
@@ -102,7 +102,7 @@ function assertRefusedLean(t: import('ava').ExecutionContext, result: ChildResul
 }
 
 test('VHD: a BAT of 2^28 or 2^32-1 entries, or a disk needing 2^40, is refused before it is allocated', async (t) => {
-  const base = vpcImage(path.join(dir, 'bat.vhd'), '4M', []);
+  const base = await vpcImage(path.join(dir, 'bat.vhd'), '4M', []);
   const big = copy(base);
   // 2^28 entries = a 1 GiB table, inside a sparse file large enough to hold it.
   patchVhd(big, { entries: 2 ** 28, fileSize: 2 ** 30 + 4 * MiB });
@@ -118,7 +118,7 @@ test('VHD: a BAT of 2^28 or 2^32-1 entries, or a disk needing 2^40, is refused b
 
 test('qcow2: an L1 table of 1 GiB or 32 GiB is refused before it is allocated', async (t) => {
   const base = path.join(dir, 'l1.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', base, '1G']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', base, '1G']);
   for (const [entries, fileSize] of [[2 ** 27, 2 ** 30 + 8 * MiB], [0xffffffff, 33 * 2 ** 30]] as const) {
     const image = copy(base);
     u32(image, 36, entries);
@@ -156,7 +156,7 @@ for (const compression of ['zlib', 'zstd'] as const) {
     for (let i = 0; i < content.length; i++) content[i] = (i % 251) ^ (i >> 11);
     fs.writeFileSync(raw, content);
     const image = path.join(dir, `bomb-${compression}.qcow2`);
-    qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=2M,compression_type=${compression}`, raw, image]);
+    await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=2M,compression_type=${compression}`, raw, image]);
     const { l1Offset, clusterBits } = headerFields(image);
     const l2 = Number(readU64(image, l1Offset) & 0x00fffffffffffe00n);
     t.true((readU64(image, l2) >> 62n & 1n) === 1n, 'qemu stored the cluster compressed');
@@ -177,7 +177,7 @@ test('qcow2: an unbounded chain (an image naming itself through a symlinked dire
   const loopDir = fs.mkdtempSync(path.join(dir, 'loop-'));
   fs.symlinkSync('.', path.join(loopDir, 'a'));
   // x.qcow2 names a/x.qcow2, which names a/a/x.qcow2, ...: a new name at every level, one file.
-  const image = qcow2Naming(path.join(loopDir, 'x.qcow2'), 'a/x.qcow2', { format: 'qcow2' });
+  const image = await qcow2Naming(path.join(loopDir, 'x.qcow2'), 'a/x.qcow2', { format: 'qcow2' });
   for (const options of [{}, { maxChainDepth: 1_000_000 }] as OpenOptions[]) {
     const result = await openInChild(`qcow2:${image}`, options);
     assertRefusedLean(t, result, /backing chain loops/, `depth limit ${options.maxChainDepth ?? 'default'}`);
@@ -188,18 +188,18 @@ test('qcow2: an unbounded chain (an image naming itself through a symlinked dire
 test('qcow2: a chain deeper than chain-depth is refused naming the limit; raised, it opens and reads as qemu reads it', async (t) => {
   const chainDir = fs.mkdtempSync(path.join(dir, 'chain-'));
   const base = path.join(chainDir, 'l0.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
-  qemuIo(base, ['write -P 0x61 0 64k']);
-  for (let i = 1; i <= 20; i++) qcow2Naming(path.join(chainDir, `l${i}.qcow2`), `l${i - 1}.qcow2`, { format: 'qcow2' });
+  await qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
+  await qemuIo(base, ['write -P 0x61 0 64k']);
+  for (let i = 1; i <= 20; i++) await qcow2Naming(path.join(chainDir, `l${i}.qcow2`), `l${i - 1}.qcow2`, { format: 'qcow2' });
   const top = path.join(chainDir, 'l20.qcow2');
-  qemuIo(top, ['write -P 0x62 128k 64k']);
+  await qemuIo(top, ['write -P 0x62 128k 64k']);
   const result = await openInChild(`qcow2:${top}`);
   assertRefusedLean(t, result, /backing chain deeper than 16 \(limit chain-depth; raise it with --max-chain-depth N\)/, 'depth 20');
   const opened = await new Opener({ readOnly: true, limits: { 'chain-depth': 20 } }).open(`qcow2:${top}`);
   try {
     const got = Buffer.alloc(1024 * 1024);
     await opened.read(got, 0);
-    t.true(got.equals(qemuRaw(top)));
+    t.true(got.equals(await qemuRaw(top)));
   } finally {
     await opened.close();
   }
@@ -219,9 +219,9 @@ async function refusedWith(spec: string, options: OpenOptions): Promise<Error & 
 
 test('every limit a sane image meets can be lowered to refuse it, naming the limit and its flag', async (t) => {
   const image = path.join(dir, 'limits.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', image, '1G']);
-  qemuImg(['snapshot', '-c', 'one', image]);
-  const parent = vpcImage(path.join(dir, 'limits-parent.vhd'));
+  await qemuImg(['create', '-q', '-f', 'qcow2', image, '1G']);
+  await qemuImg(['snapshot', '-c', 'one', image]);
+  const parent = await vpcImage(path.join(dir, 'limits-parent.vhd'));
   const child = vhdChild(path.join(dir, 'limits-child.vhd'), parent);
   plantVhdParent(child, 'limits-parent.vhd');
   const cases: Array<[string, string, Partial<Record<string, number>>]> = [
@@ -248,7 +248,7 @@ test('every limit a sane image meets can be lowered to refuse it, naming the lim
 
 test('tapkit --limit: a lowered limit is named on stderr (exit 1); an unknown one is a usage error (exit 2)', async (t) => {
   const image = path.join(dir, 'cli.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', image, '1G']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', image, '1G']);
   const refused = await tapkit(['info', '--limit', 'l1-size=8', `qcow2:${image}`]);
   t.is(refused.code, 1);
   t.regex(refused.stderr, /^tapkit: .*L1 table of 2 entries is larger than the 8 B limit \(limit l1-size; raise it with --limit l1-size=SIZE\) \[EFBIG\]\n$/);

@@ -30,7 +30,7 @@ test.after.always(() => {
   for (const r of roots) fs.rmSync(r, { recursive: true, force: true });
 });
 
-function tree(): Tree {
+async function tree(): Promise<Tree> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-security-'));
   roots.push(root);
   const vm = path.join(root, 'images', 'vm');
@@ -41,7 +41,7 @@ function tree(): Tree {
   const pattern = Buffer.alloc(1024 * 1024);
   for (let i = 0; i < pattern.length; i++) pattern[i] = (i * 7 + (i >> 12)) & 0xff;
   fs.writeFileSync(baseRaw, pattern);
-  const baseVhd = vpcImage(path.join(outside, 'base.vhd'));
+  const baseVhd = await vpcImage(path.join(outside, 'base.vhd'));
   return { root, vm, outside, baseRaw, baseVhd };
 }
 
@@ -101,9 +101,9 @@ const CASES: HostileCase[] = [
 
 for (const c of CASES) {
   test(`qcow2: a backing name pointing at ${c.label} is refused, naming the rule`, async (t) => {
-    const tr = tree();
+    const tr = await tree();
     const name = c.name(tr, 'qcow2');
-    const image = qcow2Naming(path.join(tr.vm, 'hostile.qcow2'), name);
+    const image = await qcow2Naming(path.join(tr.vm, 'hostile.qcow2'), name);
     const error = await refusal(image);
     t.is(error.code, 'EACCES');
     t.regex(error.message, c.rule);
@@ -113,7 +113,7 @@ for (const c of CASES) {
   });
 
   test(`vhd: a parent locator pointing at ${c.label} is refused, naming the rule`, async (t) => {
-    const tr = tree();
+    const tr = await tree();
     const name = c.name(tr, 'vhd');
     const child = vhdChild(path.join(tr.vm, 'hostile.vhd'), tr.baseVhd);
     plantVhdParent(child, name);
@@ -125,64 +125,64 @@ for (const c of CASES) {
 }
 
 test('qcow2: the same names open when allowed, and read as qemu reads them', async (t) => {
-  const tr = tree();
+  const tr = await tree();
   // ../../outside, with data of the image's own over it.
-  const image = qcow2Naming(path.join(tr.vm, 'over-outside.qcow2'), '../../outside/base.raw');
-  qemuIo(image, ['write -P 0x11 64k 64k', 'write -P 0x22 900k 4k']);
+  const image = await qcow2Naming(path.join(tr.vm, 'over-outside.qcow2'), '../../outside/base.raw');
+  await qemuIo(image, ['write -P 0x11 64k 64k', 'write -P 0x22 900k 4k']);
   t.regex((await refusal(image)).message, /backing policy/);
   const got = await readSpec(image, { backing: { allow: [tr.outside] } });
-  t.true(got.equals(qemuRaw(image)), 'the chain reads as qemu-img convert reads it');
+  t.true(got.equals(await qemuRaw(image)), 'the chain reads as qemu-img convert reads it');
   t.is(got[0], fs.readFileSync(tr.baseRaw)[0]);
 
   // A symlink whose target is allowed: judged by where it leads.
   const link = path.join(tr.vm, 'innocent.raw');
   fs.symlinkSync(tr.baseRaw, link);
-  const viaLink = qcow2Naming(path.join(tr.vm, 'via-link.qcow2'), 'innocent.raw');
+  const viaLink = await qcow2Naming(path.join(tr.vm, 'via-link.qcow2'), 'innocent.raw');
   t.regex((await refusal(viaLink)).message, /outside the image's directory tree/);
-  t.true((await readSpec(viaLink, { backing: { allow: [tr.outside] } })).equals(qemuRaw(viaLink)));
+  t.true((await readSpec(viaLink, { backing: { allow: [tr.outside] } })).equals(await qemuRaw(viaLink)));
 
   // /etc/passwd itself, when /etc is allowed: bytes of the file, zeros past its end.
-  const passwd = qcow2Naming(path.join(tr.vm, 'passwd.qcow2'), '/etc/passwd', { size: '64k' });
+  const passwd = await qcow2Naming(path.join(tr.vm, 'passwd.qcow2'), '/etc/passwd', { size: '64k' });
   const read = await readSpec(passwd, { backing: { allow: ['/etc'] } });
-  t.true(read.equals(qemuRaw(passwd)));
+  t.true(read.equals(await qemuRaw(passwd)));
   t.true(read.subarray(0, 4).equals(fs.readFileSync('/etc/passwd').subarray(0, 4)));
 
   // A file: URL names a local file and is judged like a path.
-  const fileUrl = qcow2Naming(path.join(tr.vm, 'file-url.qcow2'), `file://${tr.baseRaw}`);
+  const fileUrl = await qcow2Naming(path.join(tr.vm, 'file-url.qcow2'), `file://${tr.baseRaw}`);
   t.regex((await refusal(fileUrl)).message, /outside the image's directory tree/);
-  t.true((await readSpec(fileUrl, { backing: { allow: [tr.outside] } })).equals(qemuRaw(fileUrl)));
+  t.true((await readSpec(fileUrl, { backing: { allow: [tr.outside] } })).equals(await qemuRaw(fileUrl)));
 });
 
 test('qcow2: devices stay refused whatever is allowed', async (t) => {
-  const tr = tree();
-  const image = qcow2Naming(path.join(tr.vm, 'dev.qcow2'), '/dev/zero');
+  const tr = await tree();
+  const image = await qcow2Naming(path.join(tr.vm, 'dev.qcow2'), '/dev/zero');
   t.regex((await refusal(image, { backing: { allow: ['/dev', '/'] } })).message, /no backing file under \/dev/);
   const node = path.join(tr.vm, 'disk0');
   require('node:child_process').execFileSync('mknod', [node, 'c', '1', '3'], { timeout: 10_000 });
-  const inTree = qcow2Naming(path.join(tr.vm, 'node.qcow2'), 'disk0');
+  const inTree = await qcow2Naming(path.join(tr.vm, 'node.qcow2'), 'disk0');
   t.regex((await refusal(inTree, { backing: { allow: [tr.vm] } })).message, /must be a regular file/);
 });
 
 test('qcow2: --backing replaces the hostile name, --no-backing refuses even a good one', async (t) => {
-  const tr = tree();
-  const image = qcow2Naming(path.join(tr.vm, 'named.qcow2'), '/etc/passwd');
-  qemuIo(image, ['write -P 0x33 128k 64k'], {});
+  const tr = await tree();
+  const image = await qcow2Naming(path.join(tr.vm, 'named.qcow2'), '/etc/passwd');
+  await qemuIo(image, ['write -P 0x33 128k 64k'], {});
   // The reference: the same image rebased (unsafely, names only) onto what the operator names.
   const reference = path.join(tr.vm, 'reference.qcow2');
   fs.copyFileSync(image, reference);
-  rebaseUnsafe(reference, tr.baseRaw);
+  await rebaseUnsafe(reference, tr.baseRaw);
   const got = await readSpec(image, { backing: { explicit: [`raw:${tr.baseRaw}`] } });
-  t.true(got.equals(qemuRaw(reference)));
+  t.true(got.equals(await qemuRaw(reference)));
 
-  const good = qcow2Naming(path.join(tr.vm, 'good.qcow2'), 'sibling.raw');
+  const good = await qcow2Naming(path.join(tr.vm, 'good.qcow2'), 'sibling.raw');
   fs.copyFileSync(tr.baseRaw, path.join(tr.vm, 'sibling.raw'));
-  t.true((await readSpec(good)).equals(qemuRaw(good)), 'a sibling in the tree opens by default');
+  t.true((await readSpec(good)).equals(await qemuRaw(good)), 'a sibling in the tree opens by default');
   t.regex((await refusal(good, { backing: { noBacking: true } })).message, /backing policy \(--no-backing\)/);
 });
 
 test('vhd: the same parents open when allowed, and read as qemu reads the parent', async (t) => {
-  const tr = tree();
-  const expected = qemuRaw(tr.baseVhd, ['-f', 'vpc']);
+  const tr = await tree();
+  const expected = await qemuRaw(tr.baseVhd, ['-f', 'vpc']);
   for (const name of ['../../outside/base.vhd', tr.baseVhd]) {
     const child = vhdChild(path.join(tr.vm, `child-${roots.length}-${name.length}.vhd`), tr.baseVhd);
     plantVhdParent(child, name);
@@ -202,14 +202,14 @@ test('vhd: the same parents open when allowed, and read as qemu reads the parent
 });
 
 test('images on nginx never reach local files unless a directory is allowed', async (t) => {
-  const tr = tree();
+  const tr = await tree();
   const web = path.join(tr.root, 'web');
   fs.mkdirSync(path.join(web, 'etc'), { recursive: true });
   // The server's own /etc/passwd: an absolute name under a URL image means this one.
   fs.writeFileSync(path.join(web, 'etc', 'passwd'), Buffer.alloc(4096, 0x77));
-  const local = qcow2Naming(path.join(web, 'local.qcow2'), `file://${tr.baseRaw}`);
-  qemuIo(local, ['write -P 0x44 0 4k']);
-  qcow2Naming(path.join(web, 'absolute.qcow2'), '/etc/passwd', { size: '64k' });
+  const local = await qcow2Naming(path.join(web, 'local.qcow2'), `file://${tr.baseRaw}`);
+  await qemuIo(local, ['write -P 0x44 0 4k']);
+  await qcow2Naming(path.join(web, 'absolute.qcow2'), '/etc/passwd', { size: '64k' });
   const child = vhdChild(path.join(web, 'child.vhd'), tr.baseVhd);
   plantVhdParent(child, tr.baseVhd);
   let nginx: Nginx | undefined;
@@ -221,7 +221,7 @@ test('images on nginx never reach local files unless a directory is allowed', as
     t.regex(error.message, /backing policy \(a URL image may not reach a local file; allow a directory with --allow-backing DIR\)/);
     // Allowed by the operator: opened, and read as qemu reads the same image locally.
     const got = await readSpec(`qcow2:${nginx.base}/local.qcow2`, { backing: { allow: [tr.outside] } });
-    t.true(got.equals(qemuRaw(local)));
+    t.true(got.equals(await qemuRaw(local)));
     // A path name resolves on the server, never on the local disk.
     const absolute = await readSpec(`qcow2:${nginx.base}/absolute.qcow2`);
     t.true(absolute.subarray(0, 4096).equals(Buffer.alloc(4096, 0x77)), 'read the server\'s /etc/passwd, not ours');
@@ -235,8 +235,8 @@ test('images on nginx never reach local files unless a directory is allowed', as
 });
 
 test('a backing name holding a NUL byte is refused by the policy, shown escaped (found by the fuzzer)', async (t) => {
-  const tr = tree();
-  const image = qcow2Naming(path.join(tr.vm, 'nul.qcow2'), 'sibling.raw');
+  const tr = await tree();
+  const image = await qcow2Naming(path.join(tr.vm, 'nul.qcow2'), 'sibling.raw');
   fs.copyFileSync(tr.baseRaw, path.join(tr.vm, 'sibling.raw'));
   const bytes = fs.readFileSync(image);
   const at = bytes.indexOf('sibling.raw');

@@ -387,3 +387,16 @@ test('a BlockError from another copy of tapkit keeps its code and message', asyn
   t.is((error as unknown as { code: string }).code, 'ENOSPC');
   t.is(error!.message, 'out of room elsewhere');
 });
+
+test('readViews reads into a fresh buffer when the provider lends nothing', async (t) => {
+  const p = new Recorder();
+  p.data.fill(5, 1000, 3000);
+  const vbd = new Vbd(p);
+  t.false(vbd.lendsReads);
+  const views = await vbd.readViews(999, 2002);
+  t.is(views.length, 1);
+  t.deepEqual([...views[0].subarray(0, 3)], [0, 5, 5]);
+  t.is(views[0][2001], 0);
+  t.is(views[0][2000], 5);
+  await t.throwsAsync(vbd.readViews(1 << 20, 1), { code: 'EINVAL' });
+});

@@ -5,10 +5,11 @@
 import test from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { firstDifference, openSpec, qemuRaw, sevenZipRaw, tapkit, tapkitRaw, tempDir, tool } from './helpers/vhd';
+import { firstDifference, openSpec, qemuRaw, sevenZipRaw, tapkitRaw } from './helpers/vhd';
+import { must, tapkit } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
-const dir = tempDir('vhd-cli');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('tapkit-vhd-cli-');
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 let n = 0;
@@ -16,7 +17,7 @@ const fresh = (name: string) => path.join(dir, `${n++}-${name}`);
 
 /** qemu-img info, told the format: qemu's probe takes a fixed VHD for raw (it looks for the footer at offset 0 only). */
 async function qemuInfo(image: string): Promise<Record<string, unknown>> {
-  return JSON.parse(await tool('qemu-img', ['info', '--output=json', '-f', 'vpc', image]));
+  return JSON.parse(await must('qemu-img', ['info', '--output=json', '-f', 'vpc', image]));
 }
 
 function footerOf(image: string): Buffer {
@@ -37,7 +38,7 @@ test('create: dynamic and fixed images that qemu-img and libvhdi open, at the si
     const info = await qemuInfo(image);
     t.is(info.format, 'vpc');
     t.is(info['virtual-size'], size, `${type}: qemu uses the current size (creator 'win ')`);
-    const libvhdi = await tool('vhdiinfo', [image]);
+    const libvhdi = await must('vhdiinfo', [image]);
     t.regex(libvhdi, new RegExp(`Media size\\s*:.*\\(${size} bytes\\)`), libvhdi);
     t.regex(libvhdi, type === 'dynamic' ? /Disk type\s*:\s*Dynamic/ : /Disk type\s*:\s*Fixed/, libvhdi);
     t.is(firstDifference(await qemuRaw(image, dir), Buffer.alloc(size)), -1, 'reads as zeros');
@@ -48,7 +49,7 @@ test('create: the geometry follows the spec rule (the same CHS qemu-img computes
   // qemu-img rounds these requests up to the size its CHS covers: tapkit given that size must store the same CHS.
   for (const request of ['4M', '100M', '1G', '60G']) {
     const q = fresh(`q${request}.vhd`);
-    await tool('qemu-img', ['create', '-q', '-f', 'vpc', q, request]);
+    await must('qemu-img', ['create', '-q', '-f', 'vpc', q, request]);
     const size = Number((await qemuInfo(q))['virtual-size']);
     const ours = fresh(`t${request}.vhd`);
     t.is((await tapkit(['vhd', 'create', ours, '--size', String(size)])).code, 0);
@@ -61,7 +62,7 @@ test('create: the 2040 GiB limit, an existing file, bad options', async (t) => {
   const r = await tapkit(['vhd', 'create', max, '--size', '2040G']);
   t.is(r.code, 0, r.stderr);
   t.is((await qemuInfo(max))['virtual-size'], 2040 * GiB);
-  t.regex(await tool('vhdiinfo', [max]), /Media size/);
+  t.regex(await must('vhdiinfo', [max]), /Media size/);
   const over = await tapkit(['vhd', 'create', fresh('over.vhd'), '--size', '2041G']);
   t.is(over.code, 1);
   t.regex(over.stderr, /at most 2040 GiB/);
@@ -80,8 +81,8 @@ test('create: the 2040 GiB limit, an existing file, bad options', async (t) => {
 
 test('snapshot, info, check: a chain through the CLI; 7-Zip reads the child', async (t) => {
   const parent = fresh('base.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', parent, '6M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x66 0 6M', parent]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', parent, '6M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x66 0 6M', parent]);
   const child = fresh('snap.vhd');
   const r = await tapkit(['vhd', 'snapshot', child, '--parent', parent]);
   t.is(r.code, 0, r.stderr);
@@ -118,8 +119,8 @@ test('snapshot, info, check: a chain through the CLI; 7-Zip reads the child', as
 
 test('check: lists every problem and exits 1; a missing parent is one of them', async (t) => {
   const image = fresh('bad.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', image, '6M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 1 0 6M', image]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', image, '6M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 1 0 6M', image]);
   const fd = fs.openSync(image, 'r+');
   // BAT entry 0 into the header, entry 2 far past the end, and a damaged footer copy.
   fs.writeSync(fd, Buffer.from([0, 0, 0, 1]), 0, 4, 1536);
@@ -145,8 +146,8 @@ test('check: lists every problem and exits 1; a missing parent is one of them', 
 
 test('coalesce: the child is merged into its parent; the parent then reads as the chain did', async (t) => {
   const parent = fresh('cp.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', parent, '5M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x10 0 3M', parent]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', parent, '5M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x10 0 3M', parent]);
   const child = fresh('cc.vhd');
   t.is((await tapkit(['vhd', 'snapshot', child, '--parent', parent])).code, 0);
   const p = await openSpec(`vhd:${child}`, false);
@@ -183,7 +184,7 @@ test('resize: grow dynamic (within the BAT and past it) and fixed images; data k
     t.true(data.subarray(0, 3 * MiB).every((b) => b === 0x44), 'old data kept');
     t.true(data.subarray(3 * MiB).every((b) => b === 0), 'new space reads as zeros');
     t.is((await tapkit(['vhd', 'check', dyn])).code, 0);
-    t.regex(await tool('vhdiinfo', [dyn]), new RegExp(`\\(${size} bytes\\)`));
+    t.regex(await must('vhdiinfo', [dyn]), new RegExp(`\\(${size} bytes\\)`));
   }
   // The grown image takes writes at its new end.
   const w = await openSpec(`vhd:${dyn}`, false);
@@ -193,8 +194,8 @@ test('resize: grow dynamic (within the BAT and past it) and fixed images; data k
   t.true((await qemuRaw(dyn, dir)).subarray(200 * MiB - 4096).every((b) => b === 0x45));
 
   const fixed = fresh('growfixed.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed,force_size=on', fixed, '2M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x46 0 2M', fixed]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed,force_size=on', fixed, '2M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x46 0 2M', fixed]);
   t.is((await tapkit(['vhd', 'resize', fixed, '--size', '5M'])).code, 0);
   const grown = await qemuRaw(fixed, dir);
   t.is(grown.length, 5 * MiB);

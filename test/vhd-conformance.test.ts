@@ -8,7 +8,6 @@
  * memory finds its parent on a file through the absolute (W2ku) locator.
  */
 import test from 'ava';
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import '../providers';
@@ -20,19 +19,19 @@ import { createImage } from '../providers/vhd/create';
 import { VhdProvider } from '../providers/vhd/provider';
 import { snapshotVhd } from '../providers/vhd/snapshot';
 import { runConformance } from './conformance';
-import { tempDir } from './helpers/vhd';
+import { must } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
-const dir = tempDir('vhd-conformance');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('tapkit-vhd-conformance-');
 const MiB = 2 ** 20;
 let copies = 0;
 
-function qemuImg(args: string[]): void {
-  execFileSync('qemu-img', args, { timeout: 60_000, stdio: ['ignore', 'ignore', 'pipe'] });
+async function qemuImg(args: string[]): Promise<void> {
+  await must('qemu-img', args);
 }
 
-function qemuIo(image: string, commands: string[]): void {
-  execFileSync('qemu-io', ['-f', 'vpc', ...commands.flatMap((c) => ['-c', c]), image], { timeout: 60_000, stdio: ['ignore', 'ignore', 'pipe'] });
+async function qemuIo(image: string, commands: string[]): Promise<void> {
+  await must('qemu-io', ['-f', 'vpc', ...commands.flatMap((c) => ['-c', c]), image]);
 }
 
 /** Originals, made once; each test opens a copy. */
@@ -49,16 +48,16 @@ const originals = {
 test.before(async () => {
   createImage(originals.fixed, { size: 8 * MiB, type: 'fixed' });
   createImage(originals.dynamic, { size: 12 * MiB + 512, type: 'dynamic', blockSize: 512 * 1024 });
-  qemuImg(['create', '-q', '-f', 'vpc', originals.qemuDynamic, '10M']);
-  qemuIo(originals.qemuDynamic, ['write -P 0x17 0 300k', 'write -P 0x18 5M 2M']);
+  await qemuImg(['create', '-q', '-f', 'vpc', originals.qemuDynamic, '10M']);
+  await qemuIo(originals.qemuDynamic, ['write -P 0x17 0 300k', 'write -P 0x18 5M 2M']);
   // A parent with data, and a child over it (absolute locator W2ku names the parent).
-  qemuImg(['create', '-q', '-f', 'vpc', originals.parent, '8M']);
-  qemuIo(originals.parent, ['write -P 0x21 0 8M']);
+  await qemuImg(['create', '-q', '-f', 'vpc', originals.parent, '8M']);
+  await qemuIo(originals.parent, ['write -P 0x21 0 8M']);
   await makeChild(originals.parent, originals.child, false);
   // Every block allocated: a raw file with no zero block, converted by qemu-img at its exact size.
   const raw = path.join(dir, 'full.raw');
   fs.writeFileSync(raw, Buffer.alloc(6 * MiB, 0x33));
-  qemuImg(['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic,force_size=on', raw, originals.fullDynamic]);
+  await qemuImg(['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic,force_size=on', raw, originals.fullDynamic]);
   // A child whose every block holds one written sector (the rest still comes from the parent).
   await makeChild(originals.parent, originals.fullChild, true);
 });

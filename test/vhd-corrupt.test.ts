@@ -18,10 +18,12 @@ import { checkImage } from '../providers/vhd/check';
 import { vhdChecksum } from '../providers/vhd/checksum';
 import { createImage } from '../providers/vhd/create';
 import { snapshotVhd } from '../providers/vhd/snapshot';
-import { firstDifference, openSpec, qemuRaw, tapkitRaw, tempDir, tool } from './helpers/vhd';
+import { firstDifference, openSpec, qemuRaw, tapkitRaw } from './helpers/vhd';
+import { bounded } from './helpers/bounded';
+import { must } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
-const dir = tempDir('vhd-corrupt');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('tapkit-vhd-corrupt-');
 const MiB = 2 ** 20;
 
 const originals = {
@@ -32,12 +34,12 @@ const originals = {
 
 test.before(async () => {
   // qemu-img's layout: footer copy, header @512, BAT @1536, blocks; 2 MiB blocks.
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', originals.dynamic, '6M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x71 0 1M', '-c', 'write -P 0x72 4M 700k', originals.dynamic]);
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', originals.fixed, '3M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x73 0 3M', originals.fixed]);
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', originals.parent, '4M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x74 0 4M', originals.parent]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', originals.dynamic, '6M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x71 0 1M', '-c', 'write -P 0x72 4M 700k', originals.dynamic]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', originals.fixed, '3M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x73 0 3M', originals.fixed]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', originals.parent, '4M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x74 0 4M', originals.parent]);
 });
 
 let copies = 0;
@@ -315,13 +317,13 @@ test("a 'vpc ' creator with CHS smaller than the current size: tapkit uses the c
   const p = await openSpec(`vhd:${file}`);
   t.is(p.info().size, size);
   await p.close();
-  const qemuSize = Number(JSON.parse(await tool('qemu-img', ['info', '--output=json', file]))['virtual-size']);
+  const qemuSize = Number(JSON.parse(await must('qemu-img', ['info', '--output=json', file]))['virtual-size']);
   t.true(qemuSize < size, `qemu says ${qemuSize}`);
 });
 
 test('qemu force_size images: the current size, not the (maximal) CHS', async (t) => {
   const file = path.join(dir, 'force.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'force_size=on', file, `${5 * MiB + 512}`]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'force_size=on', file, `${5 * MiB + 512}`]);
   const p = await openSpec(`vhd:${file}`);
   t.is(p.info().size, 5 * MiB + 512);
   t.is((p.describe?.() as Record<string, unknown>).geometry, '65535/16/255');
@@ -330,18 +332,8 @@ test('qemu force_size images: the current size, not the (maximal) CHS', async (t
 
 // ---- fast-check: corrupt real images anywhere in their metadata ----------------------
 
-/** Fails instead of hanging. */
-async function bounded<T>(promise: Promise<T>, what: string, ms = 20_000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+/** How long one open-and-read of a corrupted image may take before the test calls it a hang. */
+const HANG_MS = 20_000;
 
 /**
  * Opens, reads the first 8 MiB and the last MiB, asks for extents (a bounded number of
@@ -410,13 +402,13 @@ for (const [name, original] of [
           }
           fs.writeFileSync(file, cut > 3900 ? bytes.subarray(0, bytes.length - (cut - 3900)) : bytes);
           try {
-            const err = await bounded(openAndRead(`vhd:${file}`), 'open and read');
+            const err = await bounded(openAndRead(`vhd:${file}`), 'open and read', HANG_MS);
             if (err === undefined) opened++;
             else {
               refusedCount++;
               if (!(err instanceof BlockError)) throw new Error(`untyped error: ${String((err as Error)?.stack ?? err)}`);
             }
-            const report = await bounded(checkImage(file), 'check');
+            const report = await bounded(checkImage(file), 'check', HANG_MS);
             if (!Array.isArray(report.problems)) throw new Error('check gave no problem list');
           } finally {
             fs.rmSync(file, { force: true });
@@ -448,7 +440,7 @@ test('fast-check: a differencing chain with a corrupted child or parent: typed e
       for (const [at, byte] of edits) bytes[at % span] = byte;
       fs.writeFileSync(target, bytes);
       try {
-        const err = await bounded(openAndRead(`vhd:${child}`), 'open and read');
+        const err = await bounded(openAndRead(`vhd:${child}`), 'open and read', HANG_MS);
         if (err !== undefined) {
           failures++;
           if (!(err instanceof BlockError)) throw new Error(`untyped error: ${String((err as Error)?.stack ?? err)}`);

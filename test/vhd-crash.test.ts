@@ -15,10 +15,11 @@ import { checkImage } from '../providers/vhd/check';
 import { createImage } from '../providers/vhd/create';
 import { snapshotVhd } from '../providers/vhd/snapshot';
 import { crashStream, MAX_UNFLUSHED, type CrashOp } from './helpers/vhd-crash-stream';
-import { firstDifference, prng, qemuRaw, sevenZipRaw, tapkitRaw, tempDir, tool } from './helpers/vhd';
+import { firstDifference, prng, qemuRaw, sevenZipRaw, tapkitRaw } from './helpers/vhd';
+import { must } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
-const dir = tempDir('vhd-crash');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('tapkit-vhd-crash-');
 const WRITER = path.join(__dirname, 'helpers', 'vhd-crash-writer.js');
 const MiB = 2 ** 20;
 
@@ -135,8 +136,8 @@ test('a dynamic VHD survives SIGKILL during a write stream, again and again', as
 
 test('a differencing VHD survives SIGKILL during a write stream, again and again', async (t) => {
   const base = path.join(dir, 'base.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', base, '8M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x2b 0 3M', '-c', 'write -P 0x2c 5M 2M', base]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', base, '8M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x2b 0 3M', '-c', 'write -P 0x2c 5M 2M', base]);
   const child = path.join(dir, 'child.vhd');
   await snapshotVhd(base, child, { blockSize: 1 << 20 });
   await crashRounds(t, child, 10, 2, false);
@@ -144,8 +145,8 @@ test('a differencing VHD survives SIGKILL during a write stream, again and again
 
 test('coalesce killed at random moments leaves a chain that reads the same; run again, it completes', async (t) => {
   const parent = path.join(dir, 'co-parent.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'force_size=on', parent, '48M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x5c 0 20M', parent]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'force_size=on', parent, '48M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x5c 0 20M', parent]);
   const child = path.join(dir, 'co-child.vhd');
   await snapshotVhd(parent, child, { blockSize: 512 * 1024 });
   // Scattered writes all over the child: many blocks for the merge to copy.

@@ -6,10 +6,11 @@
 import test from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { firstDifference, openSpec, prng, qemuRaw, randomBytesFrom, tapkitRaw, tempDir, tool } from './helpers/vhd';
+import { firstDifference, openSpec, prng, qemuRaw, randomBytesFrom, tapkitRaw } from './helpers/vhd';
+import { must } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
-const dir = tempDir('vhd-read');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('tapkit-vhd-read-');
 
 /** A raw file with random data in scattered places and zeros elsewhere (so conversion stays sparse). */
 function patchyRaw(name: string, size: number, seed: number): string {
@@ -38,7 +39,7 @@ for (const [index, c] of cases.entries()) {
   test(`qemu-img convert -O vpc (${c.name}) reads as qemu reads it`, async (t) => {
     const raw = patchyRaw(`src${index}.raw`, c.size, index + 1);
     const image = path.join(dir, `conv${index}.vhd`);
-    await tool('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', c.options, raw, image]);
+    await must('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', c.options, raw, image]);
     const expected = await qemuRaw(image, dir);
     const actual = await tapkitRaw(`vhd:${image}`);
     t.is(actual.length, expected.length, 'size');
@@ -52,8 +53,8 @@ for (const [index, c] of cases.entries()) {
 
 test('qemu-img create -f vpc with writes by qemu-io reads as qemu reads it (several block sizes of data)', async (t) => {
   const image = path.join(dir, 'created.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', image, '20M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x5a 1M 300k', '-c', 'write -P 0xa5 3000k 2M', '-c', 'write -P 0x11 19M 512', image]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', image, '20M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x5a 1M 300k', '-c', 'write -P 0xa5 3000k 2M', '-c', 'write -P 0x11 19M 512', image]);
   const expected = await qemuRaw(image, dir);
   const actual = await tapkitRaw(`vhd:${image}`);
   t.is(actual.length, expected.length);
@@ -62,14 +63,14 @@ test('qemu-img create -f vpc with writes by qemu-io reads as qemu reads it (seve
 
 test('a 100 GiB sparse dynamic image with a few written blocks: same bytes, holes where qemu wrote nothing', async (t) => {
   const image = path.join(dir, 'big.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', image, '100G']);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', image, '100G']);
   const writes: Array<[number, number, number]> = [
     [0, 65536, 0x31],
     [37 * 2 ** 30 + 12345 * 512, 3 * 2 ** 20, 0x32],
     [99 * 2 ** 30, 4096, 0x33],
   ];
-  await tool('qemu-io', ['-f', 'vpc', ...writes.flatMap(([at, len, p]) => ['-c', `write -P ${p} ${at} ${len}`]), image]);
-  const qemuSize = Number(JSON.parse(await tool('qemu-img', ['info', '--output=json', image]))['virtual-size']);
+  await must('qemu-io', ['-f', 'vpc', ...writes.flatMap(([at, len, p]) => ['-c', `write -P ${p} ${at} ${len}`]), image]);
+  const qemuSize = Number(JSON.parse(await must('qemu-img', ['info', '--output=json', image]))['virtual-size']);
   const p = await openSpec(`vhd:${image}`);
   t.teardown(() => p.close());
   t.is(p.info().size, qemuSize);
@@ -78,7 +79,7 @@ test('a 100 GiB sparse dynamic image with a few written blocks: same bytes, hole
     const buf = Buffer.alloc(len);
     await p.read(buf, at);
     t.true(buf.every((b) => b === pattern), `pattern at ${at}`);
-    const qemuBytes = await tool('qemu-io', ['-f', 'vpc', '-r', '-c', `read -v ${at} 512`, image]);
+    const qemuBytes = await must('qemu-io', ['-f', 'vpc', '-r', '-c', `read -v ${at} 512`, image]);
     t.regex(qemuBytes, new RegExp(`${pattern.toString(16).padStart(2, '0')} ${pattern.toString(16).padStart(2, '0')}`));
   }
   let cursor = 0;

@@ -14,10 +14,11 @@ import { createImage } from '../providers/vhd/create';
 import { snapshotOpenVhd, snapshotVhd } from '../providers/vhd/snapshot';
 import { VhdProvider } from '../providers/vhd/provider';
 import { checkImage } from '../providers/vhd/check';
-import { firstDifference, openSpec, prng, qemuRaw, randomBytesFrom, sevenZipRaw, tapkitRaw, tempDir, tool } from './helpers/vhd';
+import { firstDifference, openSpec, prng, qemuRaw, randomBytesFrom, sevenZipRaw, tapkitRaw } from './helpers/vhd';
+import { must } from './helpers/run';
+import { fileTempDir } from './helpers/temp';
 
-const dir = tempDir('vhd-write');
-test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('tapkit-vhd-write-');
 const MiB = 2 ** 20;
 
 /** Applies a random stream of writes, zeros and trims to the disk and to the model. */
@@ -62,10 +63,10 @@ async function writeWithTapkit(spec: string, model: Buffer, seed: number, count 
 }
 
 async function qemuCheckClean(t: import('ava').ExecutionContext, image: string): Promise<void> {
-  const out = await tool('qemu-img', ['check', '-f', 'vpc', image]).catch((e: Error) => e.message);
+  const out = await must('qemu-img', ['check', '-f', 'vpc', image]).catch((e: Error) => e.message);
   // qemu's vpc driver has no check routine: it says so and exits 0 only for a readable image.
   t.notRegex(out, /error|corrupt|leak/i, `qemu-img check ${image}: ${out}`);
-  const info = JSON.parse(await tool('qemu-img', ['info', '--output=json', '-f', 'vpc', image]));
+  const info = JSON.parse(await must('qemu-img', ['info', '--output=json', '-f', 'vpc', image]));
   t.is(info.format, 'vpc');
 }
 
@@ -75,7 +76,7 @@ async function sameAsModel(t: import('ava').ExecutionContext, image: string, mod
     t.is(firstDifference(await qemuRaw(image, dir), model), -1, 'qemu-img convert gives the model');
     const modelFile = path.join(dir, `${path.basename(image)}.model`);
     fs.writeFileSync(modelFile, model);
-    await tool('qemu-img', ['compare', '-f', 'vpc', '-F', 'raw', image, modelFile]);
+    await must('qemu-img', ['compare', '-f', 'vpc', '-F', 'raw', image, modelFile]);
     fs.rmSync(modelFile);
   }
   if (peers.includes('7zz')) t.is(firstDifference(await sevenZipRaw(image, dir), model), -1, '7-Zip extracts the model');
@@ -100,8 +101,8 @@ for (const c of [
 
 test('tapkit writes into an image qemu-img made and qemu-io filled; qemu reads the result as written', async (t) => {
   const image = path.join(dir, 'qemu-made.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', image, '16M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x41 0 3M', '-c', 'write -P 0x42 9M 100k', image]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', image, '16M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x41 0 3M', '-c', 'write -P 0x42 9M 100k', image]);
   const model = await qemuRaw(image, dir);
   await writeWithTapkit(`vhd:${image}`, model, 77);
   await qemuCheckClean(t, image);
@@ -111,8 +112,8 @@ test('tapkit writes into an image qemu-img made and qemu-io filled; qemu reads t
 
 test('a differencing chain tapkit makes and writes reads as the model through 7-Zip, sector by sector', async (t) => {
   const base = path.join(dir, 'chain-base.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', base, '12M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x61 0 5M', '-c', 'write -P 0x62 7M 3M', base]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', base, '12M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x61 0 5M', '-c', 'write -P 0x62 7M 3M', base]);
   const model = await qemuRaw(base, dir);
   const mid = path.join(dir, 'chain-mid.vhd');
   const top = path.join(dir, 'chain-top.vhd');
@@ -145,8 +146,8 @@ test('a differencing chain tapkit makes and writes reads as the model through 7-
 
 test('zero in a child hides the parent and copies nothing else; a child write copies only the sectors written', async (t) => {
   const base = path.join(dir, 'hide-base.vhd');
-  await tool('qemu-img', ['create', '-q', '-f', 'vpc', base, '4M']);
-  await tool('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x55 0 4M', base]);
+  await must('qemu-img', ['create', '-q', '-f', 'vpc', base, '4M']);
+  await must('qemu-io', ['-f', 'vpc', '-c', 'write -P 0x55 0 4M', base]);
   const child = path.join(dir, 'hide-child.vhd');
   await snapshotVhd(base, child);
   const before = fs.statSync(child).size;
@@ -167,7 +168,7 @@ test('zero in a child hides the parent and copies nothing else; a child write co
   await sameAsModel(t, child, model, ['7zz']);
   // The child holds only the 4 KiB of zeros and the one sector written into: its own data
   // area is sparse, so the file's allocated bytes stay far below a block.
-  const allocated = Number(JSON.parse(await tool('qemu-img', ['info', '--output=json', child]))['actual-size']);
+  const allocated = Number(JSON.parse(await must('qemu-img', ['info', '--output=json', child]))['actual-size']);
   t.true(allocated < before + MiB, `child allocates ${allocated} bytes`);
   t.true(ext.length > 0);
 });
@@ -178,8 +179,8 @@ test('qemu-img makes a qcow2 child over a tapkit-written VHD (-F vpc -b): tapkit
   const model = Buffer.alloc(size);
   await writeWithTapkit(`vhd:${base}`, model, 9, 30);
   const top = path.join(dir, 'q-top.qcow2');
-  await tool('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'vpc', '-b', path.basename(base), top]);
-  await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x3c 1M 70k', top]);
+  await must('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'vpc', '-b', path.basename(base), top]);
+  await must('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x3c 1M 70k', top]);
   model.fill(0x3c, MiB, MiB + 70 * 1024);
   const qemu = await qemuRaw(top, dir, 'qcow2');
   const ours = await tapkitRaw(top);

@@ -5,10 +5,8 @@
  */
 import test from 'ava';
 import * as fc from 'fast-check';
-import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import {
   encodeRequest,
   LAYOUTS,
@@ -24,14 +22,13 @@ import {
   type Layout,
 } from '../core/ring/abi';
 import { BackRing, FrontRing, RingOverrun, ringEntries } from '../core/ring/sring';
-import { tempDir } from './xen/harness';
+import { must, mustRun } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
-const run = promisify(execFile);
 const layouts = Object.values(LAYOUTS);
 
 test('field offsets and sizes are those of io/blkif.h (x86_64) and Linux blkback’s x86_32 structures', async (t) => {
-  const dir = tempDir('abi-');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const dir = tempDir(t, 'tapkit-abi-');
   const source = path.join(dir, 'offsets.c');
   fs.writeFileSync(
     source,
@@ -61,8 +58,8 @@ int main(void) {
 }
 `,
   );
-  await run('gcc', ['-Wall', '-o', path.join(dir, 'offsets'), source], { timeout: 60_000 });
-  const { stdout } = await run(path.join(dir, 'offsets'), [], { timeout: 10_000 });
+  await must('gcc', ['-Wall', '-o', path.join(dir, 'offsets'), source], { timeoutMs: 60_000 });
+  const { stdout } = await mustRun(path.join(dir, 'offsets'), [], { timeoutMs: 10_000 });
   const lines = Object.fromEntries(stdout.trim().split('\n').map((l) => [l.split(' ')[0], l.split(' ').slice(1).map(Number)]));
   for (const [abi, l] of [
     ['64', LAYOUTS['x86_64-abi']],

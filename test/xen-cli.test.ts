@@ -8,11 +8,11 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { CLI, runCli } from './cli-runner';
-import { runFrontend, tempDir } from './xen/harness';
+import { runFrontend } from './xen/harness';
+import { tempDir } from './helpers/temp';
 
 test('serve, attach, a frontend, detach, SIGTERM: the vbd is served from its params and everything is cleaned up', async (t) => {
-  const dir = tempDir('xen-cli-');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const dir = tempDir(t, 'tapkit-xen-cli-');
   const image = path.join(dir, 'disk.raw');
   fs.writeFileSync(image, Buffer.alloc(64 << 20));
   const serve = spawn(process.execPath, [CLI, 'xen', 'serve', '--platform', `sim:${dir}`], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -54,8 +54,7 @@ test('serve, attach, a frontend, detach, SIGTERM: the vbd is served from its par
 });
 
 test('usage errors are one line with exit code 2; a toolstack verb without a running platform exits 1', async (t) => {
-  const dir = tempDir('xen-cli-');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const dir = tempDir(t, 'tapkit-xen-cli-');
   for (const args of [
     ['xen', 'serve', '--platform', 'teleport:x'],
     ['xen', 'serve', '--platform', 'sim:'],

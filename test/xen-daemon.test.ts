@@ -5,26 +5,24 @@
  * attach` wrote, and destroy detaches, leaving the other device serving.
  */
 import test from 'ava';
-import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import type { DeviceSummary } from '../core/daemon/devices';
 import { CLI, startDaemon } from './helpers/daemon';
-import { runFrontend, tempDir } from './xen/harness';
+import { runFrontend } from './xen/harness';
+import { mustRun } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
-const run = promisify(execFile);
 const DEVID = 51712;
 
 function xs(dir: string, tool: string, ...args: string[]) {
-  return run(tool, args, { env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') }, timeout: 10_000 });
+  return mustRun(tool, args, { env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') }, timeoutMs: 10_000 });
 }
 
 test.serial('a daemon device exported as xen:DOMID/DEVID,platform=sim:DIR,attach serves the C frontend; destroy detaches', async (t) => {
   const daemon = await startDaemon();
   t.teardown(() => daemon.stop());
-  const dir = tempDir('xen-daemon-');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const dir = tempDir(t, 'tapkit-xen-daemon-');
   const sim = `platform=sim:${dir}`;
   const a = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:64M', name: 'a', exports: [`xen:5/${DEVID},${sim},attach`] });
   t.deepEqual(a.exports, [{ kind: 'xen', target: `sim:${dir} /local/domain/0/backend/vbd/5/${DEVID}` }]);
@@ -35,7 +33,7 @@ test.serial('a daemon device exported as xen:DOMID/DEVID,platform=sim:DIR,attach
   t.regex(rw.stdout, /ok rw x86_64-abi/);
 
   // A second device on the same platform, its nodes written by the toolstack verb.
-  const attached = await run(process.execPath, [CLI, 'xen', 'attach', '--platform', `sim:${dir}`, '--domid', '6', '--devid', String(DEVID), 'ignored-params'], { timeout: 20_000 });
+  const attached = await mustRun(process.execPath, [CLI, 'xen', 'attach', '--platform', `sim:${dir}`, '--domid', '6', '--devid', String(DEVID), 'ignored-params'], { timeoutMs: 20_000 });
   t.is(attached.stderr, '');
   const b = await daemon.ok<DeviceSummary>({ op: 'create', spec: 'memory:32M', name: 'b', exports: [`xen:6/${DEVID},${sim}`] });
   const indirect = await runFrontend(dir, 6, DEVID, ['indirect', '--seed', '4']);
@@ -61,8 +59,7 @@ test.serial('a daemon device exported as xen:DOMID/DEVID,platform=sim:DIR,attach
 test.serial('xen export arguments: malformed, an unknown platform, a vbd with no nodes, or one attached twice fail clearly and leave nothing behind', async (t) => {
   const daemon = await startDaemon();
   t.teardown(() => daemon.stop());
-  const dir = tempDir('xen-daemon-');
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const dir = tempDir(t, 'tapkit-xen-daemon-');
   const failure = async (exports: string[]) => {
     const r = await daemon.call({ op: 'create', spec: 'memory:1M', exports });
     t.false(r.ok);

@@ -6,31 +6,29 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import * as fc from 'fast-check';
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import { SimPlatform } from '../core/ring/sim/platform';
 import { DEFAULT_NODES_PER_DOMAIN } from '../core/ring/sim/store';
 import { MAX_BACKLOG, MAX_TRANSACTIONS, MAX_WATCHES } from '../core/ring/sim/xenstored';
 import { encodeMessage, MessageReader, nulTerminated, splitArgs, XS, type XsMessage } from '../core/ring/sim/xs-wire';
-import { tempDir } from './xen/harness';
+import { mustRun } from './helpers/run';
+import { tempDir } from './helpers/temp';
 
-const run = promisify(execFile);
 
 async function platform(t: ExecutionContext): Promise<{ dir: string; sim: SimPlatform; env: NodeJS.ProcessEnv }> {
-  const dir = tempDir('xs-');
+  const dir = tempDir(t, 'tapkit-xs-');
   const sim = await SimPlatform.start(dir);
   t.teardown(async () => {
     await sim.close();
-    fs.rmSync(dir, { recursive: true, force: true });
   });
   return { dir, sim, env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') } };
 }
 
 function tool(env: NodeJS.ProcessEnv, name: string, ...args: string[]) {
-  return run(name, args, { env, timeout: 10_000 });
+  return mustRun(name, args, { env, timeoutMs: 10_000 });
 }
 
 /** A raw wire connection: send messages, read what comes back. */

@@ -18,9 +18,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { readMounts } from '../../core/fuse/mounts';
-import { median, pairedRatios, placement, recordRatios, startCpuMeter, startProcess, waitQuiet } from '../lib';
+import { median, pairedRatios, placement, recordRatios, roundsFromEnv, startCpuMeter, startProcess, waitQuiet } from '../lib';
 
-const ROUNDS = Number(process.env.ROUNDS ?? 3);
+const ROUNDS = roundsFromEnv();
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
 const SIZE = 1 << 30;
 const pin = placement();

@@ -3,6 +3,7 @@ export * from './cpu';
 export * from './fio';
 export * from './placement';
 export * from './processes';
+export * from './rounds';
 export * from './stats';
 export * from './summary';
 export * from './table';

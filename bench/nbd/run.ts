@@ -2,24 +2,25 @@
  * NBD benchmark: tapkit against nbdkit and qemu-nbd, one client (fio's nbd engine) for all.
  *
  *   npm run build && node dist/bench/nbd/run.js
- *   REPS=3 RUNTIME=8 ONLY='rr32|seqread' SERVERS='tapkit-memory,nbdkit-memory' node dist/bench/nbd/run.js
+ *   ROUNDS=3 RUNTIME=8 ONLY='rr32|seqread' SERVERS='tapkit-memory,nbdkit-memory' node dist/bench/nbd/run.js
  *
  * Method (/work/shared/reference/bench-method.md): every server gets the same 1 GiB of
  * random bytes (memory servers are filled untimed with nbdcopy); the server is pinned to
- * CPU 1 and the client to CPU 0 (PIN=0 to disable); repetitions are the outer loop, so
+ * CPU 1 and the client to CPU 0 (PIN=0 to disable); rounds are the outer loop, so
  * drift hits every server alike; each cell prints min / median / max, and each tapkit
- * cell its paired ratio to a peer (repetition r of tapkit over repetition r of the peer).
+ * cell its paired ratio to a peer (round r of tapkit over round r of the peer).
  * Every measurement first waits (bounded: QUIET_WAIT seconds, QUIET_BUDGET in all) until
  * the rest of the machine uses less than QUIET_MAX % of a CPU, then records the server's
  * CPU (cost per GiB and per request), the client's CPU, the CPU used by everything else
  * ("others") and the hypervisor's steal: a cell with a busy neighbour is flagged, not
  * silently trusted.
  *
- * Environment: REPS (3), RUNTIME (8 s per fio job, plus 1 s ramp), PIN (1: server CPU 1,
- * client CPU 0; same: both CPU 0; 0: unpinned), ONLY (regex on "server/workload"),
- * SERVERS (comma list), TMPFS (where the 1 GiB images live), OUT (results directory),
- * KEEP_DATA=1 (keep the images for the next run), QUIET_MAX (15), QUIET_WAIT (60),
- * QUIET_BUDGET (900).
+ * Environment: ROUNDS (3; REPS is its deprecated alias), RUNTIME (8 s per fio job, plus
+ * 1 s ramp), PIN (1: server CPU 1, client CPU 0; same: both CPU 0; 0: unpinned), ONLY
+ * (regex on "server/workload"), SERVERS (comma list), WORKDIR (where the 1 GiB images
+ * live: a fresh directory on /dev/shm by default), KEEP=1 (keep WORKDIR, and with it the
+ * random source image for the next run given the same WORKDIR), OUT (results directory),
+ * QUIET_MAX (15), QUIET_WAIT (60), QUIET_BUDGET (900).
  *
  * Not a test: nothing here asserts speed.
  */
@@ -27,14 +28,15 @@ import { type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { CLK_TCK, machineTicks, median, onExit, placement, processTicks, recordRatios, run as must, startNbdServer, stopProcess, waitQuiet } from '../lib';
+import { benchWorkdir, CLK_TCK, machineTicks, median, placement, processTicks, recordRatios, roundsFromEnv, run as must, startNbdServer, stopProcess, waitQuiet } from '../lib';
 
-const REPS = Number(process.env.REPS ?? 3);
+const ROUNDS = roundsFromEnv();
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
 const PIN = process.env.PIN ?? '1';
 const ONLY = process.env.ONLY ? new RegExp(process.env.ONLY) : undefined;
 const SERVER_FILTER = process.env.SERVERS?.split(',');
-const DATA_DIR = process.env.TMPFS ?? '/dev/shm/tapkit-nbdbench';
+// Removed at exit (an interrupted run too) unless KEEP is set: a gigabyte of tmpfs must not outlive the bench.
+const DATA_DIR = benchWorkdir('nbd');
 const OUT = process.env.OUT ?? fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-nbdbench-'));
 const SIZE = 1 << 30;
 const CLI = path.resolve(__dirname, '../../core/cli/main.js');
@@ -110,10 +112,6 @@ function stopServer(): void {
   if (running) stopProcess(running);
   running = undefined;
 }
-// Also on an interrupted run: a gigabyte of tmpfs must not outlive the bench.
-onExit(() => {
-  if (process.env.KEEP_DATA !== '1') fs.rmSync(DATA_DIR, { recursive: true, force: true });
-});
 
 function startServer(def: ServerDef, socket: string, image: string): void {
   running = startNbdServer(def.id, [...serverCpu, ...def.command(socket, image)], socket);
@@ -181,7 +179,7 @@ function costUnit(w: Workload): string {
 /** Paired ratios mine/peer of `pick`, one per repetition where both were measured. */
 function pairedRatios(samples: Sample[], mine: string, peer: string, w: Workload, pick: (x: Sample) => number): number[] {
   const ratios: number[] = [];
-  for (let rep = 0; rep < REPS; rep++) {
+  for (let rep = 0; rep < ROUNDS; rep++) {
     const a = samples.find((x) => x.server === mine && x.workload === w.id && x.rep === rep);
     const b = samples.find((x) => x.server === peer && x.workload === w.id && x.rep === rep);
     if (a && b && pick(b) > 0) ratios.push(pick(a) / pick(b));
@@ -264,14 +262,13 @@ function machine(): string {
     must(['qemu-nbd', '--version'], 10).split('\n')[0].trim(),
     must(['fio', '--version'], 10).trim(),
   ];
-  return `${os.cpus().length} × ${cpu}, ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB RAM, Linux ${os.release()}; ${versions.join(', ')}; PIN=${PIN} (server CPU ${serverCpu[2] ?? 'any'}, fio CPU ${clientCpu[2] ?? 'any'}), REPS=${REPS}, RUNTIME=${RUNTIME}s`;
+  return `${os.cpus().length} × ${cpu}, ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB RAM, Linux ${os.release()}; ${versions.join(', ')}; PIN=${PIN} (server CPU ${serverCpu[2] ?? 'any'}, fio CPU ${clientCpu[2] ?? 'any'}), ROUNDS=${ROUNDS}, RUNTIME=${RUNTIME}s`;
 }
 
 // ---- main ---------------------------------------------------------------------------
 
 function main(): void {
   if (!fs.existsSync(CLI)) throw new Error(`build first (npm run build): ${CLI} is missing`);
-  fs.mkdirSync(DATA_DIR, { recursive: true });
   const image = path.join(DATA_DIR, 'disk.raw');
   const source = path.join(DATA_DIR, 'source.raw');
   if (!fs.existsSync(source) || fs.statSync(source).size !== SIZE) {
@@ -286,9 +283,9 @@ function main(): void {
   fs.writeFileSync(csv, 'server,workload,rep,value,unit,server_cpu_pct,server_cpu_s_per_gib,server_cpu_us_per_req,client_cpu_pct,others_cpu_pct,steal_pct\n');
   process.stderr.write(`machine: ${machine()}\nresults: ${csv}\n`);
   try {
-    for (let rep = 0; rep < REPS; rep++) {
+    for (let rep = 0; rep < ROUNDS; rep++) {
       for (const def of servers) {
-        // File servers read the pristine bytes each repetition (writes of the last one are undone).
+        // File servers read the pristine bytes each round (writes of the last one are undone).
         if (!def.fill) fs.copyFileSync(source, image);
         const socket = path.join(runDir, `${def.id}.sock`);
         startServer(def, socket, def.fill ? source : image);
@@ -300,7 +297,7 @@ function main(): void {
             const row = [def.id, w.id, rep, r.value.toFixed(1), w.unit, r.serverCpu.toFixed(1), r.cpuPerGiB.toFixed(3), r.cpuUsPerRequest.toFixed(2), r.clientCpu.toFixed(1), r.others.toFixed(1), r.steal.toFixed(1)];
             fs.appendFileSync(csv, `${row.join(',')}\n`);
             process.stderr.write(
-              `rep ${rep + 1}/${REPS} ${def.id.padEnd(14)} ${w.id.padEnd(9)} ${fmt(r.value, w.unit).padStart(9)} ${w.unit.padEnd(5)} ` +
+              `round ${rep + 1}/${ROUNDS} ${def.id.padEnd(14)} ${w.id.padEnd(9)} ${fmt(r.value, w.unit).padStart(9)} ${w.unit.padEnd(5)} ` +
                 `srv ${r.serverCpu.toFixed(0)}% (${r.cpuPerGiB.toFixed(2)} s/GiB, ${r.cpuUsPerRequest.toFixed(1)} µs/req) fio ${r.clientCpu.toFixed(0)}% others ${r.others.toFixed(0)}% steal ${r.steal.toFixed(0)}%\n`,
             );
           }
@@ -311,7 +308,6 @@ function main(): void {
     }
   } finally {
     fs.rmSync(runDir, { recursive: true, force: true });
-    if (process.env.KEEP_DATA !== '1') fs.rmSync(DATA_DIR, { recursive: true, force: true });
     // Even a run that failed half-way reports what it measured.
     const table = `Machine: ${machine()}\n\n${report(samples, servers, workloads.filter((w) => !ONLY || servers.some((s) => ONLY.test(`${s.id}/${w.id}`))))}\n`;
     fs.writeFileSync(path.join(OUT, 'summary.md'), table);

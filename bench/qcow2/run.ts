@@ -27,10 +27,10 @@ import {
   measure,
   type Sample,
   fioNbd, fmtRange, output as outputOf, placement, recordRatios, requireTools, run as runCommand, startNbdServer,
-  stopProcess, waitQuiet,
+  roundsFromEnv, stopProcess, waitQuiet,
 } from '../lib';
 
-const ROUNDS = Number(process.env.ROUNDS ?? 3);
+const ROUNDS = roundsFromEnv();
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
 const SIZE_MIB = Number(process.env.SIZE_MIB ?? 1024);
 const CLUSTER = 64 * 1024;

@@ -4,7 +4,7 @@
  * nbd engine, both on a filled memory VBD.
  *
  *   npm run build && node dist/bench/xen/run.js
- *   REPS=5 COUNT_4K=300000 COUNT_1M=6000 node dist/bench/xen/run.js
+ *   ROUNDS=5 COUNT_4K=300000 COUNT_1M=6000 node dist/bench/xen/run.js
  *
  * Workloads: 4 KiB random reads at QD32 (direct requests), 1 MiB sequential reads at QD8
  * (indirect requests of 256 segments on the ring). Method (bench-method.md): server on
@@ -15,16 +15,16 @@
  * Caveats printed with the results: the two clients differ (a C program on the ring,
  * fio+libnbd on NBD); the ring client counts requests, fio runs for RUNTIME seconds.
  *
- * Environment: REPS (3), RUNTIME (8, fio seconds), COUNT_4K (200000), COUNT_1M (4000),
+ * Environment: ROUNDS (3; REPS is its deprecated alias), RUNTIME (8, fio seconds), COUNT_4K (200000), COUNT_1M (4000),
  * PIN (1), OUT (results directory), SIZE_MIB (512, the memory VBD), TMPFS (/dev/shm). Not a test: nothing here asserts speed.
  */
 import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { median, onExit, placement, recordRatios, startCpuMeter, startProcess, stopProcess as stop, waitQuiet, waitUntil } from '../lib';
+import { median, onExit, placement, recordRatios, roundsFromEnv, startCpuMeter, startProcess, stopProcess as stop, waitQuiet, waitUntil } from '../lib';
 
-const REPS = Number(process.env.REPS ?? 3);
+const ROUNDS = roundsFromEnv();
 const RUNTIME = Number(process.env.RUNTIME ?? 8);
 const PIN = process.env.PIN ?? '1';
 const COUNT_4K = Number(process.env.COUNT_4K ?? 200_000);
@@ -148,7 +148,7 @@ function main(): void {
   const frontend = frontendBinary();
   execFileSync('dd', ['if=/dev/urandom', `of=${IMAGE}`, 'bs=1M', `count=${SIZE_MIB}`, 'status=none']);
   const results = new Map<string, Sample[]>();
-  for (let rep = 0; rep < REPS; rep++) {
+  for (let rep = 0; rep < ROUNDS; rep++) {
     for (const w of WORKLOADS) {
       for (const [path, sample] of [
         ['ring', () => ringSample(frontend, w)],
@@ -157,11 +157,11 @@ function main(): void {
         const s = sample();
         const key = `${path}/${w.id}`;
         results.set(key, [...(results.get(key) ?? []), s]);
-        process.stderr.write(`rep ${rep + 1} ${key}: ${s.value.toFixed(0)} (server ${s.cpuUsPerRequest.toFixed(1)} CPU-µs/request, others ${s.others.toFixed(0)}%)\n`);
+        process.stderr.write(`round ${rep + 1} ${key}: ${s.value.toFixed(0)} (server ${s.cpuUsPerRequest.toFixed(1)} CPU-µs/request, others ${s.others.toFixed(0)}%)\n`);
       }
     }
   }
-  const lines = [`# blkif ring (sim, C frontend) vs NBD (fio nbd engine), ${SPEC}, ${REPS} reps, pin=${PIN}`, ''];
+  const lines = [`# blkif ring (sim, C frontend) vs NBD (fio nbd engine), ${SPEC}, ${ROUNDS} rounds, pin=${PIN}`, ''];
   lines.push('| workload | path | median | min–max | server CPU-µs/request | others % (max) | paired ratio ring÷nbd (median, min–max) |', '|---|---|---|---|---|---|---|');
   for (const w of WORKLOADS) {
     const ring = results.get(`ring/${w.id}`)!;

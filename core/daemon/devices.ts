@@ -3,7 +3,7 @@
  * exports. Operations mirror tap-ctl: create, list, pause, unpause (optionally onto a
  * new chain), destroy, stats.
  */
-import { BlockError } from '../errors';
+import { BlockError, isBlockError } from '../errors';
 import { Opener, type OpenOptions } from '../open';
 import type { Provider } from '../provider';
 import { Vbd } from '../vbd';
@@ -150,15 +150,29 @@ export class DeviceTable {
     this.log.info('device resumed', { device: device.id, spec: device.request.spec });
   }
 
-  /** Stops the exports, flushes and closes the chain, forgets the device. */
+  /**
+   * Stops the exports, flushes and closes the chain, forgets the device. The device is
+   * gone even when an export fails to close (its chain is closed; nothing is left to
+   * retry on), but the caller is told: it rejects with the first export's failure.
+   */
   async destroy(id: string): Promise<void> {
     const device = this.get(id);
     this.devices.delete(device.id);
     const results = await Promise.allSettled(device.exports.map((e) => e.close()));
     if (device.vbd.isPaused) device.vbd.resume();
     await device.vbd.close();
-    for (const r of results) if (r.status === 'rejected') this.log.warn('an export failed to close', { device: device.id, error: String(r.reason) });
+    const failed = device.exports.flatMap((e, i) => {
+      const r = results[i];
+      return r.status === 'rejected' ? [{ handle: e, reason: r.reason as unknown }] : [];
+    });
+    for (const f of failed) this.log.warn('an export failed to close', { device: device.id, export: f.handle.kind, error: String(f.reason) });
     this.log.info('device destroyed', { device: device.id });
+    if (failed.length > 0) {
+      const { handle, reason } = failed[0];
+      const more = failed.length > 1 ? ` (and ${failed.length - 1} more export(s))` : '';
+      const code = isBlockError(reason) ? reason.code : 'EIO';
+      throw new BlockError(code, `device ${device.id} was destroyed, but its ${handle.kind} export ${handle.target} failed to close${more}: ${reason instanceof Error ? reason.message : String(reason)}`);
+    }
   }
 
   stats(id: string): DeviceStats {

@@ -12,7 +12,7 @@ import { BlockError } from '../errors';
 import type { Vbd } from '../vbd';
 import { listenControl, removeState, writeState, type MountState } from './control';
 import { FuseExport, type FuseExportOptions } from './export';
-import { attachLoop, detachLoop, type LoopDevice } from './loop';
+import { attachLoop, detachLoop, loopsBackedBy, type LoopDevice } from './loop';
 import type * as net from 'node:net';
 
 export interface ServeOptions extends FuseExportOptions {
@@ -24,6 +24,8 @@ export interface ServeOptions extends FuseExportOptions {
   daemonDevice?: string;
 }
 
+/** How long a stop waits for a loop device's last user to close it before unmounting anyway. */
+const LOOP_RELEASE_MS = 10_000;
 /** How long a stop waits for the VBD flush before unmounting anyway. */
 const STOP_FLUSH_MS = 60_000;
 
@@ -90,7 +92,7 @@ export class ServedMount {
    */
   stop(): Promise<boolean> {
     this.stopping ??= (async () => {
-      if (this.state.loop) await detachLoop(this.state.loop, this.file).catch((e) => this.log((e as Error).message));
+      if (this.state.loop) await this.detachLoopBounded(this.state.loop);
       // A paused VBD (the daemon's pause) would hold the flush until resumed; the
       // daemon flushes when it closes the device after its exports.
       if (!this.exported.vbd.isPaused) await this.flushBounded();
@@ -100,6 +102,32 @@ export class ServedMount {
       return false;
     })();
     return this.stopping;
+  }
+
+  /**
+   * Detaches the loop device. When a user still has it open (xen-blkback tearing down a
+   * guest's disk closes it a moment after the toolstack's remove script starts), the
+   * kernel only marks it to detach on last close: wait up to LOOP_RELEASE_MS for that,
+   * so the unmount that follows is not refused for a loop device about to go.
+   */
+  private async detachLoopBounded(device: string): Promise<void> {
+    try {
+      await detachLoop(device, this.file);
+      return;
+    } catch (e) {
+      if (!(e instanceof BlockError) || e.code !== 'EBUSY') {
+        this.log((e as Error).message);
+        return;
+      }
+    }
+    const deadline = Date.now() + LOOP_RELEASE_MS;
+    while (loopsBackedBy({ file: this.file }).some((l) => l.device === device)) {
+      if (Date.now() > deadline) {
+        this.log(`${device} is still in use after ${LOOP_RELEASE_MS / 1000} s; it detaches when its last user closes it`);
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 
   /** Flushes the VBD, giving up (with a log line) after STOP_FLUSH_MS. */

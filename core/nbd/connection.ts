@@ -135,7 +135,7 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
 
   // ---- ReplySink --------------------------------------------------------------------
 
-  send(data: Buffer, written?: () => void): void {
+  send(data: Uint8Array, written?: () => void): void {
     if (this.ended) return;
     if (!this.corked) {
       this.corked = true;

@@ -50,7 +50,7 @@ export const DEFAULT_LIMITS: TransmissionLimits = {
 /** Where replies go: the connection batches them per event-loop turn. */
 export interface ReplySink {
   /** Queues bytes for the client; `written` runs once the socket no longer needs `data`. */
-  send(data: Buffer, written?: () => void): void;
+  send(data: Uint8Array, written?: () => void): void;
   /** Bytes handed to the socket and not yet written to the kernel. */
   readonly queuedBytes: number;
 }
@@ -79,6 +79,14 @@ const HOLE_LOOKUP_PAUSE = 256;
 const LARGE_PAYLOAD = 128 * 1024;
 /** Longest error message sent in a structured error chunk. */
 const MAX_MESSAGE = 1024;
+
+/** A reply's bytes: `first` (a header, with the data after it when it was read into it), then borrowed views. */
+interface DataReply {
+  first: Buffer;
+  views: Uint8Array[];
+  /** `first` came from the buffer pool and goes back once written. */
+  pooled: boolean;
+}
 
 interface Request {
   flags: number;
@@ -364,23 +372,22 @@ export class Transmission {
     if (offset + length > this.size) return this.replyError(request, NBD_EINVAL, `read ${offset}+${length} is past the end (size ${this.size})`);
     if (!this.structured) {
       // Read first, send after: an error found later could not be reported.
-      const reply = this.buffers.take(SIMPLE_REPLY_SIZE + length);
-      await vbd.read(reply.subarray(SIMPLE_REPLY_SIZE), offset);
-      this.writeSimpleHeader(reply, request, 0);
-      this.sendPooled(reply);
+      const header = SIMPLE_REPLY_SIZE;
+      const reply = await this.readData(offset, length, header);
+      this.writeSimpleHeader(reply.first, request, 0);
+      this.sendReply(reply);
       return;
     }
     if (length === 0) return this.out.send(this.chunkHeader(request, REPLY_FLAG_DONE, REPLY_NONE, 0));
     const runs = !df && length >= HOLE_SPLIT_MIN && vbd.capabilities().extents ? await this.holeRuns(offset, length) : undefined;
     if (!runs) {
-      const chunk = this.dataChunk(request, offset, length);
-      await vbd.read(chunk.subarray(this.chunkHeaderSize + 8), offset);
-      chunk.writeUInt16BE(REPLY_FLAG_DONE, 4);
-      this.sendPooled(chunk);
+      const reply = await this.readData(offset, length, this.chunkHeaderSize + 8);
+      this.writeDataHeader(reply.first, request, offset, length, REPLY_FLAG_DONE);
+      this.sendReply(reply);
       return;
     }
     // Data runs are read concurrently; holes go out as OFFSET_HOLE without touching data.
-    const chunks: Buffer[] = [];
+    const replies: DataReply[] = [];
     const failures: Array<{ offset: number; error: unknown }> = [];
     await Promise.all(
       runs.map(async (run) => {
@@ -388,13 +395,13 @@ export class Transmission {
           const hole = this.chunkHeader(request, 0, REPLY_OFFSET_HOLE, 12, 12);
           writeU64(hole, run.offset, this.chunkHeaderSize);
           hole.writeUInt32BE(run.length, this.chunkHeaderSize + 8);
-          chunks.push(hole);
+          replies.push({ first: hole, views: [], pooled: false });
           return;
         }
-        const chunk = this.dataChunk(request, run.offset, run.length);
         try {
-          await vbd.read(chunk.subarray(this.chunkHeaderSize + 8), run.offset);
-          chunks.push(chunk);
+          const reply = await this.readData(run.offset, run.length, this.chunkHeaderSize + 8);
+          this.writeDataHeader(reply.first, request, run.offset, run.length, 0);
+          replies.push(reply);
         } catch (error) {
           failures.push({ offset: run.offset, error });
         }
@@ -402,16 +409,35 @@ export class Transmission {
     );
     for (const failure of failures) {
       const { code, message } = describe(failure.error);
-      chunks.push(this.errorChunk(request, REPLY_ERROR_OFFSET, code ? nbdErrorFor(code) : NBD_EIO, message, failure.offset));
+      const chunk = this.errorChunk(request, REPLY_ERROR_OFFSET, code ? nbdErrorFor(code) : NBD_EIO, message, failure.offset);
+      replies.push({ first: chunk, views: [], pooled: false });
     }
-    const last = chunks[chunks.length - 1];
-    last.writeUInt16BE(REPLY_FLAG_DONE, 4);
-    for (const chunk of chunks) this.sendPooled(chunk);
+    replies[replies.length - 1].first.writeUInt16BE(REPLY_FLAG_DONE, 4);
+    for (const reply of replies) this.sendReply(reply);
   }
 
-  /** Sends a buffer that may come from the pool, and gives it back once written. */
-  private sendPooled(buf: Buffer): void {
-    this.out.send(buf, () => this.buffers.give(buf));
+  /**
+   * `length` bytes at `offset` behind `header` bytes of room for a reply header. A VBD
+   * that lends its memory gives views sent as they are (no copy); otherwise the data is
+   * read into one pooled buffer right after the header, so header and data leave as one.
+   */
+  private async readData(offset: number, length: number, header: number): Promise<DataReply> {
+    const vbd = this.negotiated.export.vbd;
+    if (vbd.lendsReads && length > 0) {
+      const views = await vbd.readViews(offset, length);
+      return { first: Buffer.allocUnsafe(header), views, pooled: false };
+    }
+    const buf = this.buffers.take(header + length);
+    if (length > 0) await vbd.read(buf.subarray(header), offset);
+    return { first: buf, views: [], pooled: true };
+  }
+
+  /** Queues a reply; a pooled buffer goes back to the pool once the socket is done with it. */
+  private sendReply(reply: DataReply): void {
+    const { first } = reply;
+    if (reply.pooled) this.out.send(first, () => this.buffers.give(first));
+    else this.out.send(first);
+    for (const view of reply.views) this.out.send(view);
   }
 
   /**
@@ -531,9 +557,13 @@ export class Transmission {
   }
 
   /** A chunk header (structured or extended) followed by `extra` bytes of room for the payload. */
-  private chunkHeader(request: Request, flags: number, type: number, payloadLength: number, extra = 0, pooled = false): Buffer {
-    const size = this.chunkHeaderSize + extra;
-    const chunk = pooled ? this.buffers.take(size) : Buffer.allocUnsafe(size);
+  private chunkHeader(request: Request, flags: number, type: number, payloadLength: number, extra = 0): Buffer {
+    const chunk = Buffer.allocUnsafe(this.chunkHeaderSize + extra);
+    this.writeChunkHeader(chunk, request, flags, type, payloadLength);
+    return chunk;
+  }
+
+  private writeChunkHeader(chunk: Buffer, request: Request, flags: number, type: number, payloadLength: number): void {
     chunk.writeUInt32BE(this.extended ? EXTENDED_REPLY_MAGIC : STRUCTURED_REPLY_MAGIC, 0);
     chunk.writeUInt16BE(flags, 4);
     chunk.writeUInt16BE(type, 6);
@@ -545,14 +575,12 @@ export class Transmission {
     } else {
       chunk.writeUInt32BE(payloadLength, 16);
     }
-    return chunk;
   }
 
-  /** An OFFSET_DATA chunk whose data area (after header and offset) the read fills in place. */
-  private dataChunk(request: Request, offset: number, length: number): Buffer {
-    const chunk = this.chunkHeader(request, 0, REPLY_OFFSET_DATA, 8 + length, 8 + length, true);
-    writeU64(chunk, offset, this.chunkHeaderSize);
-    return chunk;
+  /** Fills in an OFFSET_DATA chunk header (and the data's offset) at the start of `buf`. */
+  private writeDataHeader(buf: Buffer, request: Request, offset: number, length: number, flags: number): void {
+    this.writeChunkHeader(buf, request, flags, REPLY_OFFSET_DATA, 8 + length);
+    writeU64(buf, offset, this.chunkHeaderSize);
   }
 
   private errorChunk(request: Request, type: number, error: number, message: string, offset?: number): Buffer {

@@ -1,17 +1,23 @@
 /**
- * The blkif backend of a platform: watches `/local/domain/0/backend/vbd` and runs a
- * BlkifDevice for every vbd that appears there, until it ends. A device directory that
- * ended stays ignored until it is removed (a detach), so it is not started twice.
+ * The blkif backend of a platform: watches `/local/domain/0/backend/TYPE` (`vbd` unless
+ * told otherwise, see backend-types.ts) and runs a BlkifDevice for every device that
+ * appears there, until it ends. A device directory that ended stays ignored until it is
+ * removed (a detach), so it is not started twice.
  */
 import type { Vbd } from '../vbd';
+import { backendRoot, specFromParams, type BackendType } from './backend-types';
 import { BlkifDevice, type DeviceLimits } from './device';
 import type { Platform, Watch } from './platform';
 
-export const BACKEND_ROOT = '/local/domain/0/backend/vbd';
+export const BACKEND_ROOT = backendRoot('vbd');
 
 export interface BackendOptions {
   platform: Platform;
   openVbd(spec: string, readOnly: boolean): Promise<Vbd>;
+  /** Which backend directory to serve (default `vbd`). */
+  type?: BackendType;
+  /** Serve only this guest's devices (a device model serves one domain). */
+  domid?: number;
   limits?: DeviceLimits;
   /** How long a device waits for its frontend to close after `online=0` (DeviceOptions). */
   unplugTimeoutMs?: number;
@@ -23,11 +29,15 @@ export class BlkifBackend {
   private watch?: Watch;
   private scanning: Promise<void> = Promise.resolve();
 
-  constructor(private readonly options: BackendOptions) {}
+  private readonly root: string;
+
+  constructor(private readonly options: BackendOptions) {
+    this.root = backendRoot(options.type ?? 'vbd');
+  }
 
   async start(): Promise<void> {
     const { store } = this.options.platform;
-    this.watch = await store.watch(BACKEND_ROOT, (path) => {
+    this.watch = await store.watch(this.root, (path) => {
       this.scanning = this.scanning.then(() => this.scan(path)).catch((e) => this.options.log?.(`backend: ${(e as Error).message}`));
     });
   }
@@ -35,20 +45,23 @@ export class BlkifBackend {
   /** Looks at the device a change concerns (or at all of them). */
   private async scan(changed: string): Promise<void> {
     const { store } = this.options.platform;
-    const rest = changed.startsWith(`${BACKEND_ROOT}/`) ? changed.slice(BACKEND_ROOT.length + 1).split('/') : [];
+    const root = this.root;
+    const rest = changed.startsWith(`${root}/`) ? changed.slice(root.length + 1).split('/') : [];
     let candidates: Array<[string, string]> = [];
     if (rest.length >= 2) candidates = [[rest[0], rest[1]]];
     else {
-      const domains = rest.length === 1 ? [rest[0]] : await store.directory(BACKEND_ROOT);
-      for (const d of domains) for (const v of await store.directory(`${BACKEND_ROOT}/${d}`)) candidates.push([d, v]);
+      const domains = rest.length === 1 ? [rest[0]] : await store.directory(root);
+      for (const d of domains) for (const v of await store.directory(`${root}/${d}`)) candidates.push([d, v]);
     }
+    const only = this.options.domid;
+    if (only !== undefined) candidates = candidates.filter(([d]) => d === String(only));
     for (const [d, v] of candidates) await this.consider(d, v);
   }
 
   private async consider(domain: string, devid: string): Promise<void> {
     const { store } = this.options.platform;
     const key = `${domain}/${devid}`;
-    const path = `${BACKEND_ROOT}/${key}`;
+    const path = `${this.root}/${key}`;
     const present = (await store.read(`${path}/frontend`)) !== undefined;
     const current = this.devices.get(key);
     if (!present) {
@@ -64,7 +77,7 @@ export class BlkifBackend {
       backendPath: path,
       domid: Number(domain),
       devid: Number(devid),
-      openVbd: this.options.openVbd,
+      openVbd: (params, readOnly) => this.options.openVbd(specFromParams(this.options.type ?? 'vbd', params), readOnly),
       limits: this.options.limits,
       unplugTimeoutMs: this.options.unplugTimeoutMs,
       log: this.options.log,

@@ -290,7 +290,7 @@ export class BlkifDevice {
         this.queues.push(queue);
       }
       await this.setState(XenbusState.Connected);
-      this.log(`connected: ${layout.protocol}, ${queueCount} queue(s), ring order ${order}${persistent ? ', persistent grants' : ''}`);
+      this.log(`connected: ${layout.protocol}, ${queueCount} queue(s), ring order ${order}${persistent ? ', persistent grants' : ''}${this.grants.access ? `, data by ${this.grants.access}` : ''}`);
       for (const q of this.queues) q.kick();
     } catch (e) {
       await this.fail(`cannot connect: ${(e as Error).message}`);

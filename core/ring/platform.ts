@@ -39,10 +39,14 @@ export interface GrantMapper {
    * 4096-byte view of the mapped memory, valid until `release()` (adjacent views of one
    * region may be merged into one I/O). With persistent grants the platform may keep the
    * mappings until `close()`; `release()` is still called once per `mapPages`.
+   * `spans` (optional, one per ref) are the bytes of each page the request uses; a
+   * platform that copies instead of mapping (grant-copy.ts) moves only those.
    */
-  mapPages(refs: number[], writable: boolean): PageMapping;
+  mapPages(refs: number[], writable: boolean, spans?: PageSpan[]): PageMapping;
   /** Drops every mapping this connection made (persistent ones included). */
   close(): void;
+  /** How data moves ('grant map', 'grant copy', ...), for the connect log; optional. */
+  readonly access?: string;
 }
 
 export interface RingMapping {
@@ -58,7 +62,14 @@ export interface RingMapping {
 
 export interface PageMapping {
   readonly pages: Uint8Array[];
-  release(): void;
+  /** `completed` false: the I/O failed, a copying platform need not write the pages back. */
+  release(completed?: boolean): void;
+}
+
+/** The bytes of one granted page a request segment uses. */
+export interface PageSpan {
+  offset: number;
+  length: number;
 }
 
 export class GrantError extends Error {}
@@ -92,6 +103,12 @@ export interface XenStore {
   /** Sets a watch; `onChange(path)` fires once at once and then on every change at or below. */
   watch(path: string, onChange: (path: string) => void): Promise<Watch>;
   transactionStart(): Promise<TxId>;
+  /**
+   * Sets a node's permissions in Xen's letters, owner first (`['n5', 'r0']`: domain 5
+   * owns it, domain 0 may read). Optional: only a real XenStore enforces permissions;
+   * on the sim every connection is privileged.
+   */
+  setPermissions?(path: string, permissions: string[], tx?: TxId): Promise<void>;
   /** Commits (or aborts); resolves false when a commit conflicted (EAGAIN). */
   transactionEnd(tx: TxId, commit: boolean): Promise<boolean>;
 }

@@ -10,15 +10,26 @@
 import * as path from 'node:path';
 import type { Platform, XenStore } from './platform';
 import { SimPlatform } from './sim/platform';
-import { XenPlatform } from './xen/platform';
+import { XenPlatform, XenStoreOverLibxenstore } from './xen/platform';
+import { XsHandle } from '../../native/xenstore';
 import { XsClient } from './sim/xs-client';
 
 /** A XenStore connection of the toolstack's (`tapkit xen attach/detach`). */
 export type StoreConnection = XenStore & { close(): void };
 
+/** How request data reaches guest memory (grant-copy.ts): copy where possible, copy, or map. */
+export type GrantAccess = 'auto' | 'copy' | 'map';
+export const GRANT_ACCESS: readonly GrantAccess[] = ['auto', 'copy', 'map'];
+
+export interface PlatformOptions {
+  /** Default `auto`: grant copy on a Linux dom0, mapping elsewhere and on the sim. */
+  grants?: GrantAccess;
+  log?(message: string): void;
+}
+
 export interface PlatformKind {
   /** Runs the backend's side of the platform (`xen serve`, the daemon's `xen` export). */
-  start(argument: string): Promise<Platform>;
+  start(argument: string, options?: PlatformOptions): Promise<Platform>;
   /** Connects to the XenStore that a running platform serves, as the toolstack does. */
   connectStore(argument: string): Promise<StoreConnection>;
 }
@@ -48,9 +59,9 @@ export function parsePlatform(spec: string): { kind: string; argument: string; f
 }
 
 /** Starts a platform of its own for the caller (`tapkit xen serve`). */
-export function startPlatform(spec: string): Promise<Platform> {
+export function startPlatform(spec: string, options: PlatformOptions = {}): Promise<Platform> {
   const { argument, factory } = parsePlatform(spec);
-  return factory.start(argument);
+  return factory.start(argument, options);
 }
 
 /** The toolstack's XenStore connection for a platform spec. */
@@ -62,12 +73,14 @@ export function connectStore(spec: string): Promise<StoreConnection> {
 const shared = new Map<string, { platform: Promise<Platform>; users: number }>();
 
 /** A platform shared by everything in this process that names the same spec. */
-export async function acquirePlatform(spec: string): Promise<{ platform: Platform; release(): Promise<void> }> {
-  let entry = shared.get(spec);
+export async function acquirePlatform(spec: string, options: PlatformOptions = {}): Promise<{ platform: Platform; release(): Promise<void> }> {
+  // Exports that ask for different grant access get platforms of their own.
+  const key = `${spec}\0${options.grants ?? 'auto'}`;
+  let entry = shared.get(key);
   if (!entry) {
-    const created = { platform: startPlatform(spec), users: 0 };
-    shared.set(spec, created);
-    created.platform.catch(() => shared.get(spec) === created && shared.delete(spec));
+    const created = { platform: startPlatform(spec, options), users: 0 };
+    shared.set(key, created);
+    created.platform.catch(() => shared.get(key) === created && shared.delete(key));
     entry = created;
   }
   entry.users++;
@@ -81,8 +94,8 @@ export async function acquirePlatform(spec: string): Promise<{ platform: Platfor
     release: async () => {
       if (released) return;
       released = true;
-      if (--entry!.users === 0 && shared.get(spec) === entry) {
-        shared.delete(spec);
+      if (--entry!.users === 0 && shared.get(key) === entry) {
+        shared.delete(key);
         await platform.close();
       }
     },
@@ -95,7 +108,11 @@ function simDir(dir: string): string {
 }
 
 registerPlatformKind('sim', {
-  start: async (dir) => SimPlatform.start(simDir(dir)),
+  start: async (dir, options) => {
+    const platform = await SimPlatform.start(simDir(dir));
+    if (options?.grants === 'copy') platform.grantAccess = 'copy';
+    return platform;
+  },
   connectStore: async (dir) => {
     const socket = path.join(simDir(dir), 'xenstored.sock');
     return XsClient.connect(socket).catch((e: Error) => {
@@ -105,12 +122,16 @@ registerPlatformKind('sim', {
 });
 
 registerPlatformKind('xen', {
-  start: async (argument) => {
+  start: async (argument, options) => {
     if (argument) throw new PlatformSpecError(`the xen platform takes no argument (got 'xen:${argument}')`);
     // Xen's libraries load when the platform is made (native/ opens them lazily).
-    return new XenPlatform();
+    return new XenPlatform({ grants: options?.grants, log: options?.log });
   },
+  // On a real dom0, xl writes vbd and qdisk nodes; `tapkit xen attach` is for what xl
+  // cannot make (vbd3) and for tests. libxenstore reaches xenstored (or XENSTORED_PATH).
   connectStore: async () => {
-    throw new PlatformSpecError('on a real dom0 the toolstack (xl) writes and removes the vbd nodes: attach and detach are for the sim platform');
+    const xs = new XsHandle();
+    const store = new XenStoreOverLibxenstore(xs);
+    return Object.assign(store, { close: () => void xs.close() });
   },
 });

@@ -31,7 +31,7 @@ import {
   type Segment,
   writeResponse,
 } from './abi';
-import { GrantError, type EventChannel, type GrantMapper } from './platform';
+import { GrantError, type EventChannel, type GrantMapper, type PageSpan } from './platform';
 import { BackRing, RingOverrun } from './sring';
 
 export interface QueueOptions {
@@ -321,9 +321,9 @@ export class BlkifQueue {
     return segments;
   }
 
-  private map(refs: number[], writable: boolean) {
+  private map(refs: number[], writable: boolean, spans?: PageSpan[]) {
     try {
-      return this.options.grants.mapPages(refs, writable);
+      return this.options.grants.mapPages(refs, writable, spans);
     } catch (e) {
       if (e instanceof GrantError) throw new Refused(RSP_ERROR, e.message);
       throw e;
@@ -344,7 +344,9 @@ export class BlkifQueue {
     const mapping = this.map(
       segments.map((s) => s.gref),
       op === OP_READ,
+      segments.map((s) => ({ offset: s.firstSect * SECTOR, length: (s.lastSect - s.firstSect + 1) * SECTOR })),
     );
+    let completed = false;
     try {
       const runs: Array<{ bytes: Uint8Array; offset: number }> = [];
       let at = offset;
@@ -368,8 +370,9 @@ export class BlkifQueue {
       const results = await Promise.allSettled(runs.map((r) => (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset))));
       const failure = results.find((r) => r.status === 'rejected');
       if (failure) throw (failure as PromiseRejectedResult).reason;
+      completed = true;
     } finally {
-      mapping.release();
+      mapping.release(completed);
     }
   }
 }

@@ -1,9 +1,12 @@
 /**
  * The toolstack's part of `xl block-attach` / `block-detach` (XENSIM.md "Devices and the
  * toolstack"): the backend and frontend nodes of one vbd, written in one transaction.
+ * On a real dom0 (a store with setPermissions) the two directories also get libxl's
+ * permissions: the frontend's owned by the guest and readable by dom0, the backend's
+ * owned by dom0 and readable by the guest, so the guest's blkfront can hot-plug it.
  */
 import { inTransaction, type XenStore } from './platform';
-import { BACKEND_ROOT } from './backend';
+import { backendRoot, type BackendType } from './backend-types';
 import { XenbusState } from './device';
 
 export interface AttachRequest {
@@ -11,10 +14,12 @@ export interface AttachRequest {
   devid: number;
   spec: string;
   readOnly?: boolean;
+  /** The backend directory (default `vbd`; `vbd3` for XenServer's, which xl cannot make). */
+  type?: BackendType;
 }
 
-export function backendPath(domid: number, devid: number): string {
-  return `${BACKEND_ROOT}/${domid}/${devid}`;
+export function backendPath(domid: number, devid: number, type: BackendType = 'vbd'): string {
+  return `${backendRoot(type)}/${domid}/${devid}`;
 }
 
 export function frontendPath(domid: number, devid: number): string {
@@ -30,7 +35,7 @@ function devName(devid: number): string {
 export async function attach(store: XenStore, r: AttachRequest): Promise<void> {
   if (!Number.isInteger(r.domid) || r.domid < 1 || r.domid > 0x7fef) throw new Error(`domain id ${r.domid} is not a guest domain`);
   if (!Number.isInteger(r.devid) || r.devid < 0) throw new Error(`device id ${r.devid} is not valid`);
-  const be = backendPath(r.domid, r.devid);
+  const be = backendPath(r.domid, r.devid, r.type);
   const fe = frontendPath(r.domid, r.devid);
   await inTransaction(store, async (tx) => {
     if ((await store.read(`${be}/state`, tx)) !== undefined) throw new Error(`vbd ${r.domid}/${r.devid} already exists`);
@@ -41,7 +46,7 @@ export async function attach(store: XenStore, r: AttachRequest): Promise<void> {
       state: String(XenbusState.Initialising),
       params: r.spec,
       mode: r.readOnly ? 'r' : 'w',
-      type: 'tapkit',
+      type: r.type === 'vbd3' ? 'vbd3' : 'tapkit',
       dev: devName(r.devid),
       removable: '0',
       bootable: '1',
@@ -54,6 +59,14 @@ export async function attach(store: XenStore, r: AttachRequest): Promise<void> {
       'virtual-device': String(r.devid),
       'device-type': 'disk',
     };
+    if (store.setPermissions) {
+      // As libxl does: make both directories and set their permissions first; the nodes
+      // written below inherit them.
+      await store.write(be, '', tx);
+      await store.setPermissions(be, ['n0', `r${r.domid}`], tx);
+      await store.write(fe, '', tx);
+      await store.setPermissions(fe, [`n${r.domid}`, 'r0'], tx);
+    }
     for (const [k, v] of Object.entries(backend)) await store.write(`${be}/${k}`, v, tx);
     for (const [k, v] of Object.entries(frontend)) await store.write(`${fe}/${k}`, v, tx);
   });
@@ -64,8 +77,8 @@ export async function attach(store: XenStore, r: AttachRequest): Promise<void> {
  * directories. Resolves false when the backend did not close in time (the nodes are
  * removed anyway).
  */
-export async function detach(store: XenStore, domid: number, devid: number, timeoutMs = 10_000): Promise<boolean> {
-  const be = backendPath(domid, devid);
+export async function detach(store: XenStore, domid: number, devid: number, timeoutMs = 10_000, type: BackendType = 'vbd'): Promise<boolean> {
+  const be = backendPath(domid, devid, type);
   const fe = frontendPath(domid, devid);
   if ((await store.read(`${be}/state`)) === undefined) throw new Error(`vbd ${domid}/${devid} does not exist`);
   let closed = false;

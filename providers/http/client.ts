@@ -1,5 +1,5 @@
 /**
- * The HTTP side of the http source: pooled keep-alive connections (one undici Pool per
+ * The HTTP side of the http source: pooled keep-alive connections (one ConnectionPool per
  * origin), redirects, retries with backoff, per-request timeouts, TLS trust, and the
  * two requests the source needs: "what is this object" (HEAD, or a one-byte ranged GET)
  * and "these bytes of it" (a conditional ranged GET read into the caller's buffer).
@@ -9,8 +9,7 @@
  */
 import * as fs from 'node:fs';
 import * as tls from 'node:tls';
-import { Pool, type Dispatcher } from 'undici';
-import type { IncomingHttpHeaders } from 'undici/types/header';
+import { ConnectionPool, ProtocolError, type BodyPlan, type BodySink, type ResponseHeaders } from './connection';
 import { BlockError } from '../../core/errors';
 import { SourceChangedError } from '../../core/changed';
 import { basicAuthFor, redactUrl, requestPath } from './url';
@@ -53,48 +52,50 @@ class Retryable extends Error {
   }
 }
 
-/**
- * What to do with a response body, decided when its headers arrive: copy it into
- * buffers (filled one after the other: merged reads land straight in their callers'
- * buffers), read and drop it (small error bodies, redirects), or abort the request.
- */
-type BodyPlan = { into: Scatter } | 'drop' | 'abort';
-
 /** Buffers a body fills in order, as if they were one. */
-class Scatter {
+class Scatter implements BodySink {
   readonly length: number;
+  remaining: number;
   private index = 0;
   private within = 0;
   constructor(private readonly targets: readonly Uint8Array[]) {
     this.length = targets.reduce((sum, t) => sum + t.length, 0);
+    this.remaining = this.length;
+    this.advance(0); // past empty targets
   }
-  /** Copies a chunk to where the previous one ended. */
-  put(chunk: Uint8Array): void {
+
+  window(max: number): Uint8Array {
+    const target = this.targets[this.index];
+    return target.subarray(this.within, Math.min(target.length, this.within + max));
+  }
+
+  advance(n: number): void {
+    this.within += n;
+    this.remaining -= n;
+    while (this.index < this.targets.length && this.within === this.targets[this.index].length) {
+      this.index++;
+      this.within = 0;
+    }
+  }
+
+  put(bytes: Uint8Array): void {
     let from = 0;
-    while (from < chunk.length) {
-      const target = this.targets[this.index];
-      const n = Math.min(chunk.length - from, target.length - this.within);
-      target.set(n === chunk.length ? chunk : chunk.subarray(from, from + n), this.within);
-      from += n;
-      this.within += n;
-      if (this.within === target.length) {
-        this.index++;
-        this.within = 0;
-      }
+    while (from < bytes.length) {
+      const into = this.window(bytes.length - from);
+      into.set(bytes.subarray(from, from + into.length));
+      from += into.length;
+      this.advance(into.length);
     }
   }
 }
 
 interface Response {
   statusCode: number;
-  headers: IncomingHttpHeaders;
+  headers: ResponseHeaders;
   url: URL;
-  /** Body bytes copied into the plan's buffer. */
+  /** Body bytes written into the plan's buffers. */
   received: number;
 }
-
-/** Error bodies longer than this are not read: the connection is dropped instead. */
-const DROP_LIMIT = 64 * 1024;
 
 const MAX_REDIRECTS = 10;
 const BACKOFF_BASE_MS = 200;
@@ -129,13 +130,13 @@ function trustedCas(): string[] {
   return systemCas;
 }
 
-function header(headers: IncomingHttpHeaders, name: string): string | undefined {
+function header(headers: ResponseHeaders, name: string): string | undefined {
   const value = headers[name];
   return Array.isArray(value) ? value[0] : value;
 }
 
 /** Retry-After as milliseconds: delta-seconds or an HTTP date. */
-function retryAfterMs(headers: IncomingHttpHeaders): number | undefined {
+function retryAfterMs(headers: ResponseHeaders): number | undefined {
   const value = header(headers, 'retry-after');
   if (!value) return undefined;
   const ms = /^\d+$/.test(value.trim()) ? Number(value) * 1000 : Date.parse(value) - Date.now();
@@ -159,7 +160,7 @@ export function parseContentRange(value: string | undefined): { start?: number; 
   return range;
 }
 
-function validatorOf(headers: IncomingHttpHeaders): Validator {
+function validatorOf(headers: ResponseHeaders): Validator {
   return { etag: header(headers, 'etag'), lastModified: header(headers, 'last-modified') };
 }
 
@@ -168,21 +169,30 @@ function describeValidator(v: Validator): string {
 }
 
 export class HttpClient {
-  private readonly pools = new Map<string, Pool>();
+  private readonly pools = new Map<string, ConnectionPool>();
   private readonly closing = new AbortController();
   /** Stops every exchange in flight (on close). */
   private readonly active = new Set<() => void>();
   private readonly ca: string[] | undefined;
+  /** Redacted forms of the URLs requested (the same URL object for every range): printing is not paid per request. */
+  private readonly redacted = new WeakMap<URL, string>();
 
   constructor(private readonly options: ClientOptions) {
     this.ca = options.ca ? [...trustedCas(), options.ca] : undefined;
   }
 
+  /** The URL as it may be printed. */
+  private where(url: URL): string {
+    let shown = this.redacted.get(url);
+    if (shown === undefined) this.redacted.set(url, (shown = redactUrl(url)));
+    return shown;
+  }
+
   /** Learns size, validator and final URL: HEAD, or a one-byte ranged GET where HEAD is refused. */
   async probe(url: URL): Promise<ObjectInfo> {
-    const head = await this.withRetries(`HEAD ${redactUrl(url)}`, () => this.headOnce(url));
+    const head = await this.withRetries(`HEAD ${this.where(url)}`, () => this.headOnce(url));
     if (head) return head;
-    return this.withRetries(`GET ${redactUrl(url)}`, () => this.rangeProbeOnce(url));
+    return this.withRetries(`GET ${this.where(url)}`, () => this.rangeProbeOnce(url));
   }
 
   /**
@@ -193,18 +203,18 @@ export class HttpClient {
   async readRange(url: URL, targets: readonly Uint8Array[], offset: number, validator: Validator): Promise<void> {
     const length = targets.reduce((sum, t) => sum + t.length, 0);
     const end = offset + length - 1;
-    const asked = (headers: IncomingHttpHeaders) => {
+    const asked = (headers: ResponseHeaders) => {
       const range = parseContentRange(header(headers, 'content-range'));
       return range !== undefined && range.start === offset && range.end === end;
     };
-    await this.withRetries(`GET ${redactUrl(url)} bytes ${offset}-${end}`, async () => {
+    await this.withRetries(`GET ${this.where(url)} bytes ${offset}-${end}`, async () => {
       const res = await this.request(url, 'GET', { range: `bytes=${offset}-${end}`, ...this.conditionalHeaders(validator) }, (status, headers) => {
         // A fresh Scatter per attempt: a retry fills the buffers from their start again.
-        if (status === 206) return asked(headers) && !this.versionDiffers(headers, validator) ? { into: new Scatter(targets) } : 'abort';
+        if (status === 206) return asked(headers) && !this.versionDiffers(headers, validator) ? new Scatter(targets) : 'abort';
         // A 200 is the whole object coming: stop it.
         return status === 200 ? 'abort' : 'drop';
       });
-      const where = redactUrl(res.url);
+      const where = this.where(res.url);
       if (res.statusCode === 206 || res.statusCode === 200) this.checkSameVersion(res, validator);
       if (res.statusCode === 206) {
         if (!asked(res.headers)) {
@@ -225,12 +235,12 @@ export class HttpClient {
     for (const stop of [...this.active]) stop();
     const pools = [...this.pools.values()];
     this.pools.clear();
-    await Promise.all(pools.map((p) => p.destroy().catch(() => {})));
+    for (const pool of pools) pool.destroy();
   }
 
   private async headOnce(url: URL): Promise<ObjectInfo | undefined> {
     const res = await this.request(url, 'HEAD', {}, () => 'drop');
-    const where = redactUrl(res.url);
+    const where = this.where(res.url);
     if (res.statusCode >= 200 && res.statusCode < 300) {
       if (header(res.headers, 'accept-ranges')?.toLowerCase() === 'none') {
         throw new BlockError('EOPNOTSUPP', `${where} does not serve range requests (Accept-Ranges: none); it cannot be read as a disk without downloading it whole`);
@@ -252,7 +262,7 @@ export class HttpClient {
 
   private async rangeProbeOnce(url: URL): Promise<ObjectInfo> {
     const res = await this.request(url, 'GET', { range: 'bytes=0-0' }, (status) => (status === 200 ? 'abort' : 'drop'));
-    const where = redactUrl(res.url);
+    const where = this.where(res.url);
     const info = (size: number): ObjectInfo => ({ url: res.url, size, validator: validatorOf(res.headers), server: header(res.headers, 'server') });
     if (res.statusCode === 206) {
       const range = parseContentRange(header(res.headers, 'content-range'));
@@ -273,7 +283,7 @@ export class HttpClient {
 
   /** Turns a non-success status into the right error. Never returns. */
   private failFor(res: Response, validator: Validator, opened: boolean): never {
-    const where = redactUrl(res.url);
+    const where = this.where(res.url);
     const status = res.statusCode;
     if (status >= 500 || status === 429 || status === 408) throw new Retryable(`HTTP ${status}`, retryAfterMs(res.headers));
     if (opened && (status === 412 || status === 416 || status === 404 || status === 410)) {
@@ -292,7 +302,7 @@ export class HttpClient {
     return {};
   }
 
-  private versionDiffers(headers: IncomingHttpHeaders, opened: Validator): boolean {
+  private versionDiffers(headers: ResponseHeaders, opened: Validator): boolean {
     const now = validatorOf(headers);
     return !!((opened.etag && now.etag && opened.etag !== now.etag) || (!opened.etag && opened.lastModified && now.lastModified && opened.lastModified !== now.lastModified));
   }
@@ -301,21 +311,21 @@ export class HttpClient {
   private checkSameVersion(res: Response, opened: Validator): void {
     if (this.versionDiffers(res.headers, opened)) {
       const now = validatorOf(res.headers);
-      throw new SourceChangedError(`${redactUrl(res.url)} changed since it was opened (opened at ${describeValidator(opened)}, now ${describeValidator(now)}); reopen it to read the new version`);
+      throw new SourceChangedError(`${this.where(res.url)} changed since it was opened (opened at ${describeValidator(opened)}, now ${describeValidator(now)}); reopen it to read the new version`);
     }
   }
 
   /** One request, redirects followed; the response's `url` is the final one. */
-  private async request(start: URL, method: 'GET' | 'HEAD', extra: Record<string, string>, plan: (status: number, headers: IncomingHttpHeaders) => BodyPlan): Promise<Response> {
+  private async request(start: URL, method: 'GET' | 'HEAD', extra: Record<string, string>, plan: (status: number, headers: ResponseHeaders) => BodyPlan): Promise<Response> {
     let url = start;
     let headers = this.headersFor(url, extra);
-    const isRedirect = (status: number, h: IncomingHttpHeaders) => [301, 302, 303, 307, 308].includes(status) && !!header(h, 'location');
+    const isRedirect = (status: number, h: ResponseHeaders) => [301, 302, 303, 307, 308].includes(status) && !!header(h, 'location');
     for (let hop = 0; ; hop++) {
       const res = await this.send(url, method, headers, (status, h) => (isRedirect(status, h) ? 'drop' : plan(status, h)));
       if (!isRedirect(res.statusCode, res.headers)) return res;
-      if (hop >= MAX_REDIRECTS) throw new BlockError('ELOOP', `${redactUrl(start)}: more than ${MAX_REDIRECTS} redirects`);
+      if (hop >= MAX_REDIRECTS) throw new BlockError('ELOOP', `${this.where(start)}: more than ${MAX_REDIRECTS} redirects`);
       const next = new URL(header(res.headers, 'location')!, url);
-      if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new BlockError('EINVAL', `${redactUrl(url)} redirects to a ${next.protocol} URL`);
+      if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new BlockError('EINVAL', `${this.where(url)} redirects to a ${next.protocol} URL`);
       if (next.origin !== url.origin) {
         // Credentials meant for one host are not handed to the next (as curl does).
         next.username = '';
@@ -339,101 +349,66 @@ export class HttpClient {
 
   /**
    * One exchange, bounded by the timeout from connect to the body's last byte. The body
-   * goes straight into the plan's buffer as it arrives (no stream in between).
+   * goes straight into the plan's buffers as it arrives (see connection.ts).
    */
-  private send(url: URL, method: 'GET' | 'HEAD', headers: Record<string, string>, plan: (status: number, headers: IncomingHttpHeaders) => BodyPlan): Promise<Response> {
-    if (this.closing.signal.aborted) return Promise.reject(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
+  private send(url: URL, method: 'GET' | 'HEAD', headers: Record<string, string>, plan: (status: number, headers: ResponseHeaders) => BodyPlan): Promise<Response> {
+    if (this.closing.signal.aborted) return Promise.reject(new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`));
     return new Promise<Response>((resolve, reject) => {
       let response: Response | undefined;
-      let body: BodyPlan = 'drop';
-      let dropped = 0;
-      /** Set when we end the exchange ourselves: the error undici reports then is expected. */
-      let endedByUs: Error | undefined;
+      let sink: Scatter | undefined;
       let timedOut = false;
-      let controller: Dispatcher.DispatchController | undefined;
+      let timer: NodeJS.Timeout | undefined;
+      let cancel: (reason: Error) => void = () => {};
+      const onClose = () => cancel(new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`));
       const finish = (error?: unknown) => {
         clearTimeout(timer);
         this.active.delete(onClose);
-        if (error === undefined) resolve(response!);
-        else reject(this.classify(error, url, timedOut));
+        if (error !== undefined) return reject(this.classify(error, url, timedOut));
+        if (sink) response!.received = sink.length - sink.remaining;
+        resolve(response!);
       };
-      const stop = (reason: Error) => {
-        endedByUs ??= reason;
-        controller?.abort(reason);
-      };
-      const onClose = () => stop(new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`));
-      const timer = setTimeout(() => {
-        timedOut = true;
-        const reason = new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
-        // Not started yet (still queued for a connection): give up now; it is aborted when it starts.
-        if (controller) controller.abort(reason);
-        else finish(reason);
-      }, this.options.timeoutMs);
-      this.active.add(onClose);
-      const handler: Dispatcher.DispatchHandler = {
-        onRequestStart: (c) => {
-          controller = c;
-          if (timedOut) c.abort(new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true));
-        },
-        onResponseStart: (_c, statusCode, responseHeaders) => {
-          if (statusCode < 200) return; // 1xx: the real answer follows
+      cancel = this.pool(url).dispatch({
+        method,
+        path: requestPath(url),
+        headers,
+        onHead: (statusCode, responseHeaders) => {
           response = { statusCode, headers: responseHeaders, url, received: 0 };
-          body = plan(statusCode, responseHeaders);
-          if (body === 'abort') stop(new Error('body not wanted'));
+          const wanted = plan(statusCode, responseHeaders);
+          if (wanted instanceof Scatter) sink = wanted;
+          return wanted;
         },
-        onResponseData: (_c, chunk) => {
-          if (endedByUs || !response) return;
-          if (body === 'drop' || body === 'abort') {
-            dropped += chunk.length;
-            if (dropped > DROP_LIMIT) stop(new Error('error body too long'));
-            return;
-          }
-          if (response.received + chunk.length > body.into.length) {
-            stop(new BlockError('EIO', `${redactUrl(url)} sent more bytes than the range asked for`));
-            endedByUs = undefined;
-            return;
-          }
-          body.into.put(chunk);
-          response.received += chunk.length;
-        },
-        onResponseEnd: () => finish(),
-        onResponseError: (_c, error) => {
-          // Our own stop after the headers arrived: the response is complete enough.
-          if (endedByUs && response) finish();
-          else finish(error);
-        },
-      };
-      try {
-        this.pool(url).dispatch(
-          { origin: url.origin, path: requestPath(url), method, headers, headersTimeout: this.options.timeoutMs, bodyTimeout: this.options.timeoutMs },
-          handler,
-        );
-      } catch (e) {
-        finish(e);
-      }
+        onEnd: () => finish(),
+        onError: (error) => finish(error),
+      });
+      this.active.add(onClose);
+      timer = setTimeout(() => {
+        timedOut = true;
+        cancel(new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true));
+      }, this.options.timeoutMs);
     });
   }
 
   /** A thrown connection error as Retryable, or as a final BlockError. */
   private classify(e: unknown, url: URL, timedOut: boolean): Error {
     if (e instanceof BlockError || e instanceof Retryable) return e;
-    if (this.closing.signal.aborted) return new BlockError('ESHUTDOWN', `${redactUrl(url)}: the disk is closing`);
+    if (e instanceof ProtocolError) return new BlockError('EIO', `${this.where(url)}: ${e.message}`);
+    if (this.closing.signal.aborted) return new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`);
     const err = e as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException };
     const code = err?.code ?? err?.cause?.code ?? '';
     const name = err?.name ?? '';
     if (timedOut || name === 'TimeoutError' || code.includes('TIMEOUT')) return new Retryable(`no complete answer within ${this.options.timeoutMs / 1000} s`, undefined, true);
     if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: it is not for host ${url.hostname} (${code})`);
+      return new BlockError('EIO', `${this.where(url)}: TLS certificate refused: it is not for host ${url.hostname} (${code})`);
     }
     if (code === 'CERT_HAS_EXPIRED' || code === 'CERT_NOT_YET_VALID') {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused: outside its validity dates (${code})`);
+      return new BlockError('EIO', `${this.where(url)}: TLS certificate refused: outside its validity dates (${code})`);
     }
     if (TLS_CODES.test(code)) {
-      return new BlockError('EIO', `${redactUrl(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
+      return new BlockError('EIO', `${this.where(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
     }
-    if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${redactUrl(url)}: host ${url.hostname} not found`);
+    if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${this.where(url)}: host ${url.hostname} not found`);
     if (RETRYABLE_CODES.has(code) || name === 'AbortError') return new Retryable(`connection failed (${code || name})`);
-    return new BlockError('EIO', `${redactUrl(url)}: ${code || name || 'request failed'}`);
+    return new BlockError('EIO', `${this.where(url)}: ${code || name || 'request failed'}`);
   }
 
   /** Runs one attempt after another until one succeeds, a final error, or the last try. */
@@ -468,15 +443,10 @@ export class HttpClient {
     });
   }
 
-  private pool(url: URL): Pool {
+  private pool(url: URL): ConnectionPool {
     let pool = this.pools.get(url.origin);
     if (!pool) {
-      pool = new Pool(url.origin, {
-        connections: this.options.connections,
-        pipelining: 1,
-        keepAliveTimeout: 30_000,
-        connect: { timeout: this.options.timeoutMs, ...(this.ca ? { ca: this.ca } : {}) },
-      });
+      pool = new ConnectionPool(new URL(url.origin), { connections: this.options.connections, ca: this.ca });
       this.pools.set(url.origin, pool);
     }
     return pool;

@@ -6,7 +6,9 @@
  *    fetched in chunks before they are asked for, and reads inside fetched chunks are
  *    copied from them (reads of half a chunk or more go straight to the server).
  * A merged request fills its readers' buffers straight, one after the other (no scratch
- * buffer, no copy). It knows nothing of HTTP: `fetch(targets, offset)` fills buffers.
+ * buffer, no copy). Reads the disk was asked for go before readahead chunks waiting for a
+ * slot: a guest never waits behind a guess. It knows nothing of HTTP: `fetch(targets,
+ * offset)` fills buffers.
  */
 
 /** Fills `targets`, one after the other, with the bytes from `offset` on. */
@@ -40,7 +42,10 @@ interface Chunk {
 const SEQUENTIAL_RUN = 2;
 
 export class RangeReader {
+  /** Reads asked for, waiting for a slot (served first). */
   private queue: Job[] = [];
+  /** Readahead chunks waiting for a slot. */
+  private aheadQueue: Job[] = [];
   private inFlight = 0;
   private pumpScheduled = false;
   private readonly chunkSize: number;
@@ -80,7 +85,7 @@ export class RangeReader {
 
   private enqueue(target: Uint8Array, offset: number, alone = false): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ offset, target, alone, resolve, reject });
+      (alone ? this.aheadQueue : this.queue).push({ offset, target, alone, resolve, reject });
       this.schedulePump();
     });
   }
@@ -96,8 +101,8 @@ export class RangeReader {
   }
 
   private pump(): void {
-    while (this.inFlight < this.options.maxInFlight && this.queue.length > 0) {
-      const batch = this.takeBatch();
+    while (this.inFlight < this.options.maxInFlight && (this.queue.length > 0 || this.aheadQueue.length > 0)) {
+      const batch = this.queue.length > 0 ? this.takeBatch() : [this.aheadQueue.shift()!];
       this.inFlight++;
       void this.run(batch).finally(() => {
         this.inFlight--;
@@ -106,16 +111,16 @@ export class RangeReader {
     }
   }
 
-  /** The oldest job and every queued job that continues it end to end. */
+  /** The oldest asked-for read and every queued one that continues it end to end. */
   private takeBatch(): Job[] {
     const first = this.queue.shift()!;
     const batch = [first];
     let end = first.offset + first.target.length;
-    for (let found = !first.alone; found; ) {
+    for (let found = true; found; ) {
       found = false;
       for (let i = 0; i < this.queue.length; i++) {
         const job = this.queue[i];
-        if (!job.alone && job.offset === end && end + job.target.length - first.offset <= this.options.maxRequest) {
+        if (job.offset === end && end + job.target.length - first.offset <= this.options.maxRequest) {
           batch.push(job);
           end += job.target.length;
           this.queue.splice(i, 1);

@@ -11,6 +11,8 @@ import { parseSize } from '../../core/size';
 
 /** Allocation unit. 64 KiB keeps the chunk map small for large disks and copies cheap. */
 const CHUNK = 64 * 1024;
+/** What a hole reads as, lent by readViews; nothing ever writes to it. */
+const ZEROS = Buffer.alloc(CHUNK);
 
 @provider({
   name: 'memory',
@@ -48,6 +50,20 @@ export class MemoryProvider implements Provider {
       if (chunk) target.set(chunk.subarray(within, within + length));
       else target.fill(0);
     });
+  }
+
+  /**
+   * The bytes as views of the chunks themselves (holes: one shared buffer of zeros), so an
+   * NBD reply goes from here to the socket without a copy. A write lands in a chunk in
+   * place, so a view still being sent shows it: the contract's caveat.
+   */
+  readViews(offset: number, length: number): Uint8Array[] {
+    const views: Uint8Array[] = [];
+    this.forEachPiece(offset, length, (index, within, n) => {
+      const chunk = this.chunks.get(index);
+      views.push(chunk ? chunk.subarray(within, within + n) : ZEROS.subarray(0, n));
+    });
+    return views;
   }
 
   async write(buf: Uint8Array, offset: number, _options: WriteOptions): Promise<void> {

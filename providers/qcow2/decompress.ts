@@ -67,36 +67,49 @@ function reusableInflater(): typeof inflater {
   return (inflater = { stream, handle: handle as InflateHandle, state: internals._writeState });
 }
 
+/** Where a decode asks for one byte past a full cluster. */
+const probe = new Uint8Array(1);
+
 /**
  * Inflates exactly one cluster into `out` with the reused stream. Returns false when
  * there is no reusable stream (the caller falls back); throws DecompressError for data
  * that does not decode to exactly `out.length` bytes.
+ *
+ * First with Z_FINISH: a stream that ends where the cluster does (what qemu writes) then
+ * spares zlib its copy of the last 32 KiB into the sliding window. Whatever else comes
+ * out of that pass is decided again with Z_SYNC_FLUSH, whose verdict is the one given:
+ * it also accepts a stream that fills the cluster without reaching its end marker (qemu
+ * accepts Z_BUF_ERROR for the same reason), which Z_FINISH calls an unexpected end.
  */
 function inflateInto(input: Uint8Array, out: Uint8Array): boolean {
-  const engine = reusableInflater();
-  if (!engine) return false;
+  if (!reusableInflater()) return false;
+  if (inflatePass(zlib.constants.Z_FINISH, input, out) === undefined) return true;
+  const verdict = inflatePass(zlib.constants.Z_SYNC_FLUSH, input, out);
+  if (verdict !== undefined) throw new DecompressError(verdict);
+  return true;
+}
+
+/** One decode of `input` into `out` with `flush`: undefined when it gave exactly one cluster, else why not. */
+function inflatePass(flush: number, input: Uint8Array, out: Uint8Array): string | undefined {
+  const engine = reusableInflater()!;
   const { handle, state } = engine;
   inflateError = undefined;
   handle.reset();
-  // Z_SYNC_FLUSH: a stream that fills the cluster is good even if the rounded extent cut
-  // it before its end marker (qemu accepts Z_BUF_ERROR for the same reason).
-  handle.writeSync(zlib.constants.Z_SYNC_FLUSH, input, 0, input.length, out, 0, out.length);
+  handle.writeSync(flush, input, 0, input.length, out, 0, out.length);
   const [outLeft, inLeft] = state;
   if (inflateError === undefined && outLeft === 0) {
     // The cluster is full: one more byte out of the stream means it holds more than a cluster.
-    const probe = new Uint8Array(1);
-    handle.writeSync(zlib.constants.Z_SYNC_FLUSH, input, input.length - inLeft, inLeft, probe, 0, 1);
-    if (inflateError === undefined && state[0] === 0) throw new DecompressError(`deflate data decodes to more than one cluster (${out.length} bytes)`);
+    handle.writeSync(flush, input, input.length - inLeft, inLeft, probe, 0, 1);
+    if (inflateError === undefined && state[0] === 0) return `deflate data decodes to more than one cluster (${out.length} bytes)`;
   }
   if (inflateError !== undefined) {
-    const message = inflateError;
-    // A stream that failed is not trusted again: the next cluster gets a fresh one.
+    // A stream that failed is not trusted again: the next decode gets a fresh one.
     engine.stream.close();
     inflater = undefined;
-    throw new DecompressError(`deflate data is damaged (${message})`);
+    return `deflate data is damaged (${inflateError})`;
   }
-  if (outLeft !== 0) throw new DecompressError(`deflate data decodes to ${out.length - outLeft} bytes, not one cluster (${out.length})`);
-  return true;
+  if (outLeft !== 0) return `deflate data decodes to ${out.length - outLeft} bytes, not one cluster (${out.length})`;
+  return undefined;
 }
 
 function inflateCluster(input: Uint8Array, clusterSize: number): Uint8Array {

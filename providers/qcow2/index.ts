@@ -25,6 +25,7 @@ import {
   type Qcow2Header,
 } from './header';
 import { checkQcow2, qcow2References } from './check';
+import { BufferPool } from './buffers';
 import { ClusterCache } from './lru';
 import { ClusterMap, type Run } from './mapping';
 import { readSnapshotTable, type Snapshot } from './snapshots';
@@ -33,6 +34,13 @@ import { readSnapshotTable, type Snapshot } from './snapshots';
 const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
 /** Decompressed clusters kept for small reads that hit the same cluster again. */
 const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
+/**
+ * Buffers kept for the stored bytes of compressed clusters, in bytes. Each holds one
+ * cluster and a kibibyte: what a qemu-written compressed cluster rounded to sectors takes.
+ */
+const INPUT_BUFFER_BYTES = 2 * 1024 * 1024;
+/** A resolved promise for the reads that finish without waiting. */
+const DONE: Promise<void> = Promise.resolve();
 /** extents() stops after this many L2 tables per call (the caller asks again from there). */
 const EXTENTS_TABLES_PER_CALL = 64;
 /**
@@ -85,6 +93,8 @@ export class Qcow2Provider implements Provider {
   private openedSnapshot?: Snapshot;
   private l2CacheBytes = DEFAULT_L2_CACHE_BYTES;
   private decompressed!: ClusterCache;
+  /** Reused buffers for the stored bytes of compressed clusters. */
+  private inputs!: BufferPool;
   private concurrent = true;
   /** Merge buffers for readSpan, reused between requests. */
   private readonly spares: Uint8Array[] = [];
@@ -139,7 +149,7 @@ export class Qcow2Provider implements Provider {
       });
     }
     // Tables and cache bounds are charged to the VBD's metadata budget before they exist.
-    this.request.memory.reserve(l1Size * 8 + this.l2CacheBytes + DECOMPRESSED_CACHE_BYTES, `qcow2: ${this.where}: L1 table and caches`);
+    this.request.memory.reserve(l1Size * 8 + this.l2CacheBytes + DECOMPRESSED_CACHE_BYTES + INPUT_BUFFER_BYTES + header.clusterSize + 1024, `qcow2: ${this.where}: L1 table and caches`);
     const l1 = l1Size > 0 ? await this.readImage(l1Offset, l1Size * 8) : new Uint8Array(0);
 
     try {
@@ -157,6 +167,8 @@ export class Qcow2Provider implements Provider {
       Math.floor(this.l2CacheBytes / header.clusterSize),
     );
     this.decompressed = new ClusterCache(Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / header.clusterSize)), header.clusterSize);
+    const inputSize = header.clusterSize + 1024;
+    this.inputs = new BufferPool(inputSize, Math.max(1, Math.floor(INPUT_BUFFER_BYTES / inputSize)));
     const layers = [this.lower, this.backing, this.dataFile].filter((p): p is Provider => !!p);
     this.concurrent = layers.every((p) => p.capabilities().concurrent);
   }
@@ -203,13 +215,25 @@ export class Qcow2Provider implements Provider {
     return { write: false, flush: false, fua: false, trim: false, zero: false, extents: true, multiConn: true, concurrent: this.concurrent };
   }
 
-  async read(buf: Uint8Array, offset: number): Promise<void> {
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    try {
+      // Most small reads lie in one stretch whose L2 table is cached: straight to its reader.
+      const run = this.map.runLoaded(offset, buf.length);
+      if (run && run.length === buf.length) return this.readRun(run, buf);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.readRuns(buf, offset);
+  }
+
+  /** A read of several stretches: neighbours in the image file are fetched together (readSpan). */
+  private async readRuns(buf: Uint8Array, offset: number): Promise<void> {
     const tasks: Array<() => Promise<void>> = [];
     let span: Span | undefined;
     const flush = () => {
       if (!span) return;
       const done = span;
-      tasks.push(done.pieces.length === 1 ? () => this.readRun(done.pieces[0]) : () => this.readSpan(done));
+      tasks.push(done.pieces.length === 1 ? () => this.readRun(done.pieces[0].run, done.pieces[0].slice) : () => this.readSpan(done));
       span = undefined;
     };
     for (let pos = 0; pos < buf.length; ) {
@@ -218,7 +242,7 @@ export class Qcow2Provider implements Provider {
       pos += run.length;
       const range = this.hostRange(piece);
       if (!range) {
-        tasks.push(() => this.readRun(piece));
+        tasks.push(() => this.readRun(run, piece.slice));
         continue;
       }
       const [start, end] = range;
@@ -263,11 +287,12 @@ export class Qcow2Provider implements Provider {
     }
   }
 
-  private async readRun({ run, slice }: Piece): Promise<void> {
+  /** Fills `slice` with the bytes of `run`. May throw before it returns a promise. */
+  private readRun(run: Run, slice: Uint8Array): Promise<void> {
     switch (run.kind) {
       case 'zero':
         slice.fill(0);
-        return;
+        return DONE;
       case 'unallocated':
         return this.readBacking(slice, run.guest);
       case 'data':
@@ -275,14 +300,23 @@ export class Qcow2Provider implements Provider {
       case 'compressed': {
         const extent = run.compressed!;
         const cached = slice.length < this.header.clusterSize ? this.decompressed.get(extent.offset) : undefined;
-        if (cached) {
-          const start = run.guest - extent.clusterGuest;
-          slice.set(cached.subarray(start, start + slice.length));
-          return;
-        }
-        this.placeCompressed(run, slice, await this.readImage(extent.offset, extent.length));
-        return;
+        if (!cached) return this.readCompressed(run, slice);
+        const start = run.guest - extent.clusterGuest;
+        slice.set(cached.subarray(start, start + slice.length));
+        return DONE;
       }
+    }
+  }
+
+  /** A compressed run whose cluster is not in the cache: its bytes are read into a reused buffer. */
+  private async readCompressed(run: Run, slice: Uint8Array): Promise<void> {
+    const extent = run.compressed!;
+    const input = this.inputs.take(extent.length);
+    try {
+      await this.lower.read(input, extent.offset);
+      this.placeCompressed(run, slice, input);
+    } finally {
+      this.inputs.give(input);
     }
   }
 
@@ -304,7 +338,7 @@ export class Qcow2Provider implements Provider {
   }
 
   /** Data clusters: in the image file, or in the external data file. Never past its end. */
-  private async readData(slice: Uint8Array, host: number, guest: number): Promise<void> {
+  private readData(slice: Uint8Array, host: number, guest: number): Promise<void> {
     const store = this.dataFile ?? this.lower;
     const storeSize = store.info().size;
     if (host + slice.length > storeSize) {
@@ -314,7 +348,7 @@ export class Qcow2Provider implements Provider {
         'EIO',
       );
     }
-    await store.read(slice, host);
+    return store.read(slice, host);
   }
 
   /** Unallocated: the backing file's bytes, zeros past its end or without one. */
@@ -424,6 +458,7 @@ export class Qcow2Provider implements Provider {
   async close(): Promise<void> {
     this.map?.clearCaches();
     this.decompressed?.clear();
+    this.inputs?.clear();
     this.spares.length = 0;
     await this.closeOpened();
     await this.lower.close();

@@ -1,10 +1,12 @@
 /**
  * A small bounded LRU of loaded L2 tables, keyed by host
  * offset. It holds promises, so concurrent requests for one table share one read; a
- * failed load is forgotten so that the next request tries again.
+ * failed load is forgotten so that the next request tries again. A table whose load has
+ * finished can also be had without waiting (`peek`), which spares a read of a cached
+ * table the promise machinery.
  */
 export class PromiseLru<V> {
-  private readonly entries = new Map<number, Promise<V>>();
+  private readonly entries = new Map<number, { pending: Promise<V>; value?: V }>();
 
   constructor(readonly capacity: number) {
     if (!(capacity >= 1)) throw new Error('PromiseLru capacity must be at least 1');
@@ -13,21 +15,39 @@ export class PromiseLru<V> {
   get(key: number, load: () => Promise<V>): Promise<V> {
     const hit = this.entries.get(key);
     if (hit) {
-      // Re-insert: Map iteration order is insertion order, so the oldest is first.
-      this.entries.delete(key);
-      this.entries.set(key, hit);
-      return hit;
+      this.touch(key, hit);
+      return hit.pending;
     }
     const pending = load();
-    this.entries.set(key, pending);
-    pending.catch(() => {
-      if (this.entries.get(key) === pending) this.entries.delete(key);
-    });
+    const entry: { pending: Promise<V>; value?: V } = { pending };
+    this.entries.set(key, entry);
+    pending.then(
+      (value) => {
+        entry.value = value;
+      },
+      () => {
+        if (this.entries.get(key) === entry) this.entries.delete(key);
+      },
+    );
     while (this.entries.size > this.capacity) {
       const oldest = this.entries.keys().next().value as number;
       this.entries.delete(oldest);
     }
     return pending;
+  }
+
+  /** The loaded value at `key`, marked as most recently used; undefined when absent or still loading. */
+  peek(key: number): V | undefined {
+    const hit = this.entries.get(key);
+    if (hit?.value === undefined) return undefined;
+    this.touch(key, hit);
+    return hit.value;
+  }
+
+  /** Re-inserts an entry: Map iteration order is insertion order, so the oldest is first. */
+  private touch(key: number, entry: { pending: Promise<V>; value?: V }): void {
+    this.entries.delete(key);
+    this.entries.set(key, entry);
   }
 
   get size(): number {

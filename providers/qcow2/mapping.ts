@@ -77,19 +77,34 @@ export class ClusterMap {
 
   /** The longest uniform stretch from `guest`, at most `max` bytes. */
   async run(guest: number, max: number): Promise<Run> {
-    const clusterIndex = Math.floor(guest / this.clusterSize);
-    const l1Index = Math.floor(clusterIndex / this.l2Entries);
-    const tableStart = l1Index * this.l2Span;
-    const tableEnd = tableStart + this.l2Span;
-    const limit = Math.min(guest + max, tableEnd);
+    const loaded = this.runLoaded(guest, max);
+    if (loaded) return loaded;
+    const l1Index = Math.floor(guest / this.l2Span);
     const l2Offset = this.l2TableOffset(l1Index);
-    if (l2Offset === 0) return { kind: 'unallocated', guest, length: limit - guest };
-    const l2 = await this.loadL2(l2Offset, l1Index);
+    return this.runIn(await this.loadL2(l2Offset, l1Index), l2Offset, guest, max);
+  }
 
+  /**
+   * run() without waiting, when no table has to be read for it (its L2 table is cached,
+   * or there is none); undefined otherwise. Most small reads are answered here.
+   */
+  runLoaded(guest: number, max: number): Run | undefined {
+    const l1Index = Math.floor(guest / this.l2Span);
+    const l2Offset = this.l2TableOffset(l1Index);
+    if (l2Offset === 0) return { kind: 'unallocated', guest, length: Math.min(guest + max, (l1Index + 1) * this.l2Span) - guest };
+    const l2 = this.l2Cache.peek(l2Offset);
+    return l2 && this.runIn(l2, l2Offset, guest, max);
+  }
+
+  /** run() once the L2 table at `l2Offset`, which maps `guest`, is at hand. */
+  private runIn(l2: DataView, l2Offset: number, guest: number, max: number): Run {
+    const clusterIndex = Math.floor(guest / this.clusterSize);
+    const tableEnd = (Math.floor(clusterIndex / this.l2Entries) + 1) * this.l2Span;
+    const limit = Math.min(guest + max, tableEnd);
     const first = this.classify(l2, guest, l2Offset);
     if (first.kind === 'compressed') {
       const clusterEnd = (clusterIndex + 1) * this.clusterSize;
-      return { ...first, guest, length: Math.min(limit, clusterEnd) - guest };
+      return { kind: 'compressed', guest, length: Math.min(limit, clusterEnd) - guest, compressed: first.compressed };
     }
     // Extend unit by unit while the kind (and host contiguity) holds.
     let end = Math.min(limit, (Math.floor(guest / this.unitSize) + 1) * this.unitSize);
@@ -162,12 +177,14 @@ export class ClusterMap {
    */
   private compressedExtent(hi: number, lo: number, where: string, clusterIndex: number): Run['compressed'] {
     if (this.geometry.externalData) throw this.corrupt('l2_entry', `${where} is compressed, which an image with an external data file cannot be`);
-    const descriptor = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo >>> 0);
-    const offsetBits = BigInt(62 - (this.geometry.clusterBits - 8));
-    const offsetBig = descriptor & ((1n << offsetBits) - 1n);
-    if (offsetBig >= 1n << 56n) throw this.corrupt('l2_entry', `${where}: compressed data offset ${offsetBig} is beyond 2^56`);
-    const offset = Number(offsetBig);
-    const sectors = Number(descriptor >> offsetBits) + 1;
+    // x is 49 (2 MiB clusters) to 61 (512 B), so the offset takes all of `lo` and the low
+    // x - 32 bits of `hi`'s 30 descriptor bits; the sector count is the rest of them.
+    const highBits = 62 - (this.geometry.clusterBits - 8) - 32;
+    const descriptorHi = hi & 0x3fffffff;
+    const offsetHi = descriptorHi & (2 ** highBits - 1);
+    if (offsetHi >= 2 ** 24) throw this.corrupt('l2_entry', `${where}: compressed data offset ${BigInt(offsetHi) * 2n ** 32n + BigInt(lo >>> 0)} is beyond 2^56`);
+    const offset = offsetHi * 2 ** 32 + (lo >>> 0);
+    const sectors = Math.floor(descriptorHi / 2 ** highBits) + 1;
     const length = sectors * 512 - (offset % 512);
     const size = this.geometry.imageSize;
     // The extent is rounded to whole sectors; only its last partial sector may pass EOF.

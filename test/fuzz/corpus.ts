@@ -61,23 +61,23 @@ export async function buildCorpus(root: string, names: readonly string[] = CORPU
   fs.symlinkSync('.', path.join(images, 'a'));
   const entries: CorpusImage[] = [];
   const file = (name: string) => path.join(images, name);
-  const qcow2 = (name: string, options: string, size: string, writes: string[]) => {
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, file(name), size]);
-    if (writes.length) qemuIo(file(name), writes);
+  const qcow2 = async (name: string, options: string, size: string, writes: string[]) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, file(name), size]);
+    if (writes.length) await qemuIo(file(name), writes);
     return file(name);
   };
   for (const name of names) {
     switch (name) {
       case 'qcow2-plain':
-        entries.push({ name, format: 'qcow2', files: [qcow2('plain.qcow2', 'cluster_size=64k', '4M', ['write -P 0x11 0 200k', 'write -P 0x22 3m 64k'])], spec: `qcow2:${file('plain.qcow2')}` });
+        entries.push({ name, format: 'qcow2', files: [await qcow2('plain.qcow2', 'cluster_size=64k', '4M', ['write -P 0x11 0 200k', 'write -P 0x22 3m 64k'])], spec: `qcow2:${file('plain.qcow2')}` });
         break;
       case 'qcow2-v2':
-        entries.push({ name, format: 'qcow2', files: [qcow2('v2.qcow2', 'compat=0.10,cluster_size=4k', '1M', ['write -P 0x33 0 40k', 'write -P 0x44 512k 8k'])], spec: `qcow2:${file('v2.qcow2')}` });
+        entries.push({ name, format: 'qcow2', files: [await qcow2('v2.qcow2', 'compat=0.10,cluster_size=4k', '1M', ['write -P 0x33 0 40k', 'write -P 0x44 512k 8k'])], spec: `qcow2:${file('v2.qcow2')}` });
         break;
       case 'qcow2-compressed': {
         const src = file('compressed-src.raw');
         fs.writeFileSync(src, Buffer.from('the quick brown fox jumps over the lazy dog; '.repeat(24000)));
-        qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k', src, file('compressed.qcow2')]);
+        await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k', src, file('compressed.qcow2')]);
         fs.rmSync(src);
         entries.push({ name, format: 'qcow2', files: [file('compressed.qcow2')], spec: `qcow2:${file('compressed.qcow2')}` });
         break;
@@ -85,49 +85,49 @@ export async function buildCorpus(root: string, names: readonly string[] = CORPU
       case 'qcow2-zstd': {
         const src = file('zstd-src.raw');
         fs.writeFileSync(src, Buffer.from('pack my box with five dozen liquor jugs. '.repeat(26000)));
-        qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k,compression_type=zstd', src, file('zstd.qcow2')]);
+        await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k,compression_type=zstd', src, file('zstd.qcow2')]);
         fs.rmSync(src);
         entries.push({ name, format: 'qcow2', files: [file('zstd.qcow2')], spec: `qcow2:${file('zstd.qcow2')}` });
         break;
       }
       case 'qcow2-snapshot': {
-        const image = qcow2('snapshot.qcow2', 'cluster_size=4k', '1M', ['write -P 0x44 0 64k']);
-        qemuImg(['snapshot', '-c', 'before', image]);
-        qemuIo(image, ['write -P 0x55 32k 64k']);
+        const image = await qcow2('snapshot.qcow2', 'cluster_size=4k', '1M', ['write -P 0x44 0 64k']);
+        await qemuImg(['snapshot', '-c', 'before', image]);
+        await qemuIo(image, ['write -P 0x55 32k 64k']);
         entries.push({ name, format: 'qcow2', files: [image], spec: `qcow2:${image}`, alsoOpen: [`qcow2,snapshot=before:${image}`] });
         break;
       }
       case 'qcow2-datafile': {
-        const image = qcow2('datafile.qcow2', `cluster_size=4k,data_file=${file('datafile.raw')},data_file_raw=on`, '1M', ['write -P 0x66 0 64k', 'write -P 0x11 512k 4k']);
+        const image = await qcow2('datafile.qcow2', `cluster_size=4k,data_file=${file('datafile.raw')},data_file_raw=on`, '1M', ['write -P 0x66 0 64k', 'write -P 0x11 512k 4k']);
         entries.push({ name, format: 'qcow2', files: [image, file('datafile.raw')], spec: `qcow2:${image}` });
         break;
       }
       case 'qcow2-extl2':
-        entries.push({ name, format: 'qcow2', files: [qcow2('extl2.qcow2', 'extended_l2=on,cluster_size=64k', '2M', ['write -P 0x55 0 2k', 'write -P 0x66 8k 4k', 'write -P 0x11 1m 64k'])], spec: `qcow2:${file('extl2.qcow2')}` });
+        entries.push({ name, format: 'qcow2', files: [await qcow2('extl2.qcow2', 'extended_l2=on,cluster_size=64k', '2M', ['write -P 0x55 0 2k', 'write -P 0x66 8k 4k', 'write -P 0x11 1m 64k'])], spec: `qcow2:${file('extl2.qcow2')}` });
         break;
       case 'qcow2-chain': {
-        const base = qcow2('chain-base.qcow2', 'cluster_size=4k', '1M', ['write -P 0x22 0 128k']);
-        qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'chain-base.qcow2', '-F', 'qcow2', file('chain-top.qcow2')]);
-        qemuIo(file('chain-top.qcow2'), ['write -P 0x33 64k 16k']);
+        const base = await qcow2('chain-base.qcow2', 'cluster_size=4k', '1M', ['write -P 0x22 0 128k']);
+        await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'chain-base.qcow2', '-F', 'qcow2', file('chain-top.qcow2')]);
+        await qemuIo(file('chain-top.qcow2'), ['write -P 0x33 64k 16k']);
         entries.push({ name, format: 'qcow2', files: [file('chain-top.qcow2'), base], spec: `qcow2:${file('chain-top.qcow2')}` });
         break;
       }
       case 'vhd-dynamic':
-        qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file('dynamic.vhd'), '4M']);
-        qemuIo(file('dynamic.vhd'), ['write -P 0x44 0 96k', 'write -P 0x55 2m 8k'], { format: 'vpc' });
+        await qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file('dynamic.vhd'), '4M']);
+        await qemuIo(file('dynamic.vhd'), ['write -P 0x44 0 96k', 'write -P 0x55 2m 8k'], { format: 'vpc' });
         entries.push({ name, format: 'vhd', files: [file('dynamic.vhd')], spec: `vhd:${file('dynamic.vhd')}` });
         break;
       case 'vhd-fixed': {
         const src = file('fixed-src.raw');
         fs.writeFileSync(src, Buffer.alloc(1024 * 1024, 0x66));
-        qemuImg(['convert', '-q', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=fixed', src, file('fixed.vhd')]);
+        await qemuImg(['convert', '-q', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=fixed', src, file('fixed.vhd')]);
         fs.rmSync(src);
         entries.push({ name, format: 'vhd', files: [file('fixed.vhd')], spec: `vhd:${file('fixed.vhd')}` });
         break;
       }
       case 'vhd-differencing': {
-        qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file('parent.vhd'), '4M']);
-        qemuIo(file('parent.vhd'), ['write -P 0x11 0 64k', 'write -P 0x22 2m 4k'], { format: 'vpc' });
+        await qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file('parent.vhd'), '4M']);
+        await qemuIo(file('parent.vhd'), ['write -P 0x11 0 64k', 'write -P 0x22 2m 4k'], { format: 'vpc' });
         vhdChild(file('child.vhd'), file('parent.vhd'));
         const child = await new Opener({ warn: () => {} }).open(`vhd:${file('child.vhd')}`);
         await child.write!(Buffer.alloc(8192, 0x33), 32768, {});

@@ -4,8 +4,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { controlRequest, type ControlRequest, type ControlResponse } from '../../core/daemon/protocol';
+import { CLI } from './run';
 
-export const CLI = path.join(__dirname, '..', '..', 'core', 'cli', 'main.js');
+export { CLI };
 
 export interface RunningDaemon {
   dir: string;

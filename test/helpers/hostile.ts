@@ -14,20 +14,20 @@ import { createChild } from '../../providers/vhd/create';
 import { qemuImg, qemuIo } from './qemu-images';
 
 /** A qcow2 over `backing` (any text), with `writes` by qemu-io (which then has to find the backing file). */
-export function qcow2Naming(file: string, backing: string, options: { format?: string; size?: string; writes?: string[]; cluster?: string } = {}): string {
-  qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${options.cluster ?? '64k'}`, '-u', '-b', backing, '-F', options.format ?? 'raw', file, options.size ?? '1M']);
+export async function qcow2Naming(file: string, backing: string, options: { format?: string; size?: string; writes?: string[]; cluster?: string } = {}): Promise<string> {
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${options.cluster ?? '64k'}`, '-u', '-b', backing, '-F', options.format ?? 'raw', file, options.size ?? '1M']);
   return file;
 }
 
 /** Changes the backing name of a qcow2 that may hold data, without touching the data. */
-export function rebaseUnsafe(file: string, backing: string, format = 'raw'): void {
-  qemuImg(['rebase', '-q', '-u', '-f', 'qcow2', '-b', backing, '-F', format, file]);
+export async function rebaseUnsafe(file: string, backing: string, format = 'raw'): Promise<void> {
+  await qemuImg(['rebase', '-q', '-u', '-f', 'qcow2', '-b', backing, '-F', format, file]);
 }
 
 /** A dynamic VHD made by qemu-img, with some data written by qemu-io. */
-export function vpcImage(file: string, size = '4M', writes: string[] = ['write -P 0x5a 0 96k', 'write -P 0xa5 2m 8k']): string {
-  qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file, size]);
-  if (writes.length) qemuIo(file, writes, { format: 'vpc' });
+export async function vpcImage(file: string, size = '4M', writes: string[] = ['write -P 0x5a 0 96k', 'write -P 0xa5 2m 8k']): Promise<string> {
+  await qemuImg(['create', '-q', '-f', 'vpc', '-o', 'subformat=dynamic', file, size]);
+  if (writes.length) await qemuIo(file, writes, { format: 'vpc' });
   return file;
 }
 

@@ -1,65 +1,16 @@
 /**
  * Test helpers for the NBD export: run `tapkit serve` as a child process, wait until a
- * real client reaches it (`nbdinfo --size`), stop it by PID; run external tools with a
- * hard timeout.
+ * real client reaches it (`nbdinfo --size`), stop it by PID.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
+import { CLI, must, run } from './run';
+import { tempDir } from './temp';
 
-export const CLI = path.resolve(__dirname, '../../core/cli/main.js');
 /** Debian's python3 (the one python3-libnbd installs into), whatever PATH says. */
 export const PYTHON = '/usr/bin/python3';
-
-export interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a program to completion with a hard timeout (code null when it had to be killed). */
-export function run(cmd: string, args: string[], options: { timeout?: number; input?: string | Buffer; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { env: options.env ?? process.env, stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    let killed = false;
-    let settled = false;
-    const finish = (code: number | null) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      resolve({ code: killed ? null : code, stdout, stderr });
-    };
-    const timer = setTimeout(() => {
-      killed = true;
-      child.kill('SIGKILL');
-    }, options.timeout ?? 60_000);
-    child.stdout!.on('data', (d) => (stdout += d));
-    child.stderr!.on('data', (d) => (stderr += d));
-    child.once('error', (e) => {
-      stderr += e.message;
-      finish(127);
-    });
-    child.once('close', (code) => finish(code));
-    if (options.input !== undefined) child.stdin!.end(options.input);
-  });
-}
-
-/** Like run, but fails the test with the tool's output when it does not exit 0. */
-export async function must(t: ExecutionContext, cmd: string, args: string[], options: { timeout?: number; input?: string | Buffer; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
-  const r = await run(cmd, args, options);
-  if (r.code !== 0) t.fail(`${cmd} ${args.join(' ')} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return r.stdout;
-}
-
-export function tempDir(t: ExecutionContext, prefix = 'tapkit-nbd-'): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 export interface Served {
   process: ChildProcess;
@@ -121,7 +72,7 @@ export async function serve(t: ExecutionContext, args: string[], options: ServeO
   if (!options.noProbe) {
     const probe = options.readyUri ? options.readyUri(served.uris) : served.uri;
     for (;;) {
-      const r = await run('nbdinfo', ['--size', probe], { timeout: 10_000 });
+      const r = await run('nbdinfo', ['--size', probe], { timeoutMs: 10_000 });
       if (r.code === 0) break;
       if (gone) throw new Error(`tapkit serve exited: ${err}`);
       if (Date.now() > deadline) throw new Error(`nbdinfo never reached ${probe}: ${r.stderr}`);
@@ -140,7 +91,7 @@ export async function nbdPython(t: ExecutionContext, uri: string, script: string
   const dir = tempDir(t, 'tapkit-nbdsh-');
   const file = path.join(dir, 'script.py');
   fs.writeFileSync(file, `import nbd, sys, errno\nuri = sys.argv[1]\n${script}\n`);
-  return must(t, PYTHON, [file, uri], { timeout: 120_000 });
+  return must(PYTHON, [file, uri], { timeoutMs: 120_000 });
 }
 
 /** The two transports every interop test runs over. */
@@ -148,5 +99,5 @@ export const TRANSPORTS = ['unix', 'tcp'] as const;
 export type Transport = (typeof TRANSPORTS)[number];
 
 export function listenArgs(t: ExecutionContext, transport: Transport): string[] {
-  return transport === 'unix' ? ['--socket', path.join(tempDir(t), 'nbd.sock')] : ['--listen', '127.0.0.1:0'];
+  return transport === 'unix' ? ['--socket', path.join(tempDir(t, 'tapkit-nbd-'), 'nbd.sock')] : ['--listen', '127.0.0.1:0'];
 }

@@ -1,48 +1,31 @@
 /**
  * Test images made by the real tools (qemu-img, qemu-io), and the reference bytes
- * `qemu-img convert -O raw` gives for them. Every tool call is bounded by a timeout.
+ * `qemu-img convert -O raw` gives for them. Every tool runs through ./run (async, bounded by a timeout).
  */
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import '../../providers';
 import { Opener, Vbd, type Provider } from '../../core';
+import { must } from './run';
 
-const TOOL_TIMEOUT_MS = 60_000;
-
-export function tempDir(prefix = 'tapkit-qcow2-'): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-}
-
-/** Runs a tool, returning stdout; fails with its stderr. */
-export function tool(cmd: string, args: string[], options: { cwd?: string; allowFailure?: boolean } = {}): string {
-  try {
-    return execFileSync(cmd, args, { cwd: options.cwd, timeout: TOOL_TIMEOUT_MS, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-  } catch (e) {
-    if (options.allowFailure) return '';
-    const err = e as { stderr?: string; message: string };
-    throw new Error(`${cmd} ${args.join(' ')} failed: ${err.stderr || err.message}`);
-  }
-}
-
-export function qemuImg(args: string[], cwd?: string): string {
-  return tool('qemu-img', args, { cwd });
+export function qemuImg(args: string[], cwd?: string): Promise<string> {
+  return must('qemu-img', args, { cwd });
 }
 
 /** qemu-io on a qcow2 image with a list of commands (`write -P 0x11 0 64k`, ...). */
-export function qemuIo(image: string, commands: string[], options: { format?: string; cwd?: string } = {}): string {
+export function qemuIo(image: string, commands: string[], options: { format?: string; cwd?: string } = {}): Promise<string> {
   const args = ['-f', options.format ?? 'qcow2'];
   for (const c of commands) args.push('-c', c);
   args.push(image);
-  return tool('qemu-io', args, { cwd: options.cwd });
+  return must('qemu-io', args, { cwd: options.cwd });
 }
 
 /** The bytes qemu reads from an image (`qemu-img convert -O raw`), extra convert args allowed. */
-export function qemuRaw(image: string, extra: string[] = [], cwd?: string): Buffer {
+export async function qemuRaw(image: string, extra: string[] = [], cwd?: string): Promise<Buffer> {
   const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-ref-')), 'ref.raw');
   try {
-    qemuImg(['convert', ...extra, '-O', 'raw', image, out], cwd);
+    await qemuImg(['convert', ...extra, '-O', 'raw', image, out], cwd);
     return fs.readFileSync(out);
   } finally {
     fs.rmSync(path.dirname(out), { recursive: true, force: true });
@@ -135,13 +118,13 @@ export function writeBytes(file: string, offset: number, bytes: Uint8Array): voi
  * An encrypted qcow2 (`aes` or `luks`). LUKS creation times its key derivation, and
  * qemu-img fails with "Unable to get accurate CPU usage" when the machine is busy: retry.
  */
-export function createEncrypted(image: string, format: 'aes' | 'luks', size = '1M'): void {
+export async function createEncrypted(image: string, format: 'aes' | 'luks', size = '1M'): Promise<void> {
   // A short key-derivation time keeps LUKS creation to a few seconds of CPU (the default is 2 s of PBKDF2 per slot, plus its timing runs).
   const kdf = format === 'luks' ? ',encrypt.iter-time=10' : '';
   const args = ['create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=s3cr3t', '-o', `encrypt.format=${format},encrypt.key-secret=sec0${kdf}`, image, size];
   for (let attempt = 1; ; attempt++) {
     try {
-      qemuImg(args);
+      await qemuImg(args);
       return;
     } catch (e) {
       if (attempt >= 5 || !/accurate CPU usage/.test((e as Error).message)) throw e;

@@ -1,42 +1,10 @@
-/** Shared by the VHD tests: real tools (qemu-img, 7zz) with timeouts, and reading a disk through tapkit. */
-import { execFile } from 'node:child_process';
+/** Shared by the VHD tests: what real tools (qemu-img, 7zz) read from an image, and reading a disk through tapkit. */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import '../../providers';
 import { Opener } from '../../core/open';
 import type { Provider } from '../../core/provider';
-
-const execFileP = promisify(execFile);
-
-export const CLI = path.join(__dirname, '..', '..', 'core', 'cli', 'main.js');
-
-export function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `tapkit-${prefix}-`));
-}
-
-/** Runs a tool with a hard timeout; rejects with its stderr on failure. */
-export async function tool(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
-  try {
-    const { stdout } = await execFileP(cmd, args, { timeout: timeoutMs, maxBuffer: 64 << 20, killSignal: 'SIGKILL' });
-    return stdout;
-  } catch (e) {
-    const err = e as Error & { stderr?: string; code?: unknown };
-    throw new Error(`${cmd} ${args.join(' ')} failed (${err.code}): ${err.stderr ?? err.message}`);
-  }
-}
-
-export async function tapkit(args: string[], timeoutMs = 60_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [CLI, ...args], { timeout: timeoutMs, killSignal: 'SIGKILL' });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as Error & { stdout?: string; stderr?: string; code?: number };
-    if (typeof err.code !== 'number') throw e;
-    return { code: err.code, stdout: err.stdout ?? '', stderr: err.stderr ?? '' };
-  }
-}
+import { must } from './run';
 
 /** The disk as `qemu-img convert -O raw` gives it. */
 export async function qemuRaw(image: string, dir: string, format = 'vpc'): Promise<Buffer> {
@@ -44,7 +12,7 @@ export async function qemuRaw(image: string, dir: string, format = 'vpc'): Promi
   const own = fs.mkdtempSync(path.join(dir, 'qemu-'));
   const out = path.join(own, `${path.basename(image)}.raw`);
   try {
-    await tool('qemu-img', ['convert', '-f', format, '-O', 'raw', image, out]);
+    await must('qemu-img', ['convert', '-f', format, '-O', 'raw', image, out]);
     return fs.readFileSync(out);
   } finally {
     fs.rmSync(own, { recursive: true, force: true });
@@ -54,7 +22,7 @@ export async function qemuRaw(image: string, dir: string, format = 'vpc'): Promi
 /** The disk as 7-Zip extracts it from a VHD (following parents and sector bitmaps). */
 export async function sevenZipRaw(image: string, dir: string): Promise<Buffer> {
   const out = fs.mkdtempSync(path.join(dir, '7z-'));
-  await tool('7zz', ['x', '-y', `-o${out}`, image]);
+  await must('7zz', ['x', '-y', `-o${out}`, image]);
   const files = fs.readdirSync(out);
   if (files.length !== 1) throw new Error(`7zz extracted ${files.length} files from ${image}: ${files.join(', ')}`);
   const data = fs.readFileSync(path.join(out, files[0]));

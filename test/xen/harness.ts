@@ -3,11 +3,8 @@
  * frontend (compiled here with gcc against Xen's headers and libxenstore), and the data
  * pattern the frontends write.
  */
-import { execFile, spawn } from 'node:child_process';
-import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import '../../providers';
 import { Opener } from '../../core/open';
 import type { Provider } from '../../core/provider';
@@ -17,58 +14,32 @@ import { SimPlatform } from '../../core/ring/sim/platform';
 import { XsClient } from '../../core/ring/sim/xs-client';
 import { attach } from '../../core/ring/toolstack';
 import { Vbd } from '../../core/vbd';
+import { must, run, type RunResult } from '../helpers/run';
+import { fileTempDir, removeDir } from '../helpers/temp';
 
 export const REPO = path.resolve(__dirname, '../../..');
 export const FRONTEND_SOURCE = path.join(REPO, 'test/xen/frontend.c');
-const run = promisify(execFile);
 
 /** The byte the frontends write at disk offset `offset` (frontend.c's pattern()). */
 export function pattern(offset: number, seed: number): number {
   return (Math.floor(offset / 512) * 31 + (offset % 512) + seed) & 0xff;
 }
 
-export function tempDir(prefix: string): string {
-  fs.mkdirSync(path.join(REPO, '.tmp'), { recursive: true });
-  return fs.mkdtempSync(path.join(REPO, '.tmp', prefix));
-}
-
 let compiled: Promise<string> | undefined;
 /** Compiles frontend.c once per test process; resolves with the binary's path. */
 export function frontendBinary(): Promise<string> {
   compiled ??= (async () => {
-    const dir = tempDir('frontend-');
-    process.once('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
-    const out = path.join(dir, 'frontend');
-    await run('gcc', ['-O2', '-Wall', '-Werror', '-Wno-format-truncation', '-Wno-unused-local-typedefs', '-o', out, FRONTEND_SOURCE, '-lxenstore'], { timeout: 60_000 });
+    const out = path.join(fileTempDir('tapkit-frontend-'), 'frontend');
+    await must('gcc', ['-O2', '-Wall', '-Werror', '-Wno-format-truncation', '-Wno-unused-local-typedefs', '-o', out, FRONTEND_SOURCE, '-lxenstore'], { timeoutMs: 60_000 });
     return out;
   })();
   return compiled;
 }
 
-export interface FrontendRun {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
 /** Runs the C frontend against the platform in `dir` (bounded). */
-export async function runFrontend(dir: string, domid: number, devid: number, args: string[], timeoutMs = 90_000): Promise<FrontendRun> {
+export async function runFrontend(dir: string, domid: number, devid: number, args: string[], timeoutMs = 90_000): Promise<RunResult> {
   const binary = await frontendBinary();
-  return new Promise((resolve) => {
-    const child = spawn(binary, [dir, String(domid), String(devid), ...args], {
-      env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
+  return run(binary, [dir, String(domid), String(devid), ...args], { env: { ...process.env, XENSTORED_PATH: path.join(dir, 'xenstored.sock') }, timeoutMs });
 }
 
 /** A sim platform with tapkit's backend running in this process. */
@@ -87,7 +58,7 @@ export class SimBackend {
    * provokes real conflicts, for instance).
    */
   static async start(options: { maxIndirectSegments?: number; unplugTimeoutMs?: number; store?: (platform: SimPlatform) => XenStore } = {}): Promise<SimBackend> {
-    const dir = tempDir('sim-');
+    const dir = fileTempDir('tapkit-sim-');
     const platform = await SimPlatform.start(dir);
     const providers = new Map<string, Provider>();
     const log: string[] = [];
@@ -131,7 +102,7 @@ export class SimBackend {
   async close(): Promise<void> {
     await this.backend.close();
     await this.platform.close();
-    fs.rmSync(this.dir, { recursive: true, force: true });
+    removeDir(this.dir);
   }
 }
 

@@ -3,4 +3,6 @@ export default {
   files: ['dist/test/lab/**/*.lab.js'],
   timeout: '50m',
   workerThreads: false,
+  // One QEMU at a time: each lab file boots its own Xen.
+  concurrency: 1,
 };

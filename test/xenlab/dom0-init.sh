@@ -17,21 +17,30 @@ ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 echo XENLAB-DOM0-INIT
+# Progress marks with dom0's uptime, to see where a slow boot spends its time.
+mark() { echo "XENLAB-DOM0-T $(cut -d' ' -f1 /proc/uptime) $*"; }
 for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc loop fuse virtio_pci 9pnet_virtio 9p; do modprobe $m || echo "xenlab: modprobe $m failed"; done
 mount -t xenfs xenfs /proc/xen
+mark modules loaded
 mkdir -p /project /lab
 # The virtio devices bind asynchronously: try the mounts for a while.
 i=0; until mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 project /project 2>/dev/null || [ $i -ge 50 ]; do sleep 0.2; i=$((i+1)); done
 grep -q " /project " /proc/mounts || echo "xenlab: no project share"
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=262144 lab /lab || echo "xenlab: no lab share"
+mark 9p mounted
 xenstored --pid-file=/run/xenstored.pid
 i=0; while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mark xenstored up
 xen-init-dom0
+mark xen-init-dom0 done
 mkdir -p /var/log/xen/console
 xenconsoled --log=guest --log-dir=/var/log/xen/console
 # tapkit and Node in RAM (boot.sh packed them), and a `tapkit` command.
 if [ -f /lab/tapkit.tar ]; then
-  mkdir -p /opt/tapkit && tar -xf /lab/tapkit.tar -C /opt/tapkit && cp /lab/node /opt/node
+  mkdir -p /opt/tapkit && tar -xf /lab/tapkit.tar -C /opt/tapkit
+  mark tapkit unpacked
+  cp /lab/node /opt/node
+  mark node copied
   printf '#!/bin/sh\nexec /opt/node /opt/tapkit/dist/core/cli/main.js "$@"\n' > /usr/bin/tapkit && chmod +x /usr/bin/tapkit
 fi
 echo XENLAB-DOM0-READY

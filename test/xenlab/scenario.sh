@@ -19,6 +19,32 @@ export UV_THREADPOOL_SIZE=8
 say() { echo "XENLAB-SCENARIO [$(cut -d' ' -f1 /proc/uptime)] $*"; }
 status=0
 n=0
+guest_timeout=${XENLAB_GUEST_TIMEOUT:-600}
+
+# diagnose NAME: what dom0 looks like while a guest is stuck (kernel stacks of the
+# tasks in D state, FUSE connections waiting, loop devices, the tapkit mounts' logs).
+diagnose() {
+  local out=/lab/diag-$1.txt p
+  {
+    echo "== uptime $(cat /proc/uptime)"
+    echo "== losetup"; losetup -l 2>&1
+    for p in /sys/block/loop*/loop; do [ -d "$p" ] && echo "$p dio=$(cat $p/dio 2>/dev/null)"; done
+    echo "== fuse connections (waiting, max_background, congestion_threshold)"
+    for p in /sys/fs/fuse/connections/*; do [ -d "$p" ] && echo "$p $(cat $p/waiting) $(cat $p/max_background) $(cat $p/congestion_threshold)"; done
+    echo "== tasks (state, wchan, kernel stack)"
+    for p in /proc/[0-9]*; do
+      local st; st=$(awk '/^State:/{print $2}' $p/status 2>/dev/null)
+      case "$(cat $p/comm 2>/dev/null)" in node|loop*|blkback*|xl|kworker*) ;; *) [ "$st" = D ] || continue ;; esac
+      echo "-- ${p#/proc/} $(cat $p/comm 2>/dev/null) $st $(cat $p/wchan 2>/dev/null)"
+      for t in $p/task/*; do echo "   task ${t##*/} $(awk '/^State:/{print $2}' $t/status 2>/dev/null) $(cat $t/wchan 2>/dev/null)"; cat $t/stack 2>/dev/null | sed 's/^/      /'; done
+    done
+    echo "== tapkit mount logs"
+    for p in /run/tapkit/xen/*/out /var/log/xen/tapkit-mount-*.log; do [ -f "$p" ] && { echo "-- $p"; cat "$p"; }; done
+    echo w > /proc/sysrq-trigger 2>/dev/null
+    echo "== dmesg (with sysrq-w: blocked tasks)"; dmesg | tail -n 300
+  } > "$out" 2>&1
+  say "diagnostics in $out"
+}
 
 # run_domu PATH IMAGE DISK-LINE: one guest over one image; sets status on failure.
 run_domu() {
@@ -47,7 +73,7 @@ CFG
   say "$path $image: $name created in $(( $(date +%s) - start )) s"
   i=0
   while xl list $name >/dev/null 2>&1; do
-    [ $i -ge 1200 ] && { say "$path $image: $name still running after 600 s"; xl destroy $name; status=17; break; }
+    [ $i -ge $((guest_timeout * 2)) ] && { say "$path $image: $name still running after $guest_timeout s"; diagnose "$name"; xl destroy $name; status=17; break; }
     sleep 0.5; i=$((i+1))
   done
   say "$path $image: $name gone after $(( $(date +%s) - start )) s"
@@ -70,6 +96,33 @@ if [ "${XENLAB_DIAG:-0}" = 1 ]; then
       .then(() => p.close()).then(() => log("closed"), (e) => log("error " + e.message));
   '
   say "platform diagnostic exit status $?"
+fi
+
+# ---- how long Node and tapkit take to start in dom0 (XENLAB_PROBE=1) -------------------
+if [ "${XENLAB_PROBE:-0}" = 1 ]; then
+  probe() {
+    local t0 t1
+    t0=$(cut -d' ' -f1 /proc/uptime); "$@" >/dev/null 2>&1; t1=$(cut -d' ' -f1 /proc/uptime)
+    say "probe $(awk "BEGIN{print $t1 - $t0}") s: $*"
+  }
+  for flags in "" "--jitless" "--max-lazy" "--no-opt --no-sparkplug"; do
+    probe /opt/node $flags -e 0
+    probe /opt/node $flags /opt/tapkit/dist/core/cli/main.js --version
+    probe /opt/node $flags -e 'require("/opt/tapkit/node_modules/undici")'
+  done
+  mkdir -p /tmp/probe-mnt
+  for flags in "" "--jitless"; do
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    /opt/node $flags /opt/tapkit/dist/core/cli/main.js mount --loop memory:16M /tmp/probe-mnt > /tmp/probe.out 2>&1 &
+    i=0; until grep -q '^/dev/loop' /tmp/probe.out || [ $i -ge 3000 ]; do sleep 0.1; i=$((i+1)); done
+    say "probe $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $t0}") s: tapkit mount --loop $flags"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    dd if=$(grep '^/dev/loop' /tmp/probe.out) of=/dev/null bs=1M iflag=direct 2>/dev/null
+    say "probe $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $t0}") s: dd 16M from the loop device $flags"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    /opt/node $flags /opt/tapkit/dist/core/cli/main.js unmount /tmp/probe-mnt; wait
+    say "probe $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $t0}") s: tapkit unmount $flags"
+  done
 fi
 
 # ---- the direct ring ---------------------------------------------------------------
@@ -115,6 +168,7 @@ if [ -n "${XENLAB_KERNEL:-}" ]; then
     # The hotplug script's remove ran `tapkit unmount`: no FUSE mount may be left.
     i=0; while grep -q ' fuse' /proc/mounts && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
     grep ' fuse' /proc/mounts && { say "a FUSE mount is left"; status=20; }
+    cat /var/log/xen/tapkit-mount-*.log >> /lab/tapkit-mount.log 2>/dev/null; rm -f /var/log/xen/tapkit-mount-*.log
     cp "/tmp/$image" "/lab/out-kernel-$image" || status=15
     rm -f "/tmp/$image"
   done

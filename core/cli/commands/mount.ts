@@ -31,9 +31,13 @@ interface MountCliOptions extends OpenCliOptions {
 export function register(program: Command): void {
   // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
   // provider's own file I/O. Set before the program's preAction hook (plugins loaded as
-  // ES modules start the pool), since the pool's size is fixed when it starts.
+  // ES modules start the pool), since the pool's size is fixed when it starts. A smaller
+  // UV_THREADPOOL_SIZE inherited from the caller (an xl hotplug script inherits the
+  // toolstack's environment) is raised: the one mount could never be served with it.
   program.hook('preSubcommand', (_program, sub) => {
-    if (sub.name() === 'mount') process.env.UV_THREADPOOL_SIZE ??= String(DEFAULT_READERS + 8);
+    if (sub.name() !== 'mount') return;
+    const needed = DEFAULT_READERS + 8;
+    if (!(Number(process.env.UV_THREADPOOL_SIZE) >= needed)) process.env.UV_THREADPOOL_SIZE = String(needed);
   });
   addOpenOptions(
     program

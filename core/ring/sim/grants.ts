@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { mapPagesContiguous, mapShared, type Mapping } from '../../../native/mman';
 import { PAGE } from '../abi';
+import type { CopyPiece } from '../grant-copy';
 import { GrantError, type GrantMapper, type PageMapping, type RingMapping } from '../platform';
 
 const GTF_TYPE_MASK = 3;
@@ -157,6 +158,24 @@ export class SimGrantMapper implements GrantMapper {
     const bytes = this.memoryView;
     return { pages: frames.map((f) => bytes.subarray(f * PAGE, (f + 1) * PAGE)), release() {} };
   }
+
+  /**
+   * Grant copy on the sim (tapkit's choice, `--grant-access copy`; the frontend cannot
+   * tell): every piece's grant is checked first, then the bytes move; one status per piece.
+   */
+  copy(domid: number, pieces: CopyPiece[]): number[] {
+    if (domid !== this.domid) throw new GrantError(`copy for domain ${domid} on domain ${this.domid}'s connection`);
+    this.checkSizes();
+    const frames = pieces.map((p) => this.grant(p.ref, p.direction === 'out').frame);
+    pieces.forEach((p, i) => {
+      const at = frames[i] * PAGE + p.offset;
+      if (p.direction === 'in') p.local.set(this.memoryView.subarray(at, at + p.local.length));
+      else this.memoryView.set(p.local, at);
+    });
+    return pieces.map(() => 0);
+  }
+
+  readonly access = 'grant map';
 
   close(): void {
     if (this.closed) return;

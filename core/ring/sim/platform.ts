@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import type { GrantMapper, Platform } from '../platform';
 import { EventHub } from './evtchn-hub';
 import { SimGrantMapper } from './grants';
+import { CopyingGrantMapper } from '../grant-copy';
 import { LocalXenStore } from './local-store';
 import { Store } from './store';
 import { XenStoreDaemon } from './xenstored';
@@ -19,6 +20,9 @@ export class SimPlatform implements Platform {
   readonly store = new LocalXenStore(this.tree);
   readonly events: EventHub;
   private readonly daemon: XenStoreDaemon;
+
+  /** `copy`: request data moves by (simulated) grant copy instead of mapping. */
+  grantAccess: 'map' | 'copy' = 'map';
 
   private constructor(readonly dir: string) {
     this.daemon = new XenStoreDaemon(this.tree, path.join(dir, 'xenstored.sock'));
@@ -35,7 +39,12 @@ export class SimPlatform implements Platform {
   }
 
   grantsFor(domid: number, options: { persistent: boolean }): GrantMapper {
-    return new SimGrantMapper(this.dir, domid, options.persistent);
+    const mapper = new SimGrantMapper(this.dir, domid, options.persistent);
+    if (this.grantAccess === 'copy') {
+      // A refused grant throws GrantError, as a refused status would.
+      return new CopyingGrantMapper(mapper, { copy: (d, pieces) => mapper.copy(d, pieces) }, domid);
+    }
+    return mapper;
   }
 
   async close(): Promise<void> {

@@ -15,6 +15,8 @@ import { GntTab, type GrantMapping } from '../../../native/xengnttab';
 import { EvtchnHandle } from '../../../native/xenevtchn';
 import { XsHandle } from '../../../native/xenstore';
 import { PAGE } from '../abi';
+import type { GrantAccess } from '../platforms';
+import { CopyingGrantMapper, CopyUnavailable, type CopyPiece } from '../grant-copy';
 import { GrantError, type EventChannel, type EventChannels, type GrantMapper, type PageMapping, type Platform, type RingMapping, type TxId, type Watch, type XenStore } from '../platform';
 
 /** TAPKIT_XEN_TRACE=1: every grant and event-channel call on stderr, written synchronously. */
@@ -23,7 +25,7 @@ function trace(message: string): void {
   if (tracing) fs.writeSync(2, `xen-trace ${message}\n`);
 }
 
-class XenStoreOverLibxenstore implements XenStore {
+export class XenStoreOverLibxenstore implements XenStore {
   constructor(readonly xs: XsHandle) {}
 
   async read(path: string, tx: TxId = 0): Promise<string | undefined> {
@@ -51,6 +53,10 @@ class XenStoreOverLibxenstore implements XenStore {
         w.cancel();
       },
     };
+  }
+
+  async setPermissions(path: string, permissions: string[], tx: TxId = 0): Promise<void> {
+    this.xs.setPermissions(path, permissions, tx);
   }
 
   async transactionStart(): Promise<TxId> {
@@ -134,6 +140,7 @@ class XenEventChannels implements EventChannels {
 
 /** Grant mapping for one connection to one frontend domain. */
 class XenGrantMapper implements GrantMapper {
+  readonly access = 'grant map';
   private readonly live = new Set<GrantMapping>();
   private closed = false;
 
@@ -182,15 +189,22 @@ class XenGrantMapper implements GrantMapper {
   }
 }
 
+
 export class XenPlatform implements Platform {
   readonly name = 'xen';
   readonly store: XenStore;
   readonly events: XenEventChannels;
+  /** What this platform does for request data: 'copy' or 'map', and why when not asked. */
+  readonly grantAccess: { mode: 'copy' | 'map'; reason?: string };
   private readonly xs: XsHandle;
   private readonly gnttab: GntTab;
 
-  /** Opens the three libraries; fails clearly (ENODEV, ENOSYS) where there is no Xen dom0. */
-  constructor() {
+  /**
+   * Opens the three libraries; fails clearly (ENODEV, ENOSYS) where there is no Xen dom0.
+   * With grant access `auto` or `copy`, grant copy is probed once (a copy of nothing
+   * reaches the ioctl); `copy` fails when it is missing, `auto` maps instead.
+   */
+  constructor(options: { grants?: GrantAccess; log?: (message: string) => void } = {}) {
     this.xs = new XsHandle();
     try {
       this.gnttab = new GntTab();
@@ -200,10 +214,35 @@ export class XenPlatform implements Platform {
       throw e;
     }
     this.store = new XenStoreOverLibxenstore(this.xs);
+    this.log = options.log;
+    const wanted = options.grants ?? 'auto';
+    if (wanted === 'map') this.grantAccess = { mode: 'map' };
+    else {
+      const probe = this.gnttab.probeCopy();
+      if (probe.ok) this.grantAccess = { mode: 'copy' };
+      else if (wanted === 'copy') {
+        void this.close();
+        throw new Error(`grant copy is not available here (${probe.reason}); use --grant-access map`);
+      } else this.grantAccess = { mode: 'map', reason: probe.reason };
+    }
   }
 
+  private readonly log?: (message: string) => void;
+
   grantsFor(domid: number): GrantMapper {
-    return new XenGrantMapper(this.gnttab, domid);
+    const mapper = new XenGrantMapper(this.gnttab, domid);
+    if (this.grantAccess.mode === 'map') return mapper;
+    const copier = {
+      copy: (d: number, pieces: CopyPiece[]) => {
+        trace(`copy ${d} ${pieces.length} piece(s)`);
+        try {
+          return this.gnttab.copy(d, pieces);
+        } catch (e) {
+          throw new CopyUnavailable((e as Error).message);
+        }
+      },
+    };
+    return new CopyingGrantMapper(mapper, copier, domid, this.log);
   }
 
   async close(): Promise<void> {

@@ -1,0 +1,107 @@
+/**
+ * Data by grant copy instead of grant mapping (Linux gntdev's IOCTL_GNTDEV_GRANT_COPY,
+ * through libxengnttab): a request's data pages are never mapped into the backend; the
+ * bytes are copied between a local bounce buffer and the guest's granted pages.
+ *
+ *  - WRITE: the segments' bytes are copied in when the pages are asked for, before the
+ *    VBD sees anything (a refused grant refuses the request, nothing is written);
+ *  - READ: the VBD reads into the bounce buffer; `release(true)` copies the segments'
+ *    bytes out to the guest. Only the segments' sectors are copied, never whole pages:
+ *    the rest of a guest page is not ours to write. A refused grant there fails the
+ *    request (the guest gets BLKIF_RSP_ERROR; segments before it may have been written).
+ *
+ * The ring pages are still mapped (they are read and written all the time). When the copy
+ * call itself fails (not a refused grant: the kernel or library lacks grant copy), the
+ * mapper falls back to mapping for the rest of the connection and says so once.
+ */
+import { PAGE } from './abi';
+import { GrantError, type GrantMapper, type PageMapping, type PageSpan, type RingMapping } from './platform';
+
+/** One piece of a copy: `local` to or from bytes `offset..` of the guest's grant `ref`. */
+export interface CopyPiece {
+  local: Buffer;
+  ref: number;
+  offset: number;
+  /** 'in': guest → local; 'out': local → guest. */
+  direction: 'in' | 'out';
+}
+
+/** A platform's grant copy: one status per piece (0 done, negative: refused). */
+export interface GrantCopier {
+  copy(domid: number, pieces: CopyPiece[]): number[];
+}
+
+/** The copy call failed as a whole (no grant copy here): fall back to mapping. */
+export class CopyUnavailable extends Error {}
+
+export class CopyingGrantMapper implements GrantMapper {
+  private fallback?: string;
+
+  constructor(
+    private readonly mapper: GrantMapper,
+    private readonly copier: GrantCopier,
+    readonly domid: number,
+    private readonly log?: (message: string) => void,
+  ) {}
+
+  /** How data moves on this connection (for the connect log). */
+  get access(): string {
+    return this.fallback ? `grant map (grant copy failed: ${this.fallback})` : 'grant copy';
+  }
+
+  mapRing(refs: number[]): RingMapping {
+    return this.mapper.mapRing(refs);
+  }
+
+  private run(pieces: CopyPiece[]): boolean {
+    let statuses: number[];
+    try {
+      statuses = this.copier.copy(this.domid, pieces);
+    } catch (e) {
+      if (!(e instanceof CopyUnavailable)) throw e;
+      this.fallback = e.message;
+      this.log?.(`grant copy unavailable (${e.message}): mapping grants from now on`);
+      return false;
+    }
+    const bad = statuses.findIndex((s) => s !== 0);
+    if (bad >= 0) throw new GrantError(`grant ${pieces[bad].ref} of domain ${this.domid} refused by grant copy (status ${statuses[bad]})`);
+    return true;
+  }
+
+  mapPages(refs: number[], writable: boolean, spans?: PageSpan[]): PageMapping {
+    if (this.fallback) return this.mapper.mapPages(refs, writable, spans);
+    const bounce = Buffer.allocUnsafe(refs.length * PAGE);
+    const pages = refs.map((_, i) => bounce.subarray(i * PAGE, (i + 1) * PAGE));
+    const pieces = (direction: 'in' | 'out'): CopyPiece[] =>
+      refs.map((ref, i) => {
+        const span = spans?.[i] ?? { offset: 0, length: PAGE };
+        if (span.length <= 0 || span.offset < 0 || span.offset + span.length > PAGE) throw new GrantError(`segment ${i} spans ${span.offset}+${span.length}, outside a page`);
+        return { local: pages[i].subarray(span.offset, span.offset + span.length), ref, offset: span.offset, direction };
+      });
+    if (!writable && !this.run(pieces('in'))) return this.mapper.mapPages(refs, writable, spans);
+    let released = false;
+    return {
+      pages,
+      release: (completed = true) => {
+        if (released || !writable || !completed) return;
+        released = true;
+        const out = pieces('out');
+        if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
+      },
+    };
+  }
+
+  /** READ data already in the bounce buffer, written to the guest through a mapping. */
+  private copyOutByMapping(refs: number[], pieces: CopyPiece[]): void {
+    const mapping = this.mapper.mapPages(refs, true);
+    try {
+      pieces.forEach((p, i) => mapping.pages[i].set(p.local, p.offset));
+    } finally {
+      mapping.release();
+    }
+  }
+
+  close(): void {
+    this.mapper.close();
+  }
+}
