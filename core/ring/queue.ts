@@ -364,6 +364,7 @@ export class BlkifQueue {
       if (runs.length === 1) {
         const [r] = runs;
         await (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset));
+        completed = true;
         return;
       }
       // Wait for every run, even when one fails, before the pages are released.
