@@ -123,12 +123,12 @@ test('the copying mapper moves only the segments\' sectors, skips failed READs, 
 
   // WRITE: sectors 2..3 of page 1 come in; the bounce page holds them at the same offset.
   guest.memory.fill(0x41, PAGE + 1024, PAGE + 2048);
-  const write = mapper.mapPages([1], false, [{ offset: 1024, length: 1024 }]);
+  const write = mapper.mapPages([1], false, [{ firstSect: 2, lastSect: 3 }]);
   t.true(write.pages[0].subarray(1024, 2048).every((b) => b === 0x41));
   write.release(true);
 
   // READ: only sectors 1..2 of page 2 go out; the rest of the guest's page is untouched.
-  const read = mapper.mapPages([2], true, [{ offset: 512, length: 1024 }]);
+  const read = mapper.mapPages([2], true, [{ firstSect: 1, lastSect: 2 }]);
   read.pages[0].fill(0x52);
   read.release(true);
   t.true(guest.memory.subarray(2 * PAGE + 512, 2 * PAGE + 1536).every((b) => b === 0x52));
@@ -143,11 +143,11 @@ test('the copying mapper moves only the segments\' sectors, skips failed READs, 
 
   // A grant the hypervisor refuses fails the request (GrantError: BLKIF_RSP_ERROR).
   t.throws(() => mapper.mapPages([9], false), { instanceOf: GrantError, message: /grant 9 .* refused .*status -4/ });
-  t.throws(() => mapper.mapPages([0], false, [{ offset: 3584, length: 1024 }]), { instanceOf: GrantError });
+  t.throws(() => mapper.mapPages([0], false, [{ firstSect: 7, lastSect: 8 }]), { instanceOf: GrantError });
   t.is(guest.maps, 0, 'nothing mapped while copy works');
 
   // The copy call fails as a whole: a READ in flight still reaches the guest, by mapping.
-  const inFlight = mapper.mapPages([0], true, [{ offset: 0, length: 512 }]);
+  const inFlight = mapper.mapPages([0], true, [{ firstSect: 0, lastSect: 0 }]);
   inFlight.pages[0].fill(0x4d, 0, 512);
   broken = true;
   inFlight.release(true);

@@ -14,7 +14,7 @@
  * call itself fails (not a refused grant: the kernel or library lacks grant copy), the
  * mapper falls back to mapping for the rest of the connection and says so once.
  */
-import { PAGE } from './abi';
+import { PAGE, SECTOR } from './abi';
 import { GrantError, type GrantMapper, type PageMapping, type PageSpan, type RingMapping } from './platform';
 
 /** One piece of a copy: `local` to or from bytes `offset..` of the guest's grant `ref`. */
@@ -74,9 +74,11 @@ export class CopyingGrantMapper implements GrantMapper {
     const pages = refs.map((_, i) => bounce.subarray(i * PAGE, (i + 1) * PAGE));
     const pieces = (direction: 'in' | 'out'): CopyPiece[] =>
       refs.map((ref, i) => {
-        const span = spans?.[i] ?? { offset: 0, length: PAGE };
-        if (span.length <= 0 || span.offset < 0 || span.offset + span.length > PAGE) throw new GrantError(`segment ${i} spans ${span.offset}+${span.length}, outside a page`);
-        return { local: pages[i].subarray(span.offset, span.offset + span.length), ref, offset: span.offset, direction };
+        const span = spans?.[i];
+        const offset = span ? span.firstSect * SECTOR : 0;
+        const end = span ? (span.lastSect + 1) * SECTOR : PAGE;
+        if (offset < 0 || end <= offset || end > PAGE) throw new GrantError(`segment ${i} spans bytes ${offset}..${end}, outside a page`);
+        return { local: pages[i].subarray(offset, end), ref, offset, direction };
       });
     if (!writable && !this.run(pieces('in'))) return this.mapper.mapPages(refs, writable, spans);
     let released = false;

@@ -66,10 +66,10 @@ export interface PageMapping {
   release(completed?: boolean): void;
 }
 
-/** The bytes of one granted page a request segment uses. */
+/** The sectors (512 bytes each, inclusive) of one granted page a request segment uses. */
 export interface PageSpan {
-  offset: number;
-  length: number;
+  readonly firstSect: number;
+  readonly lastSect: number;
 }
 
 export class GrantError extends Error {}

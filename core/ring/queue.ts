@@ -344,7 +344,7 @@ export class BlkifQueue {
     const mapping = this.map(
       segments.map((s) => s.gref),
       op === OP_READ,
-      segments.map((s) => ({ offset: s.firstSect * SECTOR, length: (s.lastSect - s.firstSect + 1) * SECTOR })),
+      segments,
     );
     let completed = false;
     try {
@@ -364,13 +364,13 @@ export class BlkifQueue {
       if (runs.length === 1) {
         const [r] = runs;
         await (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset));
-        completed = true;
-        return;
+      } else {
+        // Wait for every run, even when one fails, before the pages are released.
+        const results = await Promise.allSettled(runs.map((r) => (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset))));
+        const failure = results.find((r) => r.status === 'rejected');
+        if (failure) throw (failure as PromiseRejectedResult).reason;
       }
-      // Wait for every run, even when one fails, before the pages are released.
-      const results = await Promise.allSettled(runs.map((r) => (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset))));
-      const failure = results.find((r) => r.status === 'rejected');
-      if (failure) throw (failure as PromiseRejectedResult).reason;
+      // A copying platform writes a READ's data back to the guest only now (release).
       completed = true;
     } finally {
       mapping.release(completed);

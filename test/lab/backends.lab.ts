@@ -10,7 +10,7 @@
  *  - vbd3: a disk-less guest, then `tapkit xen attach --backend-type vbd3` while it runs
  *    (libxenstore, libxl's permissions): the guest's blkfront hot-plugs the disk.
  * Each guest checks its disk as in xenlab.lab.ts (size, checksum, marker, ext4 + fsck);
- * the host then checks the images handed back (qemu-img, e2fsck, tapkit vhd check).
+ * the host then checks the images handed back (qemu-img convert, e2fsck, tapkit vhd check).
  *
  * Slow (minutes under TCG): `npm run test:xenlab`, or alone with
  * `npx ava --config test/xenlab/ava.config.mjs dist/test/lab/backends.lab.js`.
@@ -65,7 +65,8 @@ test('Linux PV guests read and write through tapkit on backend/vbd, backend/qdis
     if (keep) {
       const artifacts = path.join(repo, '.tmp', `xenlab-backends-failed-${Date.now()}`);
       fs.mkdirSync(path.dirname(artifacts), { recursive: true });
-      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|tapkit\.tar|disk\.\w+|out-\w+-disk\.\w+)$/.test(p) });
+      // The images handed back are kept (3 × 24 MiB) so the host-side checks can be redone.
+      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|tapkit\.tar|disk\.\w+)$/.test(p) });
       console.log(`xenlab: run kept in ${artifacts}`);
     }
     fs.rmSync(dir, { recursive: true, force: true });
@@ -118,8 +119,7 @@ test('Linux PV guests read and write through tapkit on backend/vbd, backend/qdis
     ok(t.true(fs.existsSync(out), `${way} ${image}: dom0 handed the image back`));
     if (!fs.existsSync(out)) continue;
     if (format === 'vpc') {
-      const check = await run('qemu-img', ['check', '-f', 'vpc', out], 120);
-      ok(t.is(check.code, 0, `qemu-img check ${way} ${image}: ${check.output}`));
+      // qemu-img has no check for vpc (exit 63); qemu-img convert below reads it whole.
       const ours = await run(process.execPath, [path.join(repo, 'dist', 'core', 'cli', 'main.js'), 'vhd', 'check', out], 120);
       ok(t.is(ours.code, 0, `tapkit vhd check ${way} ${image}: ${ours.output}`));
     }
