@@ -22,7 +22,7 @@ command -v qemu-system-x86_64 >/dev/null || { echo "xenlab: qemu-system-x86_64 i
 # modules over 9p under TCG takes minutes.
 ln -f "$(readlink -f "$(command -v node)")" "$run/node" 2>/dev/null || cp "$(readlink -f "$(command -v node)")" "$run/node"
 [ -f "$repo/dist/core/cli/main.js" ] || { echo "xenlab: tapkit is not built (npm run build)" >&2; exit 1; }
-( cd "$repo" && tar -cf "$run/tapkit.tar" package.json dist \
+( cd "$repo" && tar -cf "$run/tapkit.tar" --exclude=dist/test --exclude=dist/bench package.json dist \
     $(npm ls --omit=dev --parseable --all 2>/dev/null | sed "s#^$repo/##" | grep '^node_modules/' | sort -u) )
 rm -f "$run/exit-status"
 # -cpu max,-fsgsbase,-xsave: with FSGSBASE or XSAVE (and so AVX), dom0's processes

@@ -9,7 +9,9 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo XENLAB-DOMU-INIT
 modprobe xen-blkfront
-i=0; while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+# Up to 5 minutes: on the kernel-device path a slow dom0 may hand blkback its loop device
+# after the guest started (block-tapkit-mount finishes in the background).
+i=0; while [ ! -b /dev/xvda ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -b /dev/xvda ]; then echo "XENLAB-DOMU-FAIL no /dev/xvda"; poweroff -f; fi
 echo "XENLAB-DOMU-SECTORS $(cat /sys/block/xvda/size)"
 if grep -q xenlab_bench=1 /proc/cmdline; then
