@@ -28,7 +28,7 @@ function socketOf(server: Served): { path: string } {
 }
 
 /** Greets, asks for extended headers and base:allocation, enters transmission with GO. */
-async function connectExtended(t: ExecutionContext, server: Served): Promise<RawClient> {
+async function connectExtended(t: ExecutionContext, server: Served, size = 64 * MiB): Promise<RawClient> {
   const client = await RawClient.connect(socketOf(server));
   t.teardown(() => client.destroy());
   await client.greet();
@@ -39,7 +39,7 @@ async function connectExtended(t: ExecutionContext, server: Served): Promise<Raw
   const selected = await client.readOptionReply();
   t.is(selected.type, REP_META_CONTEXT);
   t.is((await client.readOptionReply()).type, REP_ACK);
-  t.is(await client.go(''), 64 * MiB);
+  t.is(await client.go(''), size);
   return client;
 }
 
@@ -114,6 +114,30 @@ test('extended headers: every command answered with 32-byte chunks, 64-bit lengt
   // What was written is there for a client that knows nothing of extended headers.
   const out = await must('qemu-io', ['-f', 'raw', '-c', `read -P 0x6b ${3 * MiB + 5} 70000`, '-c', `read -P 0 ${3 * MiB} 5`, server.uri]);
   t.notRegex(out, /Pattern verification failed/);
+  t.is(await server.stop(), 0);
+});
+
+test('extended headers: a READ of more than 4 GiB is refused cleanly (EINVAL, EOVERFLOW with DF), the connection goes on', async (t) => {
+  const server = await serve(t, [...listenArgs(t, 'unix'), 'memory:8G']);
+  const client = await connectExtended(t, server, 8 * 1024 * MiB);
+  const FLAG_DF = 0x04;
+  const NBD_EINVAL = 22;
+  const NBD_EOVERFLOW = 75;
+  // Inside the disk, but longer than the 32-bit lengths of compact requests and than the maximum block size.
+  for (const [cookie, length, flags, error] of [[1n, 2 ** 32 + 4096, 0, NBD_EINVAL], [2n, 5 * 1024 * MiB, FLAG_DF, NBD_EOVERFLOW], [3n, 2 ** 32, 0, NBD_EINVAL]] as const) {
+    client.sendExtendedRequest(CMD.READ, 4096, length, cookie, flags);
+    const chunk = await client.readExtendedChunk();
+    t.like(chunk, { flags: DONE, type: REPLY.ERROR, cookie, offset: 4096n });
+    t.is(chunk.payload.readUInt32BE(0), error);
+    t.regex(chunk.payload.toString('utf8', 6, 6 + chunk.payload.readUInt16BE(4)), /over the maximum/);
+  }
+  // Nothing was read or queued for them: the next request is answered at once, in step.
+  client.sendExtendedRequest(CMD.WRITE, 6 * 1024 * MiB, 8, 4n, FLAG_PAYLOAD_LEN, Buffer.from('8 GiB ok'));
+  t.like(await client.readExtendedChunk(), { flags: DONE, type: REPLY.NONE, cookie: 4n });
+  client.sendExtendedRequest(CMD.READ, 6 * 1024 * MiB, 8, 5n);
+  const chunk = await client.readExtendedChunk();
+  t.like(chunk, { flags: DONE, type: REPLY.OFFSET_DATA, cookie: 5n });
+  t.is(chunk.payload.subarray(8).toString(), '8 GiB ok');
   t.is(await server.stop(), 0);
 });
 

@@ -5,10 +5,14 @@
  *
  * Replies produced in one event-loop turn are corked and leave in one writev when the
  * turn ends, so a batch of pipelined requests is answered with one system call.
+ *
+ * Once transmission starts on a plain socket, the socket reads into our own memory
+ * (direct-reads.ts): a reusable receive buffer, or the rest of a large WRITE payload.
  */
 import type * as net from 'node:net';
 import * as tls from 'node:tls';
 import { ByteQueue } from './byte-queue';
+import { readDirectly } from './direct-reads';
 import { Handshake, HandshakeEnd, type HandshakeIO, type HandshakePolicy, type Negotiated } from './handshake';
 import { Transmission, type ReplySink, type TransmissionHost, type TransmissionLimits } from './transmission';
 
@@ -24,6 +28,8 @@ export interface ConnectionOptions {
 
 /** Bytes the handshake lets pile up unread before it stops reading the socket. */
 const HANDSHAKE_RECEIVE_LIMIT = 256 * 1024;
+/** The reusable buffer reads land in during transmission (when the socket allows it). */
+const RECEIVE_BUFFER = 128 * 1024;
 
 export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
   private socket: net.Socket;
@@ -33,6 +39,8 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
   private corked = false;
   private ended = false;
   private socketPaused = false;
+  /** Set once the socket reads into it (direct-reads.ts) instead of emitting 'data'. */
+  private receiveBuffer: Buffer | undefined;
   private readonly closedPromise: Promise<void>;
   private resolveClosed!: () => void;
   private shuttingDown = false;
@@ -74,6 +82,7 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
       return this.closed;
     }
     this.transmission = new Transmission(this.negotiated, this.queue, this, this.options.limits, this);
+    this.readDirectly();
     this.pump();
     return this.closed;
   }
@@ -220,6 +229,31 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
     this.waiting = undefined;
     this.resolveClosed();
   };
+
+  /**
+   * Has the socket read into our memory from now on, when it can: bytes the handshake
+   * left in the stream's buffer are taken first, then 'data' events stop.
+   */
+  private readDirectly(): void {
+    const socket = this.socket;
+    const receiveBuffer = Buffer.allocUnsafe(RECEIVE_BUFFER);
+    const switched = readDirectly(socket, {
+      next: () => this.transmission?.payloadTarget() ?? receiveBuffer,
+      received: (n, buf) => {
+        if (this.ended) return;
+        if (buf === receiveBuffer) this.queue.push(receiveBuffer.subarray(0, n), true);
+        else this.transmission!.payloadReceived(n);
+        this.pump();
+        this.queue.settle();
+      },
+    });
+    if (!switched) return;
+    this.receiveBuffer = receiveBuffer;
+    socket.removeListener('data', this.onData);
+    for (let chunk: Buffer | null; socket.readableLength > 0 && (chunk = socket.read()) !== null; ) this.queue.push(chunk);
+    // Stay flowing so that 'end' is still emitted; pauseSocket/resumeSocket stop and start reads.
+    if (!this.socketPaused) socket.resume();
+  }
 
   /** Parses what flow control admits, then reads more from the socket only if room is left. */
   private pump(): void {

@@ -100,8 +100,11 @@ interface Request {
 export class Transmission {
   private inFlight = 0;
   private inFlightBytes = 0;
-  /** A WRITE whose payload has not fully arrived yet. */
-  private pendingWrite: Request | undefined;
+  /**
+   * A WRITE whose payload has not fully arrived yet. A large payload is gathered into a
+   * pooled buffer as it arrives (`filled` bytes so far); a small one waits in the queue.
+   */
+  private pendingWrite: { request: Request; payload: Buffer | undefined; filled: number } | undefined;
   /** Payload bytes of a refused request still to be dropped, and the refusal to send then. */
   private skipping = 0;
   private skipped: { request: Request; message: string } | undefined;
@@ -164,10 +167,7 @@ export class Transmission {
           continue;
         }
         if (this.pendingWrite) {
-          const request = this.pendingWrite;
-          if (this.queue.length < request.length) break;
-          this.pendingWrite = undefined;
-          this.startWrite(request, this.takePayload(request.length));
+          if (!this.gatherPayload(this.pendingWrite)) break;
           continue;
         }
         if (!this.admits()) break;
@@ -210,7 +210,7 @@ export class Transmission {
         // Drop the payload as it streams in (never buffered), then refuse the write.
         this.skip(request, `write of ${request.length} bytes is over the maximum of ${this.limits.maxRequest}`);
       } else {
-        this.pendingWrite = request;
+        this.expectPayload(request);
       }
       return;
     }
@@ -227,7 +227,7 @@ export class Transmission {
       return;
     }
     if (request.type === Cmd.WRITE) {
-      if (payload) this.pendingWrite = request;
+      if (payload) this.expectPayload(request);
       else this.track(request, 0, () => this.replyError(request, NBD_EINVAL, 'WRITE without PAYLOAD_LEN under extended headers'));
       return;
     }
@@ -244,15 +244,48 @@ export class Transmission {
   // ---- running requests -------------------------------------------------------------
 
   /**
-   * A WRITE's payload. A large one spans many received chunks and must be copied anyway:
-   * into a pooled buffer, given back once the write is done (the caller owns the buffer,
-   * so no provider keeps it past the write).
+   * A WRITE's payload follows. A large one spans many received chunks and must be copied
+   * anyway: into a pooled buffer, given back once the write is done (the caller owns the
+   * buffer, so no provider keeps it past the write); the connection may even have the
+   * socket read straight into it (`payloadTarget`).
    */
-  private takePayload(length: number): Buffer {
-    if (length < LARGE_PAYLOAD) return this.queue.take(length);
-    const payload = this.buffers.take(length);
-    this.queue.copyInto(payload, 0, length);
-    return payload;
+  private expectPayload(request: Request): void {
+    const payload = request.length >= LARGE_PAYLOAD ? this.buffers.take(request.length) : undefined;
+    this.pendingWrite = { request, payload, filled: 0 };
+  }
+
+  /** Moves what has arrived of the pending payload out of the queue; true once the write started. */
+  private gatherPayload(pending: { request: Request; payload: Buffer | undefined; filled: number }): boolean {
+    const { request, payload } = pending;
+    if (!payload) {
+      if (this.queue.length < request.length) return false;
+      this.pendingWrite = undefined;
+      this.startWrite(request, this.queue.take(request.length));
+      return true;
+    }
+    const n = Math.min(this.queue.length, payload.length - pending.filled);
+    this.queue.copyInto(payload, pending.filled, n);
+    pending.filled += n;
+    if (pending.filled < payload.length) return false;
+    this.pendingWrite = undefined;
+    this.startWrite(request, payload);
+    return true;
+  }
+
+  /**
+   * Where the socket may put the next bytes it reads so that they need no copy: the rest
+   * of a large WRITE payload, once nothing else waits in the queue before it.
+   */
+  payloadTarget(): Uint8Array | undefined {
+    const pending = this.pendingWrite;
+    if (!pending?.payload || this.stopped || this.queue.length > 0) return undefined;
+    return pending.payload.subarray(pending.filled);
+  }
+
+  /** `n` bytes were read into the view `payloadTarget` gave. */
+  payloadReceived(n: number): void {
+    const pending = this.pendingWrite!;
+    pending.filled += n;
   }
 
   private startWrite(request: Request, payload: Buffer): void {

@@ -26,6 +26,7 @@ import {
   RSP_ERROR,
   RSP_OKAY,
   SECTOR,
+  SECTORS_PER_PAGE,
   SEGMENT_SIZE,
   type Segment,
   writeResponse,
@@ -350,7 +351,8 @@ export class BlkifQueue {
       const runs: Array<{ bytes: Uint8Array; offset: number }> = [];
       let at = offset;
       segments.forEach((s, i) => {
-        const bytes = mapping.pages[i].subarray(s.firstSect * SECTOR, (s.lastSect + 1) * SECTOR);
+        const page = mapping.pages[i];
+        const bytes = s.firstSect === 0 && s.lastSect === SECTORS_PER_PAGE - 1 ? page : page.subarray(s.firstSect * SECTOR, (s.lastSect + 1) * SECTOR);
         const last = runs[runs.length - 1];
         if (last && last.bytes.buffer === bytes.buffer && last.bytes.byteOffset + last.bytes.length === bytes.byteOffset) {
           last.bytes = new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length);

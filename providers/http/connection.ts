@@ -72,11 +72,14 @@ export interface PoolOptions {
   ca?: string[];
 }
 
+/** An exchange waiting for a connection, and how to start it on one. */
+type Waiting = Exchange & { start(): void };
+
 /** The keep-alive connections to one origin; exchanges beyond `connections` wait in order. */
 export class ConnectionPool {
   private readonly idle: Connection[] = [];
   private readonly all = new Set<Connection>();
-  private readonly waiting: Exchange[] = [];
+  private readonly waiting: Waiting[] = [];
   private destroyed = false;
 
   constructor(
@@ -88,8 +91,12 @@ export class ConnectionPool {
   dispatch(exchange: Exchange): (reason: Error) => void {
     let connection: Connection | undefined;
     let settled = false;
-    const tracked: Exchange & { start?: () => void } = {
+    const tracked: Waiting = {
       ...exchange,
+      start: () => {
+        connection = this.connectionFor();
+        connection.run(tracked, (reusable) => this.release(connection!, reusable));
+      },
       onEnd: () => {
         if (settled) return;
         settled = true;
@@ -100,10 +107,6 @@ export class ConnectionPool {
         settled = true;
         exchange.onError(e);
       },
-    };
-    tracked.start = () => {
-      connection = this.connectionFor();
-      connection.run(tracked, (reusable) => this.release(connection!, reusable));
     };
     if (this.destroyed) queueMicrotask(() => tracked.onError(new Error('the pool is closed')));
     else {
@@ -149,8 +152,7 @@ export class ConnectionPool {
 
   private startWaiting(): void {
     while (this.waiting.length > 0 && !this.destroyed && (this.idle.length > 0 || this.all.size < this.options.connections)) {
-      const next = this.waiting.shift() as Exchange & { start?: () => void };
-      next.start!();
+      this.waiting.shift()!.start();
     }
   }
 }
@@ -286,7 +288,8 @@ class Connection {
         this.headLength = rest.length;
         continue;
       }
-      this.startBody(status, version, headers);
+      // Bytes past an answer without a body would be taken for the next answer: not kept alive then.
+      this.startBody(status, version, headers, rest.length > 0);
       this.headLength = 0;
       // Body bytes that came with the head are used where they are: the head buffer is
       // not read into again before this callback returns.
@@ -296,7 +299,7 @@ class Connection {
     }
   }
 
-  private startBody(status: number, version: string, headers: ResponseHeaders): void {
+  private startBody(status: number, version: string, headers: ResponseHeaders, bytesFollow: boolean): void {
     const exchange = this.exchange!;
     const connection = first(headers.connection)?.toLowerCase() ?? '';
     this.keep = version === '1.1' ? !/\bclose\b/.test(connection) : /\bkeep-alive\b/.test(connection);
@@ -311,7 +314,7 @@ class Connection {
       if (Array.isArray(headers['content-length']) && new Set(headers['content-length'].map((v) => v.trim())).size > 1) throw new ProtocolError('conflicting Content-Length headers');
       this.framing = { kind: 'length', left: Number(length) };
     } else this.framing = { kind: 'close' };
-    if (this.framing.kind === 'close') this.keep = false;
+    if (this.framing.kind === 'close' || (this.framing.kind === 'none' && bytesFollow)) this.keep = false;
     this.plan = exchange.onHead(status, headers);
     this.dropped = 0;
     this.chunked = new ChunkedDecoder();

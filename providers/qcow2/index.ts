@@ -451,6 +451,23 @@ export class Qcow2Provider implements Provider {
     return details;
   }
 
+  /**
+   * What the caches hold now against their bounds, in bytes (for tests and statistics).
+   * The L2 cache holds at least one table whatever l2-cache-size says.
+   */
+  cacheUse(): { l2Bytes: number; l2LimitBytes: number; decodedBytes: number; decodedLimitBytes: number; spareInputBytes: number; spareInputLimitBytes: number } {
+    const l2 = this.map.l2CacheUse();
+    const clusterSize = this.header.clusterSize;
+    return {
+      l2Bytes: l2.tables * clusterSize,
+      l2LimitBytes: l2.capacity * clusterSize,
+      decodedBytes: this.decompressed.size * clusterSize,
+      decodedLimitBytes: this.decompressed.capacity * clusterSize,
+      spareInputBytes: this.inputs.held * this.inputs.size,
+      spareInputLimitBytes: this.inputs.keep * this.inputs.size,
+    };
+  }
+
   async allocatedBytes(): Promise<number | undefined> {
     return this.lower.allocatedBytes ? this.lower.allocatedBytes() : undefined;
   }

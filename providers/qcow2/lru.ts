@@ -75,6 +75,11 @@ export class ClusterCache {
     if (!(capacity >= 1)) throw new Error('ClusterCache capacity must be at least 1');
   }
 
+  /** Clusters held now. */
+  get size(): number {
+    return this.entries.size;
+  }
+
   /** The cluster at `key`, marked as most recently used; undefined on a miss. */
   get(key: number): Uint8Array | undefined {
     const hit = this.entries.get(key);

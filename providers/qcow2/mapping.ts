@@ -47,6 +47,7 @@ export class ClusterMap {
   private readonly entryBytes: number;
   private readonly unitSize: number;
   private readonly l2Cache: PromiseLru<DataView>;
+  private readonly l1View: DataView;
 
   constructor(
     private readonly geometry: MapGeometry,
@@ -60,6 +61,12 @@ export class ClusterMap {
     this.l2Entries = this.clusterSize / this.entryBytes;
     this.unitSize = geometry.extendedL2 ? this.clusterSize / SUBCLUSTERS : this.clusterSize;
     this.l2Cache = new PromiseLru(Math.max(1, l2CacheTables));
+    this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  }
+
+  /** L2 tables held in the cache now, and how many it may hold. */
+  l2CacheUse(): { tables: number; capacity: number } {
+    return { tables: this.l2Cache.size, capacity: this.l2Cache.capacity };
   }
 
   clearCaches(): void {
@@ -119,9 +126,8 @@ export class ClusterMap {
 
   private l2TableOffset(l1Index: number): number {
     if ((l1Index + 1) * 8 > this.l1.length) return 0; // beyond the L1 table: nothing allocated
-    const view = new DataView(this.l1.buffer, this.l1.byteOffset + l1Index * 8, 8);
-    const hi = view.getUint32(0);
-    const lo = view.getUint32(4);
+    const hi = this.l1View.getUint32(l1Index * 8);
+    const lo = this.l1View.getUint32(l1Index * 8 + 4);
     const offset = (hi & 0x00ffffff) * 2 ** 32 + (lo & 0xfffffe00);
     if (offset === 0) return 0;
     if (offset % this.clusterSize !== 0) throw this.corrupt('l1_entry', `L1 entry ${l1Index} points to ${offset}, not aligned to the ${this.clusterSize}-byte cluster`);
@@ -139,6 +145,11 @@ export class ClusterMap {
     });
   }
 
+  /** The L2 entry of a cluster, for messages (built only then: classify runs for every read). */
+  private entryName(l2Offset: number, clusterIndex: number): string {
+    return `L2 entry ${clusterIndex % this.l2Entries} of the table at ${l2Offset} (guest offset ${clusterIndex * this.clusterSize})`;
+  }
+
   /** How the unit at `guest` reads, from its L2 entry. */
   private classify(l2: DataView, guest: number, l2Offset: number): Omit<Run, 'guest' | 'length'> {
     const clusterIndex = Math.floor(guest / this.clusterSize);
@@ -146,18 +157,16 @@ export class ClusterMap {
     const at = index * this.entryBytes;
     const hi = l2.getUint32(at);
     const lo = l2.getUint32(at + 4);
-    const where = `L2 entry ${index} of the table at ${l2Offset} (guest offset ${clusterIndex * this.clusterSize})`;
-
-    if (hi & 0x40000000) return { kind: 'compressed', compressed: this.compressedExtent(hi, lo, where, clusterIndex) };
+    if (hi & 0x40000000) return { kind: 'compressed', compressed: this.compressedExtent(hi, lo, l2Offset, clusterIndex) };
 
     const host = (hi & 0x00ffffff) * 2 ** 32 + (lo & 0xfffffe00);
-    if (host % this.clusterSize !== 0) throw this.corrupt('l2_entry', `${where} points to ${host}, not aligned to the ${this.clusterSize}-byte cluster`);
+    if (host % this.clusterSize !== 0) throw this.corrupt('l2_entry', `${this.entryName(l2Offset, clusterIndex)} points to ${host}, not aligned to the ${this.clusterSize}-byte cluster`);
 
     if (this.geometry.extendedL2) {
       const zeroBits = l2.getUint32(at + 8);
       const allocBits = l2.getUint32(at + 12);
-      if ((zeroBits & allocBits) !== 0) throw this.corrupt('l2_bitmap', `${where} marks subclusters both allocated and zero (bitmap 0x${zeroBits.toString(16)}${allocBits.toString(16).padStart(8, '0')})`);
-      if (allocBits !== 0 && host === 0 && !this.geometry.externalData) throw this.corrupt('l2_entry', `${where} has allocated subclusters but no host cluster`);
+      if ((zeroBits & allocBits) !== 0) throw this.corrupt('l2_bitmap', `${this.entryName(l2Offset, clusterIndex)} marks subclusters both allocated and zero (bitmap 0x${zeroBits.toString(16)}${allocBits.toString(16).padStart(8, '0')})`);
+      if (allocBits !== 0 && host === 0 && !this.geometry.externalData) throw this.corrupt('l2_entry', `${this.entryName(l2Offset, clusterIndex)} has allocated subclusters but no host cluster`);
       const sub = Math.floor((guest % this.clusterSize) / this.unitSize);
       const bit = 1 << sub;
       if (allocBits & bit) return { kind: 'data', host: host + sub * this.unitSize + (guest % this.unitSize) };
@@ -175,21 +184,21 @@ export class ClusterMap {
    * A compressed descriptor: with x = 62 - (cluster_bits - 8), bits 0..x-1 are the byte
    * offset, bits x..61 the number of 512-byte sectors beyond the first.
    */
-  private compressedExtent(hi: number, lo: number, where: string, clusterIndex: number): Run['compressed'] {
-    if (this.geometry.externalData) throw this.corrupt('l2_entry', `${where} is compressed, which an image with an external data file cannot be`);
+  private compressedExtent(hi: number, lo: number, l2Offset: number, clusterIndex: number): Run['compressed'] {
+    if (this.geometry.externalData) throw this.corrupt('l2_entry', `${this.entryName(l2Offset, clusterIndex)} is compressed, which an image with an external data file cannot be`);
     // x is 49 (2 MiB clusters) to 61 (512 B), so the offset takes all of `lo` and the low
     // x - 32 bits of `hi`'s 30 descriptor bits; the sector count is the rest of them.
     const highBits = 62 - (this.geometry.clusterBits - 8) - 32;
     const descriptorHi = hi & 0x3fffffff;
     const offsetHi = descriptorHi & (2 ** highBits - 1);
-    if (offsetHi >= 2 ** 24) throw this.corrupt('l2_entry', `${where}: compressed data offset ${BigInt(offsetHi) * 2n ** 32n + BigInt(lo >>> 0)} is beyond 2^56`);
+    if (offsetHi >= 2 ** 24) throw this.corrupt('l2_entry', `${this.entryName(l2Offset, clusterIndex)}: compressed data offset ${BigInt(offsetHi) * 2n ** 32n + BigInt(lo >>> 0)} is beyond 2^56`);
     const offset = offsetHi * 2 ** 32 + (lo >>> 0);
     const sectors = Math.floor(descriptorHi / 2 ** highBits) + 1;
     const length = sectors * 512 - (offset % 512);
     const size = this.geometry.imageSize;
     // The extent is rounded to whole sectors; only its last partial sector may pass EOF.
     if (offset >= size || offset + length > Math.ceil(size / 512) * 512) {
-      throw this.corrupt('l2_entry', `${where}: compressed data at ${offset} (${length} bytes) lies past the end of the ${size}-byte file`);
+      throw this.corrupt('l2_entry', `${this.entryName(l2Offset, clusterIndex)}: compressed data at ${offset} (${length} bytes) lies past the end of the ${size}-byte file`);
     }
     return { offset, length: Math.min(length, size - offset), clusterGuest: clusterIndex * this.clusterSize };
   }

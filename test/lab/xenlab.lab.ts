@@ -69,7 +69,7 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
     if (keep) {
       const artifacts = path.join(repo, '.tmp', `xenlab-failed-${Date.now()}`);
       fs.mkdirSync(path.dirname(artifacts), { recursive: true });
-      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|tapkit\.tar|disk\.\w+|out-\w+-disk\.\w+)$/.test(p) });
+      fs.cpSync(dir, artifacts, { recursive: true, filter: (p) => !/\/(node|tapkit\.tar|disk\.\w+)$/.test(p) });
       console.log(`xenlab: run kept in ${artifacts}`);
     }
     fs.rmSync(dir, { recursive: true, force: true });
@@ -89,9 +89,13 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
   const serial = fs.existsSync(path.join(dir, 'serial.log')) ? fs.readFileSync(path.join(dir, 'serial.log'), 'utf8') : '';
   const tail = serial.split('\n').slice(-80).join('\n');
   keep = true; // until every check below has run and passed
+  // Every check is tallied by name (ava reports only the first failed assertion).
+  const tally: string[] = [];
   let failures = 0;
-  const ok = (passed: boolean) => {
+  let current = 'boot';
+  const ok = (passed: boolean, check = '') => {
     if (!passed) failures++;
+    tally.push(`${passed ? 'ok  ' : 'FAIL'} ${current}${check ? `: ${check}` : ''}`);
   };
   ok(t.is(boot.code, 0, `lab run failed (${boot.code}):\n${boot.output}\n--- serial log tail ---\n${tail}`));
 
@@ -100,36 +104,39 @@ test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on 
     ['direct', 'disk.vhd', 'vpc'],
     ['kernel', 'disk.vhd', 'vpc'],
   ] as const) {
+    current = `${way} ${image}`;
     const consolePath = path.join(dir, `console-${way}-${image}.log`);
     const guest = fs.existsSync(consolePath) ? fs.readFileSync(consolePath, 'utf8') : '';
     const what = `${way} ${image}: guest console:\n${guest}`;
-    ok(t.is(consoleValue(guest, 'XENLAB-DOMU-SECTORS'), String(content.length / 512), `${what}\nsize seen by blkfront`));
-    ok(t.is(consoleValue(guest, 'XENLAB-DOMU-MD5'), expected[image], `${what}\nchecksum read by blkfront`));
-    ok(t.regex(guest, /XENLAB-DOMU-MARKER-WRITTEN/, what));
-    ok(t.regex(guest, /XENLAB-DOMU-MKFS-OK/, what));
-    ok(t.regex(guest, /XENLAB-DOMU-FSCK-CLEAN/, what));
-    ok(t.regex(guest, /XENLAB-DOMU-DONE/, what));
+    ok(t.is(consoleValue(guest, 'XENLAB-DOMU-SECTORS'), String(content.length / 512), `${what}\nsize seen by blkfront`), 'size seen by blkfront');
+    ok(t.is(consoleValue(guest, 'XENLAB-DOMU-MD5'), expected[image], `${what}\nchecksum read by blkfront`), 'checksum read by blkfront');
+    ok(t.regex(guest, /XENLAB-DOMU-MARKER-WRITTEN/, what), 'marker written');
+    ok(t.regex(guest, /XENLAB-DOMU-MKFS-OK/, what), 'mkfs.ext4 in the guest');
+    ok(t.regex(guest, /XENLAB-DOMU-FSCK-CLEAN/, what), 'e2fsck in the guest');
+    ok(t.regex(guest, /XENLAB-DOMU-DONE/, what), 'guest done');
 
     // What the guest wrote is in the image, as qemu-img reads it.
     const out = path.join(dir, `out-${way}-${image}`);
-    ok(t.true(fs.existsSync(out), `${image}: dom0 handed the image back`));
+    ok(t.true(fs.existsSync(out), `${image}: dom0 handed the image back`), 'image handed back');
     if (!fs.existsSync(out)) continue;
     if (format === 'vpc') {
       const check = await run('qemu-img', ['check', '-f', 'vpc', out], 120);
-      ok(t.is(check.code, 0, `qemu-img check ${image}: ${check.output}`));
+      ok(t.is(check.code, 0, `qemu-img check ${image}: ${check.output}`), 'qemu-img check');
       const ours = await run(process.execPath, [path.join(repo, 'dist', 'core', 'cli', 'main.js'), 'vhd', 'check', out], 120);
-      ok(t.is(ours.code, 0, `tapkit vhd check ${image}: ${ours.output}`));
+      ok(t.is(ours.code, 0, `tapkit vhd check ${image}: ${ours.output}`), 'tapkit vhd check');
     }
     const after = qemuRead(out, format, dir);
-    ok(t.is(after.length, content.length, `${image}: size after the run`));
-    ok(t.is(md5(after), consoleValue(guest, 'XENLAB-DOMU-MD5-AFTER') ?? 'absent', `${image}: the image holds what the guest last read`));
-    ok(t.is(after.subarray(after.length - 1024, after.length - 1024 + MARKER.length).toString(), MARKER, `${image}: the guest's marker`));
+    ok(t.is(after.length, content.length, `${image}: size after the run`), 'size after the run');
+    ok(t.is(md5(after), consoleValue(guest, 'XENLAB-DOMU-MD5-AFTER') ?? 'absent', `${image}: the image holds what the guest last read`), 'image md5 = the guest\'s last md5');
+    ok(t.is(after.subarray(after.length - 1024, after.length - 1024 + MARKER.length).toString(), MARKER, `${image}: the guest's marker`), 'marker in the image');
     const fsImage = path.join(dir, `${image}.fs`);
     fs.writeFileSync(fsImage, after.subarray(0, after.length - MiB));
     const fsck = await run('e2fsck', ['-f', '-n', fsImage], 120);
-    ok(t.is(fsck.code, 0, `${image}: e2fsck on the host: ${fsck.output}`));
+    ok(t.is(fsck.code, 0, `${image}: e2fsck on the host: ${fsck.output}`), 'host e2fsck');
     fs.rmSync(fsImage);
   }
+  t.log(`checks:\n${tally.join('\n')}`);
+  fs.writeFileSync(path.join(dir, 'checks.txt'), `${tally.join('\n')}\n`);
   keep = failures > 0;
   if (failures === 0) t.pass();
 });

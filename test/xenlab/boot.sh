@@ -22,7 +22,12 @@ command -v qemu-system-x86_64 >/dev/null || { echo "xenlab: qemu-system-x86_64 i
 # modules over 9p under TCG takes minutes.
 ln -f "$(readlink -f "$(command -v node)")" "$run/node" 2>/dev/null || cp "$(readlink -f "$(command -v node)")" "$run/node"
 [ -f "$repo/dist/core/cli/main.js" ] || { echo "xenlab: tapkit is not built (npm run build)" >&2; exit 1; }
-( cd "$repo" && tar -cf "$run/tapkit.tar" package.json dist \
+# Only what runs: dom0 unpacks every file under emulation (about 40 ms each), so sources of
+# native addons, type declarations, maps and documents stay behind.
+( cd "$repo" && tar -cf "$run/tapkit.tar" --exclude=dist/test --exclude=dist/bench \
+    --exclude='node_modules/*/deps' --exclude='node_modules/*/build/Release/obj.target' --exclude='node_modules/*/build/Release/.deps' \
+    --exclude='*.d.ts' --exclude='*.map' --exclude='*.md' --exclude='node_modules/*/test' --exclude='node_modules/*/example' --exclude='.github' \
+    package.json dist \
     $(npm ls --omit=dev --parseable --all 2>/dev/null | sed "s#^$repo/##" | grep '^node_modules/' | sort -u) )
 rm -f "$run/exit-status"
 # -cpu max,-fsgsbase,-xsave: with FSGSBASE or XSAVE (and so AVX), dom0's processes

@@ -9,9 +9,11 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo XENLAB-DOMU-INIT
 modprobe xen-blkfront
-# A disk hot-plugged after boot (vbd3) may come late: xenlab_wait=SECONDS (default 30).
+# How long to wait for the disk: xenlab_wait=SECONDS (default 300). A disk hot-plugged after
+# boot (vbd3) comes late, and on the kernel-device path a slow dom0 may hand blkback its loop
+# device after the guest started (block-tapkit-mount finishes in the background).
 hotplug_wait=$(sed -n 's/.*xenlab_wait=\([0-9]*\).*/\1/p' /proc/cmdline)
-i=0; while [ ! -b /dev/xvda ] && [ $i -lt $(( ${hotplug_wait:-30} * 10 )) ]; do sleep 0.1; i=$((i+1)); done
+i=0; while [ ! -b /dev/xvda ] && [ $i -lt $(( ${hotplug_wait:-300} * 10 )) ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -b /dev/xvda ]; then echo "XENLAB-DOMU-FAIL no /dev/xvda"; poweroff -f; fi
 echo "XENLAB-DOMU-SECTORS $(cat /sys/block/xvda/size)"
 if grep -q xenlab_bench=1 /proc/cmdline; then
