@@ -1,5 +1,5 @@
 #!/bin/bash
-# The lab's scenario for the backend types and grant copy (test/lab/backends.lab.ts copies
+# The lab's scenario for the backend types and grant copy (test/lab-backends/backends.lab.ts copies
 # it to RUN_DIR/scenario.sh; it runs in dom0 like scenario.sh). Settings from /lab/params:
 #   XENLAB_GRANTS=auto|copy|map   how tapkit moves request data (--grant-access; default auto)
 #   XENLAB_VBD="disk.raw"         direct ring on backend/vbd (`xl create`, blkback not loaded)

@@ -12,8 +12,8 @@
  * Each guest checks its disk as in xenlab.lab.ts (size, checksum, marker, ext4 + fsck);
  * the host then checks the images handed back (qemu-img convert, e2fsck, tapkit vhd check).
  *
- * Slow (minutes under TCG): `npm run test:xenlab`, or alone with
- * `npx ava --config test/xenlab/ava.config.mjs dist/test/lab/backends.lab.js`.
+ * Slow (25–40 min under TCG on a loaded machine): not in `npm run test:xenlab` nor in
+ * test/run.sh; run it with `bash test/xenlab/run-backends.sh`.
  */
 import test from 'ava';
 import { execFileSync, spawn } from 'node:child_process';
