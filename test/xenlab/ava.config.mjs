@@ -1,4 +1,4 @@
-// The Xen lab on its own (npm run test:xenlab): not in the default test run, it takes minutes.
+// The Xen lab's ava configuration: test/run.sh runs it after the default suite (TAPKIT_XENLAB=0 leaves it out), npm run test:xenlab on its own.
 export default {
   files: ['dist/test/lab/**/*.lab.js'],
   timeout: '50m',
