@@ -27,6 +27,19 @@ interface Run {
   lastStart: number;
   lastFlushed: number;
   acked: Set<number>;
+  /** DIAG: the model as parsed at 'exit'. */
+  atExit?: Run;
+}
+
+function parseRun(out: string): Run {
+  const run: Run = { lastStart: -1, lastFlushed: -1, acked: new Set() };
+  for (const line of out.split('\n')) {
+    const [word, n] = line.split(' ');
+    if (word === 'start') run.lastStart = Number(n);
+    else if (word === 'flushed') run.lastFlushed = Number(n);
+    else if (word === 'acked') run.acked.add(Number(n));
+  }
+  return run;
 }
 
 /** Runs the writer until `delayMs` after it is ready, then SIGKILLs it. */
@@ -44,18 +57,15 @@ function runAndKill(spec: string, seed: number, delayMs: number): Promise<Run> {
     });
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
     child.on('error', reject);
-    child.on('exit', (code, signal) => {
+    let outAtExit = '';
+    child.on('exit', () => (outAtExit = out));
+    child.on('close', (code, signal) => {
       clearTimeout(guard);
       if (timer) clearTimeout(timer);
       if (signal !== 'SIGKILL') return reject(new Error(`writer exited with ${code ?? signal} before the kill: ${err}`));
       if (!out.startsWith('ready\n')) return reject(new Error(`writer killed before it was ready: ${err}`));
-      const run: Run = { lastStart: -1, lastFlushed: -1, acked: new Set() };
-      for (const line of out.split('\n')) {
-        const [word, n] = line.split(' ');
-        if (word === 'start') run.lastStart = Number(n);
-        else if (word === 'flushed') run.lastFlushed = Number(n);
-        else if (word === 'acked') run.acked.add(Number(n));
-      }
+      const run = parseRun(out);
+      run.atExit = parseRun(outAtExit);
       resolve(run);
     });
   });
@@ -71,7 +81,7 @@ function apply(model: Buffer, op: CrashOp): void {
  * before the run. Ops up to the last flush are certain; later ones are tracked per byte in
  * a mask of the sources it may come from (bit 0: the flushed state, bit k: the k-th later op).
  */
-function verify(t: ExecutionContext, before: Buffer, actual: Buffer, ops: CrashOp[], run: Run): void {
+function verify(t: ExecutionContext, before: Buffer, actual: Buffer, ops: CrashOp[], run: Run, diag = false): number {
   const flushed = Buffer.from(before);
   for (let i = 0; i <= run.lastFlushed; i++) apply(flushed, ops[i]);
   const later = ops.slice(run.lastFlushed + 1, run.lastStart + 1);
@@ -100,7 +110,9 @@ function verify(t: ExecutionContext, before: Buffer, actual: Buffer, ops: CrashO
     for (let s = 0; s < 32 && !ok; s++) if (m & (1 << s) && valueOf(b, s) === actual[b]) ok = true;
     if (!ok) bad = b;
   }
+  if (diag) return bad;
   t.is(bad, -1, `byte ${bad} after a kill (last start ${run.lastStart}, last flush ${run.lastFlushed}, ${later.length} unflushed ops)`);
+  return bad;
 }
 
 async function crashRounds(t: ExecutionContext, image: string, rounds: number, seedBase: number, qemuToo: boolean): Promise<void> {
@@ -119,6 +131,11 @@ async function crashRounds(t: ExecutionContext, image: string, rounds: number, s
     const actual = await tapkitRaw(`vhd:${image}`);
     t.is(actual.length, before.length);
     verify(t, before, actual, ops, run);
+    const ex = run.atExit!;
+    if (ex.lastStart !== run.lastStart || ex.lastFlushed !== run.lastFlushed || ex.acked.size !== run.acked.size) {
+      const bad = verify(t, before, actual, ops.slice(0, ex.lastStart + 1), ex, true);
+      console.error(`DIAG seed ${seed}: at exit start ${ex.lastStart} flushed ${ex.lastFlushed}; at close start ${run.lastStart} flushed ${run.lastFlushed}; exit-model verdict: ${bad === -1 ? 'ok' : `byte ${bad} differs (actual ${actual[bad]})`}`);
+    }
     // qemu ignores bitmaps, so it sees any data left under a bit-0 sector of a dynamic
     // image; 7-Zip reports a data error for those and follows a child's parents.
     if (qemuToo) t.is(firstDifference(await qemuRaw(image, dir), actual), -1, `round ${round}: qemu reads what tapkit reads`);
