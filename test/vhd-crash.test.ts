@@ -44,7 +44,8 @@ function parseRun(out: string): Run {
 /** Runs the writer until `delayMs` after it is ready, then SIGKILLs it. */
 function runAndKill(spec: string, seed: number, delayMs: number): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [WRITER, spec, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const logPath = path.join(fs.mkdtempSync(path.join(dir, 'log-')), 'writer.log');
+    const child = spawn(process.execPath, [WRITER, spec, String(seed), logPath], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     let timer: NodeJS.Timeout | undefined;
@@ -62,7 +63,7 @@ function runAndKill(spec: string, seed: number, delayMs: number): Promise<Run> {
       if (timer) clearTimeout(timer);
       if (signal !== 'SIGKILL') return reject(new Error(`writer exited with ${code ?? signal} before the kill: ${err}`));
       if (!out.startsWith('ready\n')) return reject(new Error(`writer killed before it was ready: ${err}`));
-      resolve(parseRun(out));
+      resolve(parseRun(fs.readFileSync(logPath, 'utf8')));
     });
   });
 }
