@@ -130,7 +130,9 @@ export class Vbd {
       if (length === 0) return [];
       return this.call(async () => {
         const provider = this.provider;
-        const lent = provider.readViews ? await provider.readViews(offset, length) : undefined;
+        // Not awaited when the answer is already there (a declined random read stays cheap).
+        const answer = provider.readViews?.(offset, length);
+        const lent = answer instanceof Promise ? await answer : answer;
         if (lent) return lent;
         const buf = into?.() ?? new Uint8Array(length);
         await provider.read(buf, offset);
