@@ -70,6 +70,11 @@ function sliceOf(ring: BackRing): number {
   return Math.max(1, ring.entries >>> 1);
 }
 
+/** The bytes of a mapped page that a segment uses. */
+function segmentBytes(page: Uint8Array, s: Segment): Uint8Array {
+  return s.firstSect === 0 && s.lastSect === SECTORS_PER_PAGE - 1 ? page : page.subarray(s.firstSect * SECTOR, (s.lastSect + 1) * SECTOR);
+}
+
 /** Sector numbers up to this one give byte offsets that are exact as plain numbers (the sum of two stays below 2^53). */
 const MAX_EXACT_SECTOR = BigInt(Math.floor(Number.MAX_SAFE_INTEGER / SECTOR / 2));
 
@@ -360,48 +365,56 @@ export class BlkifQueue {
   /**
    * Moves data for a READ or WRITE: checks the range, the disk's mode and every grant
    * first, then passes views of the guest's pages to the VBD, merging segments that are
-   * adjacent in memory into one call.
+   * adjacent in memory into one call. Not an async function: its synchronous throws
+   * (refusals before any data moves) reach `serve`, which turns them into its rejection.
    */
-  private async transfer(op: number, sector: bigint, segments: Segment[]): Promise<void> {
+  private transfer(op: number, sector: bigint, segments: Segment[]): Promise<void> {
     const { vbd } = this.options;
     let sectors = 0;
-    for (const s of segments) sectors += s.lastSect - s.firstSect + 1;
+    const refs = new Array<number>(segments.length);
+    for (let i = 0; i < segments.length; i++) {
+      sectors += segments[i].lastSect - segments[i].firstSect + 1;
+      refs[i] = segments[i].gref;
+    }
     const { offset } = this.range(sector, sectors);
     if (op === OP_WRITE && this.options.readOnly) throw new Refused(RSP_ERROR, 'write to a read-only disk');
-    const mapping = this.map(
-      segments.map((s) => s.gref),
-      op === OP_READ,
-      segments,
-    );
-    let completed = false;
+    const mapping = this.map(refs, op === OP_READ, segments);
+    const move = (bytes: Uint8Array, at: number) => (op === OP_READ ? vbd.read(bytes, at) : vbd.write(bytes, at));
+    let io: Promise<void>;
     try {
-      const runs: Array<{ bytes: Uint8Array; offset: number }> = [];
-      let at = offset;
-      segments.forEach((s, i) => {
-        const page = mapping.pages[i];
-        const bytes = s.firstSect === 0 && s.lastSect === SECTORS_PER_PAGE - 1 ? page : page.subarray(s.firstSect * SECTOR, (s.lastSect + 1) * SECTOR);
-        const last = runs[runs.length - 1];
-        if (last && last.bytes.buffer === bytes.buffer && last.bytes.byteOffset + last.bytes.length === bytes.byteOffset) {
-          last.bytes = new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length);
-        } else {
-          runs.push({ bytes, offset: at });
-        }
-        at += bytes.length;
-      });
-      if (runs.length === 1) {
-        const [r] = runs;
-        await (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset));
+      if (segments.length === 1) {
+        io = move(segmentBytes(mapping.pages[0], segments[0]), offset);
       } else {
+        const runs: Array<{ bytes: Uint8Array; offset: number }> = [];
+        let at = offset;
+        for (let i = 0; i < segments.length; i++) {
+          const bytes = segmentBytes(mapping.pages[i], segments[i]);
+          const last = runs[runs.length - 1];
+          if (last && last.bytes.buffer === bytes.buffer && last.bytes.byteOffset + last.bytes.length === bytes.byteOffset) {
+            last.bytes = new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length);
+          } else {
+            runs.push({ bytes, offset: at });
+          }
+          at += bytes.length;
+        }
         // Wait for every run, even when one fails, before the pages are released.
-        const results = await Promise.allSettled(runs.map((r) => (op === OP_READ ? vbd.read(r.bytes, r.offset) : vbd.write(r.bytes, r.offset))));
-        const failure = results.find((r) => r.status === 'rejected');
-        if (failure) throw (failure as PromiseRejectedResult).reason;
+        io = Promise.allSettled(runs.map((r) => move(r.bytes, r.offset))).then((results) => {
+          const failure = results.find((r) => r.status === 'rejected');
+          if (failure) throw (failure as PromiseRejectedResult).reason;
+        });
       }
-      // A copying platform writes a READ's data back to the guest only now (release).
-      completed = true;
-    } finally {
-      mapping.release(completed);
+    } catch (e) {
+      mapping.release(false);
+      throw e;
     }
+    // A copying platform writes a READ's data back to the guest only on release(true).
+    return io.then(
+      () => mapping.release(true),
+      (e: unknown) => {
+        mapping.release(false);
+        throw e;
+      },
+    );
   }
 }
 
