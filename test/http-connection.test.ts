@@ -10,37 +10,8 @@ import * as crypto from 'node:crypto';
 import * as net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import * as fc from 'fast-check';
-import { ChunkedDecoder, ConnectionPool, HEAD_LIMIT, ProtocolError, parseResponseHead, requestHead, type BodySink, type ResponseHeaders } from '../providers/http/connection';
-
-/** A sink over several buffers, filled in order (what the http client's Scatter does). */
-class TestSink implements BodySink {
-  remaining: number;
-  private index = 0;
-  private within = 0;
-  constructor(readonly targets: Buffer[]) {
-    this.remaining = targets.reduce((s, b) => s + b.length, 0);
-  }
-  window(max: number): Uint8Array {
-    const t = this.targets[this.index];
-    return t.subarray(this.within, Math.min(t.length, this.within + max));
-  }
-  advance(n: number): void {
-    this.within += n;
-    this.remaining -= n;
-    while (this.index < this.targets.length && this.within === this.targets[this.index].length) {
-      this.index++;
-      this.within = 0;
-    }
-  }
-  put(bytes: Uint8Array): void {
-    for (let from = 0; from < bytes.length; ) {
-      const w = this.window(bytes.length - from);
-      w.set(bytes.subarray(from, from + w.length));
-      from += w.length;
-      this.advance(w.length);
-    }
-  }
-}
+import { Scatter } from '../providers/http/scatter';
+import { ChunkedDecoder, ConnectionPool, HEAD_LIMIT, ProtocolError, parseResponseHead, requestHead, type ResponseHeaders } from '../providers/http/connection';
 
 /**
  * A server answering each request (one per `answer` call, in order, whatever connection
@@ -80,7 +51,7 @@ async function scripted(t: { teardown(fn: () => void): void }, script: Array<{ b
 /** Runs one GET through the pool into `targets`; resolves with the status, headers and bytes written. */
 function get(pool: ConnectionPool, targets: Buffer[], headers: Record<string, string> = {}): Promise<{ status: number; headers: ResponseHeaders; written: number }> {
   return new Promise((resolve, reject) => {
-    const sink = new TestSink(targets);
+    const sink = new Scatter(targets);
     let head: { status: number; headers: ResponseHeaders } | undefined;
     const cancel = pool.dispatch({
       method: 'GET',
@@ -92,7 +63,7 @@ function get(pool: ConnectionPool, targets: Buffer[], headers: Record<string, st
       },
       onEnd: () => {
         clearTimeout(timer);
-        resolve({ ...head!, written: sink.targets.reduce((s, b) => s + b.length, 0) - sink.remaining });
+        resolve({ ...head!, written: sink.length - sink.remaining });
       },
       onError: (e) => {
         clearTimeout(timer);

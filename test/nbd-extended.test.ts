@@ -9,7 +9,6 @@ import { RawClient, u32 } from './helpers/raw-nbd';
 import { must } from './helpers/run';
 
 const MiB = 1024 * 1024;
-const OPT_GO = 7;
 const OPT_STRUCTURED_REPLY = 8;
 const OPT_SET_META_CONTEXT = 10;
 const OPT_EXTENDED_HEADERS = 11;

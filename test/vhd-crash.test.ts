@@ -17,7 +17,7 @@ import { createImage } from '../providers/vhd/create';
 import type { VhdProvider } from '../providers/vhd/provider';
 import { snapshotVhd } from '../providers/vhd/snapshot';
 import { crashStream, firstDisallowedByte, MAX_UNFLUSHED, type CrashOp, type CrashPoint } from './helpers/vhd-crash-stream';
-import { firstDifference, openSpec, prng, qemuRaw, sevenZipRaw, tapkitRaw } from './helpers/vhd';
+import { firstDifference, openSpec, prng, qemuRaw, tapkitRaw } from './helpers/vhd';
 import { must } from './helpers/run';
 import { fileTempDir } from './helpers/temp';
 

@@ -7,7 +7,6 @@
 import test, { type ExecutionContext } from 'ava';
 import * as fc from 'fast-check';
 import { spawn } from 'node:child_process';
-import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { SimPlatform } from '../core/ring/sim/platform';

@@ -76,7 +76,7 @@ export class FuseExport {
     readonly readOnly: boolean,
     readonly connection: number,
     readonly filesystem: OneFileFs,
-    private readonly channel: DevFuseChannel,
+    channel: DevFuseChannel,
   ) {
     this.file = path.join(mountpoint, name);
     this.ended = channel.done.then(async () => {

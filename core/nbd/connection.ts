@@ -39,8 +39,6 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
   private corked = false;
   private ended = false;
   private socketPaused = false;
-  /** Set once the socket reads into it (direct-reads.ts) instead of emitting 'data'. */
-  private receiveBuffer: Buffer | undefined;
   private readonly closedPromise: Promise<void>;
   private resolveClosed!: () => void;
   private shuttingDown = false;
@@ -248,7 +246,6 @@ export class NbdConnection implements HandshakeIO, ReplySink, TransmissionHost {
       },
     });
     if (!switched) return;
-    this.receiveBuffer = receiveBuffer;
     socket.removeListener('data', this.onData);
     for (let chunk: Buffer | null; socket.readableLength > 0 && (chunk = socket.read()) !== null; ) this.queue.push(chunk);
     // Stay flowing so that 'end' is still emitted; pauseSocket/resumeSocket stop and start reads.

@@ -2,7 +2,6 @@
  * The dynamic disk header ("cxsparse"), 1024 bytes at the footer's data offset of
  * dynamic and differencing images, with the parent's identity and its locators.
  */
-import { CorruptImageError } from '../../core/errors';
 import { vhdChecksum } from './checksum';
 import { hex, printable } from './footer';
 

@@ -12,44 +12,18 @@
  * Each guest checks its disk as in xenlab.lab.ts (size, checksum, marker, ext4 + fsck);
  * the host then checks the images handed back (qemu-img convert, e2fsck, tapkit vhd check).
  *
- * Slow (25–40 min under TCG on a loaded machine): not in `npm run test:xenlab` nor in
- * test/run.sh; run it with `bash test/xenlab/run-backends.sh`.
+ * A second Xen boot (about 2.5 min on a quiet machine, 25–40 under heavy load): run by
+ * `npm run test:xenlab` and test/run.sh after xenlab.lab.ts, or alone with
+ * `bash test/xenlab/run-backends.sh`.
  */
 import test from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
+import { consoleValue, lab, MARKER, md5, MiB, qemuRead, repo, run } from '../lab/harness';
+import { execFileSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-const repo = path.resolve(__dirname, '..', '..', '..');
-const lab = path.join(repo, '.tmp', 'xenlab');
-const MiB = 1024 * 1024;
-const MARKER = 'hello-from-domU-blkfront';
-
-function run(command: string, args: string[], timeoutSeconds: number, env: Record<string, string> = {}): Promise<{ code: number | null; output: string }> {
-  return new Promise((resolve) => {
-    const child = spawn('timeout', ['--kill-after=10', String(timeoutSeconds), command, ...args], { cwd: repo, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
-    let output = '';
-    child.stdout.on('data', (d) => (output += d));
-    child.stderr.on('data', (d) => (output += d));
-    child.on('close', (code) => resolve({ code, output }));
-  });
-}
-
-const md5 = (bytes: Buffer) => crypto.createHash('md5').update(bytes).digest('hex');
-
-function qemuRead(file: string, format: string, dir: string): Buffer {
-  const out = path.join(dir, `${path.basename(file)}.qemu-raw`);
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out], { timeout: 60_000 });
-  const bytes = fs.readFileSync(out);
-  fs.rmSync(out);
-  return bytes;
-}
-
-function consoleValue(log: string, key: string): string | undefined {
-  return new RegExp(`^${key} (\\S+)\\s*$`, 'm').exec(log)?.[1];
-}
 
 const readIf = (file: string) => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '');
 

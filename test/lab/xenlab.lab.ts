@@ -11,50 +11,23 @@
  * makes an ext4 file system and fsck's it. Back on the host, the images are checked with
  * qemu-img, e2fsck and `tapkit vhd check`.
  *
- * Slow (minutes under TCG), so not in the default run: `npm run test:xenlab`. On failure
+ * Slow (minutes under TCG): test/run.sh runs it after the default suite, and `npm run
+ * test:xenlab` alone. On failure
  * the run's directory (serial console, dom0 and tapkit logs, the guests' consoles) is kept
  * under .tmp/xenlab-failed-*.
  */
 import test from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
+import { consoleValue, lab, MARKER, md5, MiB, qemuRead, repo, run } from './harness';
+import { execFileSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-const repo = path.resolve(__dirname, '..', '..', '..');
-const lab = path.join(repo, '.tmp', 'xenlab');
-const MiB = 1024 * 1024;
-const MARKER = 'hello-from-domU-blkfront';
-
-function run(command: string, args: string[], timeoutSeconds: number, env: Record<string, string> = {}): Promise<{ code: number | null; output: string }> {
-  return new Promise((resolve) => {
-    const child = spawn('timeout', ['--kill-after=10', String(timeoutSeconds), command, ...args], { cwd: repo, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
-    let output = '';
-    child.stdout.on('data', (d) => (output += d));
-    child.stderr.on('data', (d) => (output += d));
-    child.on('close', (code) => resolve({ code, output }));
-  });
-}
-
-const md5 = (bytes: Buffer) => crypto.createHash('md5').update(bytes).digest('hex');
 
 /** 16 MiB (small: every byte crosses an emulated ring): random, zeros (holes in the VHD), random. */
 function makeContent(): Buffer {
   return Buffer.concat([crypto.randomBytes(6 * MiB), Buffer.alloc(4 * MiB), crypto.randomBytes(6 * MiB)]);
-}
-
-/** The disk as qemu-img reads it (raw bytes). */
-function qemuRead(file: string, format: string, dir: string): Buffer {
-  const out = path.join(dir, `${path.basename(file)}.qemu-raw`);
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out], { timeout: 60_000 });
-  const bytes = fs.readFileSync(out);
-  fs.rmSync(out);
-  return bytes;
-}
-
-function consoleValue(log: string, key: string): string | undefined {
-  return new RegExp(`^${key} (\\S+)\\s*$`, 'm').exec(log)?.[1];
 }
 
 test('a Linux PV guest reads and writes a raw image and a VHD through tapkit on Xen (direct ring, and blkback over the FUSE export)', async (t) => {
