@@ -3,6 +3,7 @@
 # to RUN_DIR/scenario.sh, with RUN_DIR/vmlinuz32, RUN_DIR/domu32.cpio.gz (build32.sh) and
 # RUN_DIR/disk.raw; then `test/xenlab/boot.sh RUN_DIR`. tapkit serves the direct ring; the
 # guest is PVH (tsc_mode native: QEMU's TCG SVM has no NRIP-save, see xen-lab.md 4d).
+# In the TCG lab the guest never gets past its first CPUID (see README.md here and docs/xen-lab.md).
 # Success: tapkit-serve.log says "connected: x86_32-abi" and the guest prints its MD5.
 set -uo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
