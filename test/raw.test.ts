@@ -3,7 +3,6 @@
  * (checked against qemu-img map), hole punching, read-only opens, FUA, a block device's size.
  */
 import test from 'ava';
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -11,6 +10,7 @@ import '../providers';
 import { Opener } from '../core/open';
 import type { Extent } from '../core/provider';
 import { Vbd } from '../core/vbd';
+import { must } from './helpers/run';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -38,8 +38,8 @@ function allocated(file: string): number {
 }
 
 /** What qemu-img says is data, as [start, end) pairs, merged. */
-function qemuDataRanges(file: string): Array<[number, number]> {
-  const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'raw', '--output=json', file], { encoding: 'utf8', timeout: 60_000 })) as Array<{
+async function qemuDataRanges(file: string): Promise<Array<[number, number]>> {
+  const map = JSON.parse(await must('qemu-img', ['map', '-f', 'raw', '--output=json', file])) as Array<{
     start: number;
     length: number;
     data: boolean;
@@ -76,7 +76,7 @@ test('extents come from SEEK_DATA/SEEK_HOLE and agree with qemu-img map', async 
     { offset: 10 * MiB + 4096, length: 8192, type: 'data' },
     { offset: 10 * MiB + 12288, length: 6 * MiB - 12288, type: 'hole' },
   ]);
-  t.deepEqual(ourDataRanges(runs), qemuDataRanges(file), 'the same data ranges as qemu-img map');
+  t.deepEqual(ourDataRanges(runs), await qemuDataRanges(file), 'the same data ranges as qemu-img map');
   // A query inside a data run, and one inside a hole, are clipped to what was asked.
   t.deepEqual(await vbd.extents(4 * MiB + 10, 100), [{ offset: 4 * MiB + 10, length: 100, type: 'data' }]);
   t.deepEqual(await vbd.extents(MiB, 10), [{ offset: MiB, length: 10, type: 'hole' }]);
@@ -106,7 +106,7 @@ test('trim and zero punch holes: the allocated bytes drop and the range reads as
   t.is(fs.statSync(file).size, 16 * MiB, 'the file keeps its size');
   const runs = await vbd.extents(0, 16 * MiB);
   t.true(runs.some((r) => r.type === 'hole' && r.offset <= MiB && r.offset + r.length >= 3 * MiB), 'the trimmed range is a hole');
-  t.deepEqual(ourDataRanges(runs), qemuDataRanges(file));
+  t.deepEqual(ourDataRanges(runs), await qemuDataRanges(file));
 });
 
 test('a read-only open uses a read-only descriptor and refuses changes with EROFS', async (t) => {
@@ -160,16 +160,14 @@ test('FUA writes and flush reach fdatasync', async (t) => {
 
 test('a loop device: size by ioctl, sector sizes, I/O, unaligned zero and trim', async (t) => {
   const file = sparseFile(24 * MiB, [[0, 24 * MiB]], 0x77);
-  const device = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', timeout: 30_000 }).trim();
-  t.teardown(() => {
-    execFileSync('losetup', ['-d', device], { timeout: 30_000 });
-  });
+  const device = (await must('losetup', ['-f', '--show', file])).trim();
+  t.teardown(() => must('losetup', ['-d', device]));
   const vbd = await open(`raw:${device}`);
   t.teardown(() => vbd.close());
-  const blockdevSize = Number(execFileSync('blockdev', ['--getsize64', device], { encoding: 'utf8', timeout: 30_000 }).trim());
+  const blockdevSize = Number((await must('blockdev', ['--getsize64', device])).trim());
   t.is(vbd.info().size, 24 * MiB);
   t.is(vbd.info().size, blockdevSize, 'the size blockdev reports');
-  t.is(vbd.info().logicalBlockSize, Number(execFileSync('blockdev', ['--getss', device], { encoding: 'utf8', timeout: 30_000 }).trim()));
+  t.is(vbd.info().logicalBlockSize, Number((await must('blockdev', ['--getss', device])).trim()));
   t.deepEqual(vbd.top.describe!(), { path: device, type: 'block device' });
   t.false(vbd.capabilities().extents, 'no extents on a block device');
   await vbd.write(new Uint8Array(1000).fill(1), 12345);
