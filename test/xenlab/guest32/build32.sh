@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# WIP (issue #9, not run by any test): the pieces of a 32-bit PVH domU for the Xen lab, so
+# By hand only (issue #9; no test runs it): the pieces of a 32-bit PVH domU for the Xen lab, so
 # that a real Linux blkfront negotiates protocol=x86_32-abi with tapkit. Debian's i386
 # 686-pae kernel has CONFIG_XEN_PVH=y and xen-blkfront as a module (XEN_PV needs x86_64).
 # The i386 packages come through a private APT configuration in OUT_DIR/apt: the host's
 # dpkg architectures are not changed.
 #
-#   test/xenlab/wip-xen32/build32.sh OUT_DIR
+#   test/xenlab/guest32/build32.sh OUT_DIR
 # Produces OUT_DIR/vmlinuz32 and OUT_DIR/domu32.cpio.gz (busybox-static:i386, xen-blkfront,
 # and the lab's own domu-init.sh as /init).
 set -euo pipefail

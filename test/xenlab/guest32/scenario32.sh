@@ -1,5 +1,5 @@
 #!/bin/bash
-# WIP (issue #9, not run by any test): dom0 side of the 32-bit PVH probe. Copied by hand
+# By hand only (issue #9; no test runs it): dom0 side of the 32-bit PVH probe. Copied by hand
 # to RUN_DIR/scenario.sh, with RUN_DIR/vmlinuz32, RUN_DIR/domu32.cpio.gz (build32.sh) and
 # RUN_DIR/disk.raw; then `test/xenlab/boot.sh RUN_DIR`. tapkit serves the direct ring; the
 # guest is PVH (tsc_mode native: QEMU's TCG SVM has no NRIP-save, see xen-lab.md 4d).

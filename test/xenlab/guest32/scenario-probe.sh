@@ -1,5 +1,5 @@
 #!/bin/bash
-# WIP (issue #9, run by hand, never by a test): dom0 side of the CPUID probe. Copied to
+# By hand only (issue #9; no test runs it): dom0 side of the CPUID probe. Copied to
 # RUN_DIR/scenario.sh with RUN_DIR/probe-{full,skipflat,legacy}.elf (cpuid-probe.S) and,
 # optionally, RUN_DIR/vmlinuz32 + domu32.cpio.gz (build32.sh) and the xen-hvmctx/xenctx
 # programs from the lab's unpacked Xen (.tmp/xenlab/x/usr/lib/xen-4.17/bin). Each guest runs
