@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { stopChild } from './run';
 import { freePort } from './nginx';
 
 export interface Tinyproxy {
@@ -58,13 +59,7 @@ export async function startTinyproxy(options: { basicAuth?: string } = {}): Prom
       return [...text.matchAll(/Request \(file descriptor \d+\): (.*?) HTTP\/1\.[01]/g)].map((m) => m[1]);
     },
     stop: async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        const exited = new Promise((r) => child.once('exit', r));
-        child.kill('SIGTERM');
-        const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-        await exited;
-        clearTimeout(timer);
-      }
+      await stopChild(child);
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };
