@@ -168,7 +168,7 @@ test('a loop device: size by ioctl, sector sizes, I/O, unaligned zero and trim',
   t.is(vbd.info().size, 24 * MiB);
   t.is(vbd.info().size, blockdevSize, 'the size blockdev reports');
   t.is(vbd.info().logicalBlockSize, Number((await must('blockdev', ['--getss', device])).trim()));
-  t.deepEqual(vbd.top.describe!(), { path: device, type: 'block device' });
+  t.deepEqual(vbd.top.describe!(), { path: device, type: 'block device', io: 'threads' });
   t.false(vbd.capabilities().extents, 'no extents on a block device');
   await vbd.write(new Uint8Array(1000).fill(1), 12345);
   // Unaligned: whole sectors go to BLKZEROOUT/BLKDISCARD, the edges are written.
@@ -184,4 +184,38 @@ test('a loop device: size by ioctl, sector sizes, I/O, unaligned zero and trim',
   const edge = new Uint8Array(2);
   await vbd.read(edge, MiB + 6);
   t.is(edge[0], 0x77, 'trim leaves the partial sector before its range alone');
+});
+
+test('io: a file on tmpfs is read and written on the event loop, elsewhere on the thread pool; io= forces either; errors name the file', async (t) => {
+  const shm = fs.mkdtempSync('/dev/shm/tapkit-raw-io-');
+  t.teardown(() => fs.rmSync(shm, { recursive: true, force: true }));
+  const inMemory = path.join(shm, 'disk.img');
+  fs.writeFileSync(inMemory, Buffer.alloc(MiB, 0x33));
+  const onDisk = sparseFile(MiB, [[0, MiB]], 0x44);
+  const cases: Array<[string, string, number]> = [
+    [`raw:${inMemory}`, 'sync', 0x33],
+    [`raw:${onDisk}`, 'threads', 0x44],
+    [`raw,io=threads:${inMemory}`, 'threads', 0x33],
+    [`raw,io=sync:${onDisk}`, 'sync', 0x44],
+  ];
+  for (const [spec, io, fill] of cases) {
+    const vbd = await open(spec);
+    t.is(vbd.top.describe!().io, io, spec);
+    const back = new Uint8Array(4096);
+    await vbd.read(back, 8192);
+    t.true(back.every((b) => b === fill), `${spec} reads its bytes`);
+    await vbd.write(new Uint8Array(4096).fill(0x99), 4096, { fua: true });
+    await vbd.read(back, 4096);
+    t.true(back.every((b) => b === 0x99), `${spec} reads its write back`);
+    await vbd.close();
+  }
+  t.is(fs.readFileSync(inMemory)[4096], 0x99, 'the write reached the file');
+  await t.throwsAsync(open(`raw,io=fast:${inMemory}`), { message: /option io must be auto, sync or threads \(got 'fast'\)/ });
+  // A read past a file cut short reads zeros on the sync path too.
+  const vbd = await open(`raw:${inMemory}`);
+  t.teardown(() => vbd.close());
+  fs.truncateSync(inMemory, 4096);
+  const tail = new Uint8Array(8192).fill(1);
+  await vbd.read(tail, 0);
+  t.true(tail.subarray(4096).every((b) => b === 0));
 });
