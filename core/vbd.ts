@@ -279,18 +279,29 @@ export class Vbd {
     }
     this.inFlight++;
     const started = performance.now();
-    let failed = false;
-    return (async () => {
-      try {
-        return (await body()) as T;
-      } catch (e) {
-        failed = true;
+    // One promise per request (a then on the body's own promise), not an async function's
+    // frame and promise on top of it: this runs for every request of every export.
+    let result: Promise<T>;
+    try {
+      result = Promise.resolve(body() as T | Promise<T>);
+    } catch (e) {
+      result = Promise.reject(e);
+    }
+    return result.then(
+      (value) => {
+        this.finished(op, bytes, started, false);
+        return value;
+      },
+      (e: unknown) => {
+        this.finished(op, bytes, started, true);
         throw asBlockError(e, this.provider.name);
-      } finally {
-        this.counters.record(op, bytes, (performance.now() - started) * 1000, failed);
-        if (--this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake();
-      }
-    })();
+      },
+    );
+  }
+
+  private finished(op: Operation, bytes: number, started: number, failed: boolean): void {
+    this.counters.record(op, bytes, (performance.now() - started) * 1000, failed);
+    if (--this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake();
   }
 
   /** Runs a provider call, one at a time when the provider does not allow overlap. */

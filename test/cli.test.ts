@@ -4,13 +4,13 @@
  * the bad input every command must answer with one line and the right exit code.
  */
 import test from 'ava';
-import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { patternByte } from '../examples/pattern';
 import { CLI, ROOT, runCli, type CliResult } from './cli-runner';
+import { must } from './helpers/run';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -42,8 +42,8 @@ function sparseFile(size: number, data: Array<[number, Buffer]> = []): string {
   return file;
 }
 
-function allocatedByDu(file: string): number {
-  return Number(execFileSync('du', ['-B1', file], { encoding: 'utf8', timeout: 30_000 }).split(/\s/)[0]);
+async function allocatedByDu(file: string): Promise<number> {
+  return Number((await must('du', ['-B1', file])).split(/\s/)[0]);
 }
 
 /** An error is one line on stderr, starting `tapkit:`, without a stack trace. */
@@ -102,10 +102,8 @@ test('info on a raw file, by raw: spec and by bare path', async (t) => {
 
 test('info on a loop device reports its size', async (t) => {
   const file = sparseFile(40 * MiB + 512 * KiB);
-  const device = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', timeout: 30_000 }).trim();
-  t.teardown(() => {
-    execFileSync('losetup', ['-d', device], { timeout: 30_000 });
-  });
+  const device = (await must('losetup', ['-f', '--show', file])).trim();
+  t.teardown(() => must('losetup', ['-d', device]));
   const json = await runCli(['info', device, '--json']);
   t.is(json.code, 0, json.stderr);
   const report = JSON.parse(json.stdout);
@@ -122,14 +120,14 @@ test('convert copies a 1 GiB file with 1 MiB written into an equal, sparse copy'
   const result = await runCli(['convert', source, target], { timeoutMs: 300_000 });
   t.is(result.code, 0, result.stderr);
   t.is(fs.statSync(target).size, GiB);
-  execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', source, target], { timeout: 300_000 });
+  await must('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', source, target], { timeoutMs: 300_000 });
   t.pass('qemu-img compare finds the copy identical');
   const fd = fs.openSync(target, 'r');
   const back = Buffer.alloc(MiB);
   fs.readSync(fd, back, 0, MiB, 300 * MiB + 4096);
   fs.closeSync(fd);
   t.true(back.equals(data), 'the written MiB is where it was');
-  const used = allocatedByDu(target);
+  const used = await allocatedByDu(target);
   t.true(used >= MiB && used < 4 * MiB, `du shows about 1 MiB allocated (${used} bytes)`);
 });
 
@@ -150,7 +148,7 @@ test('convert of a memory disk and over an existing larger target', async (t) =>
 test('convert --progress draws a bar on a terminal and stays silent in a pipe', async (t) => {
   const target = path.join(dir, 'progress.raw');
   // script(1) gives the command a pseudo-terminal, as a user's shell would.
-  const shown = execFileSync('script', ['-qec', `${process.execPath} ${CLI} convert --progress memory:64M ${target}`, '/dev/null'], { timeout: 60_000 }).toString();
+  const shown = await must('script', ['-qec', `${process.execPath} ${CLI} convert --progress memory:64M ${target}`, '/dev/null']);
   t.regex(shown, /\[#{30}\] 100\.0%  64 MiB \/ 64 MiB/);
   t.is(fs.statSync(target).size, 64 * MiB);
   const piped = await runCli(['convert', '--progress', 'memory:1M', path.join(dir, 'progress2.raw')]);

@@ -25,6 +25,8 @@ runConformance(test, { name: 'memory', open: () => 'memory:1G' });
 runConformance(test, { name: 'memory (limited)', open: () => 'memory,limit=8M:64M' });
 runConformance(test, { name: 'raw', open: () => `raw:${rawFile()}` });
 runConformance(test, { name: 'raw (bare path)', open: () => rawFile() });
+// The event-loop path a file on tmpfs takes (raw's option io), on any file system.
+runConformance(test, { name: 'raw (io=sync)', open: () => `raw,io=sync:${rawFile()}` });
 runConformance(test, {
   name: 'example pattern',
   open: () => 'pattern:3M',

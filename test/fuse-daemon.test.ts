@@ -150,6 +150,17 @@ test.serial('a bad fuse export fails the create and leaves no device, mount or l
   t.true((await daemon.call({ op: 'ping' })).ok);
 });
 
+test.serial('a thread pool inherited too small for one mount (UV_THREADPOOL_SIZE=2, as from a hotplug script) is raised: the daemon serves a mount', async (t) => {
+  const dir = tempDir(t, 'tapkit-fuse-daemon-smallpool-');
+  const mnt = path.join(dir, 'm');
+  fs.mkdirSync(mnt);
+  const daemon = await daemonFor(t, [mnt], { UV_THREADPOOL_SIZE: '2' });
+  const r = await ctl(daemon, 'create', 'memory:8M', '--export', `fuse:${mnt}`);
+  t.is(r.code, 0, r.stderr);
+  await must('dd', ['if=/dev/zero', `of=${path.join(mnt, 'disk')}`, 'bs=1M', 'count=2', 'conv=notrunc,fsync', 'status=none'], { timeoutMs: 60_000 });
+  t.true(isMounted(mnt));
+});
+
 test.serial('mounts share the thread pool: one that would starve it is refused, and fits again once another is destroyed', async (t) => {
   const dir = tempDir(t, 'tapkit-fuse-daemon-pool-');
   const mnts = ['a', 'b', 'c'].map((n) => path.join(dir, n));

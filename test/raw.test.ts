@@ -3,7 +3,6 @@
  * (checked against qemu-img map), hole punching, read-only opens, FUA, a block device's size.
  */
 import test from 'ava';
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -11,6 +10,7 @@ import '../providers';
 import { Opener } from '../core/open';
 import type { Extent } from '../core/provider';
 import { Vbd } from '../core/vbd';
+import { must } from './helpers/run';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -38,8 +38,8 @@ function allocated(file: string): number {
 }
 
 /** What qemu-img says is data, as [start, end) pairs, merged. */
-function qemuDataRanges(file: string): Array<[number, number]> {
-  const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'raw', '--output=json', file], { encoding: 'utf8', timeout: 60_000 })) as Array<{
+async function qemuDataRanges(file: string): Promise<Array<[number, number]>> {
+  const map = JSON.parse(await must('qemu-img', ['map', '-f', 'raw', '--output=json', file])) as Array<{
     start: number;
     length: number;
     data: boolean;
@@ -76,7 +76,7 @@ test('extents come from SEEK_DATA/SEEK_HOLE and agree with qemu-img map', async 
     { offset: 10 * MiB + 4096, length: 8192, type: 'data' },
     { offset: 10 * MiB + 12288, length: 6 * MiB - 12288, type: 'hole' },
   ]);
-  t.deepEqual(ourDataRanges(runs), qemuDataRanges(file), 'the same data ranges as qemu-img map');
+  t.deepEqual(ourDataRanges(runs), await qemuDataRanges(file), 'the same data ranges as qemu-img map');
   // A query inside a data run, and one inside a hole, are clipped to what was asked.
   t.deepEqual(await vbd.extents(4 * MiB + 10, 100), [{ offset: 4 * MiB + 10, length: 100, type: 'data' }]);
   t.deepEqual(await vbd.extents(MiB, 10), [{ offset: MiB, length: 10, type: 'hole' }]);
@@ -106,7 +106,7 @@ test('trim and zero punch holes: the allocated bytes drop and the range reads as
   t.is(fs.statSync(file).size, 16 * MiB, 'the file keeps its size');
   const runs = await vbd.extents(0, 16 * MiB);
   t.true(runs.some((r) => r.type === 'hole' && r.offset <= MiB && r.offset + r.length >= 3 * MiB), 'the trimmed range is a hole');
-  t.deepEqual(ourDataRanges(runs), qemuDataRanges(file));
+  t.deepEqual(ourDataRanges(runs), await qemuDataRanges(file));
 });
 
 test('a read-only open uses a read-only descriptor and refuses changes with EROFS', async (t) => {
@@ -160,17 +160,15 @@ test('FUA writes and flush reach fdatasync', async (t) => {
 
 test('a loop device: size by ioctl, sector sizes, I/O, unaligned zero and trim', async (t) => {
   const file = sparseFile(24 * MiB, [[0, 24 * MiB]], 0x77);
-  const device = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', timeout: 30_000 }).trim();
-  t.teardown(() => {
-    execFileSync('losetup', ['-d', device], { timeout: 30_000 });
-  });
+  const device = (await must('losetup', ['-f', '--show', file])).trim();
+  t.teardown(() => must('losetup', ['-d', device]));
   const vbd = await open(`raw:${device}`);
   t.teardown(() => vbd.close());
-  const blockdevSize = Number(execFileSync('blockdev', ['--getsize64', device], { encoding: 'utf8', timeout: 30_000 }).trim());
+  const blockdevSize = Number((await must('blockdev', ['--getsize64', device])).trim());
   t.is(vbd.info().size, 24 * MiB);
   t.is(vbd.info().size, blockdevSize, 'the size blockdev reports');
-  t.is(vbd.info().logicalBlockSize, Number(execFileSync('blockdev', ['--getss', device], { encoding: 'utf8', timeout: 30_000 }).trim()));
-  t.deepEqual(vbd.top.describe!(), { path: device, type: 'block device' });
+  t.is(vbd.info().logicalBlockSize, Number((await must('blockdev', ['--getss', device])).trim()));
+  t.deepEqual(vbd.top.describe!(), { path: device, type: 'block device', io: 'threads' });
   t.false(vbd.capabilities().extents, 'no extents on a block device');
   await vbd.write(new Uint8Array(1000).fill(1), 12345);
   // Unaligned: whole sectors go to BLKZEROOUT/BLKDISCARD, the edges are written.
@@ -186,4 +184,38 @@ test('a loop device: size by ioctl, sector sizes, I/O, unaligned zero and trim',
   const edge = new Uint8Array(2);
   await vbd.read(edge, MiB + 6);
   t.is(edge[0], 0x77, 'trim leaves the partial sector before its range alone');
+});
+
+test('io: a file on tmpfs is read and written on the event loop, elsewhere on the thread pool; io= forces either; errors name the file', async (t) => {
+  const shm = fs.mkdtempSync('/dev/shm/tapkit-raw-io-');
+  t.teardown(() => fs.rmSync(shm, { recursive: true, force: true }));
+  const inMemory = path.join(shm, 'disk.img');
+  fs.writeFileSync(inMemory, Buffer.alloc(MiB, 0x33));
+  const onDisk = sparseFile(MiB, [[0, MiB]], 0x44);
+  const cases: Array<[string, string, number]> = [
+    [`raw:${inMemory}`, 'sync', 0x33],
+    [`raw:${onDisk}`, 'threads', 0x44],
+    [`raw,io=threads:${inMemory}`, 'threads', 0x33],
+    [`raw,io=sync:${onDisk}`, 'sync', 0x44],
+  ];
+  for (const [spec, io, fill] of cases) {
+    const vbd = await open(spec);
+    t.is(vbd.top.describe!().io, io, spec);
+    const back = new Uint8Array(4096);
+    await vbd.read(back, 8192);
+    t.true(back.every((b) => b === fill), `${spec} reads its bytes`);
+    await vbd.write(new Uint8Array(4096).fill(0x99), 4096, { fua: true });
+    await vbd.read(back, 4096);
+    t.true(back.every((b) => b === 0x99), `${spec} reads its write back`);
+    await vbd.close();
+  }
+  t.is(fs.readFileSync(inMemory)[4096], 0x99, 'the write reached the file');
+  await t.throwsAsync(open(`raw,io=fast:${inMemory}`), { message: /option io must be auto, sync or threads \(got 'fast'\)/ });
+  // A read past a file cut short reads zeros on the sync path too.
+  const vbd = await open(`raw:${inMemory}`);
+  t.teardown(() => vbd.close());
+  fs.truncateSync(inMemory, 4096);
+  const tail = new Uint8Array(8192).fill(1);
+  await vbd.read(tail, 0);
+  t.true(tail.subarray(4096).every((b) => b === 0));
 });

@@ -114,6 +114,7 @@ for (const type of ['vbd', 'qdisk', 'vbd3'] as const) {
     const rw = await runFrontend(dir, 5, DEVID, ['rw', '--seed', '9']);
     t.is(rw.code, 0, rw.stdout + rw.stderr + serve.output());
     t.regex(rw.stdout, /ok rw x86_64-abi/);
+    t.regex(serve.output(), new RegExp(`\\b${type} 5/${DEVID}: connected`), 'the log names the backend type');
     const detached = await run(process.execPath, [CLI, 'xen', 'detach', '--platform', `sim:${dir}`, '--backend-type', type, '--domid', '5', '--devid', String(DEVID)], { timeout: 30_000 });
     t.is(detached.stderr, '');
     t.is(await read(dir, `${be}/state`), undefined);

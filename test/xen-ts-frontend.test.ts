@@ -128,6 +128,27 @@ test.serial('ts: a 16-page ring kept full and wrapped many times, served in batc
   await fe.disconnect();
 });
 
+test.serial('ts: a full one-page ring is answered half a ring at a time, so the frontend can refill while the backend works', async (t) => {
+  const { fe } = await setup(t);
+  await fe.connect();
+  const Q = fe.queues[0];
+  t.is(Q.ring.entries, 32);
+  const page = fe.mem.allocPages(1);
+  const ref = fe.mem.grant(page, false);
+  // How many responses the frontend holds after each notification (its own listener reaps first).
+  const seen: number[] = [];
+  const stop = fe.events.onEvent(() => seen.push(fe.responses.length));
+  t.teardown(stop);
+  const all = Array.from({ length: 32 }, (_, i) => fe.put({ kind: 'rw', operation: OP_READ, handle: H, sector: BigInt(i * 8), segments: [{ gref: ref, firstSect: 0, lastSect: 7 }] }));
+  fe.push();
+  const responses = await Promise.all(all);
+  t.true(responses.every((r) => r.status === RSP_OKAY));
+  t.log(`responses held after each notification: ${seen.join(', ')}`);
+  t.true(seen.length >= 2, 'more than one notification');
+  t.true(seen[0] > 0 && seen[0] <= 16, `the first notification came with ${seen[0]} responses, not the whole ring`);
+  await fe.disconnect();
+});
+
 test.serial('ts: flush, flush with data, barriers with and without data', async (t) => {
   const { sim, fe } = await setup(t);
   await fe.connect();

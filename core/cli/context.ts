@@ -64,6 +64,8 @@ export interface OpenCliOptions {
   ca?: string;
   /** For http(s) disks: `Name: value` headers sent with every request. */
   header?: string[];
+  /** For http(s) disks: the proxy URL, or `none` (default: http_proxy, https_proxy, no_proxy). */
+  proxy?: string;
 }
 
 export function addOpenOptions(command: Command): Command {
@@ -75,10 +77,11 @@ export function addOpenOptions(command: Command): Command {
     .option('--backing <spec>', 'name the backing chain explicitly, one level per use, instead of trusting the image', collect, [])
     .option('--no-backing', 'refuse every backing file and parent')
     .option('--ca <file>', 'https disks: trust the CAs in this PEM file too')
-    .option('--header <"Name: value">', 'http(s) disks: send this header with every request (repeatable)', collect, []);
+    .option('--header <"Name: value">', 'http(s) disks: send this header with every request (repeatable)', collect, [])
+    .option('--proxy <url|none>', 'http(s) disks: go through this http proxy, or none (default: the http_proxy, https_proxy, no_proxy environment)');
 }
 
-/** --ca and --header as options of every http source opened (a spec's own options win). */
+/** --ca, --header and --proxy as options of every http source opened (a spec's own options win). */
 function httpOptions(options: OpenCliOptions): Record<string, string> {
   const http: Record<string, string> = {};
   if (options.ca) http.ca = path.resolve(options.ca);
@@ -86,6 +89,7 @@ function httpOptions(options: OpenCliOptions): Record<string, string> {
   for (const h of headers) if (!/^[^:\s]+\s*:/.test(h)) throw new UsageError(`--header needs 'Name: value' (got a value without a name)`);
   // The http source percent-decodes its header option (a spec cannot hold ':' or ',').
   if (headers.length) http.header = encodeURIComponent(headers.join('\n'));
+  if (options.proxy !== undefined) http.proxy = encodeURIComponent(options.proxy);
   return http;
 }
 

@@ -41,7 +41,7 @@ export const DEFAULT_READERS = 8;
  * by UV_THREADPOOL_SIZE when the pool first starts (libuv's default is 4); the CLI
  * commands that serve mounts raise it before anything uses the pool.
  */
-const SPARE_THREADS = 4;
+export const SPARE_THREADS = 4;
 let readersReserved = 0;
 
 export function threadPoolSize(): number {

@@ -95,8 +95,13 @@ export class BlkifDevice {
     return this.options.backendPath;
   }
 
+  /** The backend type this device answers for (vbd, qdisk, vbd3): `.../backend/<type>/<domid>/<devid>`. */
+  private get backendType(): string {
+    return this.options.backendPath.split('/').at(-3) ?? 'vbd';
+  }
+
   private log(message: string): void {
-    this.options.log?.(`vbd ${this.options.domid}/${this.options.devid}: ${message}`);
+    this.options.log?.(`${this.backendType} ${this.options.domid}/${this.options.devid}: ${message}`);
   }
 
   /** Runs state-machine steps one after another. */

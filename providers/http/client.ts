@@ -14,6 +14,7 @@ import { BlockError } from '../../core/errors';
 import { SourceChangedError } from '../../core/changed';
 import { Scatter } from './scatter';
 import { basicAuthFor, redactUrl, requestPath } from './url';
+import { describeProxy, proxyFor, ProxyRefusedError, type Proxy } from './proxy';
 
 export interface ClientOptions {
   /** Per attempt: connect, headers and the whole body must arrive within this. */
@@ -26,6 +27,8 @@ export interface ClientOptions {
   ca?: string;
   /** Connections per origin, and so the bound on requests in flight. */
   connections: number;
+  /** The `proxy` option (a URL, or `none`); unset: the environment decides (proxy.ts). */
+  proxy?: string;
 }
 
 /** What identifies one version of the object: sent back with every range request. */
@@ -134,6 +137,8 @@ function describeValidator(v: Validator): string {
 
 export class HttpClient {
   private readonly pools = new Map<string, ConnectionPool>();
+  /** The proxy each origin is reached through (none: direct). */
+  private readonly proxies = new Map<string, Proxy | undefined>();
   private readonly closing = new AbortController();
   /** Stops every exchange in flight (on close). */
   private readonly active = new Set<() => void>();
@@ -143,6 +148,12 @@ export class HttpClient {
 
   constructor(private readonly options: ClientOptions) {
     this.ca = options.ca ? [...trustedCas(), options.ca] : undefined;
+  }
+
+  /** The proxy (printable) requests for `url` went through, if any. */
+  proxyOf(url: URL): string | undefined {
+    const proxy = this.proxies.get(url.origin);
+    return proxy && describeProxy(proxy);
   }
 
   /** The URL as it may be printed. */
@@ -356,6 +367,11 @@ export class HttpClient {
   private classify(e: unknown, url: URL, timedOut: boolean): Error {
     if (e instanceof BlockError || e instanceof Retryable) return e;
     if (e instanceof ProtocolError) return new BlockError('EIO', `${this.where(url)}: ${e.message}`);
+    if (e instanceof ProxyRefusedError) {
+      // A proxy's 5xx is its trouble reaching the origin (or its own): worth another try.
+      if (e.status >= 500) return new Retryable(e.message);
+      return new BlockError(e.status === 407 ? 'EACCES' : 'EIO', `${this.where(url)}: ${e.message}${e.status === 407 ? ' (give the proxy credentials in its URL: http://user:password@host:port)' : ''}`);
+    }
     if (this.closing.signal.aborted) return new BlockError('ESHUTDOWN', `${this.where(url)}: the disk is closing`);
     const err = e as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException };
     const code = err?.code ?? err?.cause?.code ?? '';
@@ -370,8 +386,9 @@ export class HttpClient {
     if (TLS_CODES.test(code)) {
       return new BlockError('EIO', `${this.where(url)}: TLS certificate refused (${code}); pass --ca FILE (or ca=FILE in the spec) to trust the server's CA`);
     }
-    if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${this.where(url)}: host ${url.hostname} not found`);
-    if (RETRYABLE_CODES.has(code) || name === 'AbortError') return new Retryable(`connection failed (${code || name})`);
+    const proxy = this.proxies.get(url.origin);
+    if (code === 'ENOTFOUND') return new BlockError('ENOENT', `${this.where(url)}: host ${proxy ? `${proxy.url.hostname} (the proxy)` : url.hostname} not found`);
+    if (RETRYABLE_CODES.has(code) || name === 'AbortError') return new Retryable(`connection failed (${code || name})${proxy ? ` through proxy ${describeProxy(proxy)}` : ''}`);
     return new BlockError('EIO', `${this.where(url)}: ${code || name || 'request failed'}`);
   }
 
@@ -410,7 +427,15 @@ export class HttpClient {
   private pool(url: URL): ConnectionPool {
     let pool = this.pools.get(url.origin);
     if (!pool) {
-      pool = new ConnectionPool(new URL(url.origin), { connections: this.options.connections, ca: this.ca });
+      const origin = new URL(url.origin);
+      let proxy: Proxy | undefined;
+      try {
+        proxy = proxyFor(origin, this.options.proxy);
+      } catch (e) {
+        throw new BlockError('EINVAL', `${this.where(url)}: ${(e as Error).message}`);
+      }
+      this.proxies.set(url.origin, proxy);
+      pool = new ConnectionPool(origin, { connections: this.options.connections, ca: this.ca, proxy });
       this.pools.set(url.origin, pool);
     }
     return pool;

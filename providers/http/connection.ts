@@ -12,11 +12,13 @@
  * What it understands of HTTP/1.1: status line and headers (at most HEAD_LIMIT bytes),
  * 1xx answers skipped, bodies framed by Content-Length, chunked transfer coding, or the
  * end of the connection; HEAD, 204 and 304 have none; `Connection: close`, HTTP/1.0 and
- * `Keep-Alive: timeout=N` decide whether and how long a connection is kept. Redirects,
- * retries and timeouts are the caller's (client.ts).
+ * `Keep-Alive: timeout=N` decide whether and how long a connection is kept. Through an
+ * http proxy (proxy.ts): http requests in absolute form, https inside a CONNECT tunnel.
+ * Redirects, retries and timeouts are the caller's (client.ts).
  */
 import * as net from 'node:net';
 import * as tls from 'node:tls';
+import { connectRequest, ProxyRefusedError, type Proxy } from './proxy';
 
 /** Response headers, names in lower case; a repeated header keeps every value. */
 export type ResponseHeaders = Record<string, string | string[]>;
@@ -70,6 +72,8 @@ export interface PoolOptions {
   connections: number;
   /** PEM CAs to trust instead of Node's defaults (https only). */
   ca?: string[];
+  /** The http proxy to reach the origin through (proxy.ts chooses it). */
+  proxy?: Proxy;
 }
 
 /** An exchange waiting for a connection, and how to start it on one. */
@@ -197,14 +201,14 @@ class Connection {
     this.answered = false;
     let request: string;
     try {
-      request = requestHead(exchange, this.origin);
+      request = requestHead(exchange, this.origin, this.options.proxy);
     } catch (e) {
       this.fail(e as Error);
       return;
     }
-    if (!this.socket) this.connect();
     this.retriedStale = !reused;
-    this.socket!.write(request, 'latin1');
+    if (this.socket) this.socket.write(request, 'latin1');
+    else this.connect(request);
   }
 
   destroy(): void {
@@ -215,14 +219,44 @@ class Connection {
     this.onClosed();
   }
 
-  private connect(): void {
-    const host = this.origin.hostname.replace(/^\[(.*)\]$/, '$1');
-    const port = Number(this.origin.port) || (this.origin.protocol === 'https:' ? 443 : 80);
-    const onread = { buffer: () => this.nextBuffer(), callback: (n: number) => this.received(n) };
-    const socket = this.origin.protocol === 'https:'
+  /** Opens the socket (through the proxy if there is one) and sends `request` on it. */
+  private connect(request: string): void {
+    const proxy = this.options.proxy;
+    const https = this.origin.protocol === 'https:';
+    if (proxy && https) return this.tunnel(proxy, request);
+    const [host, port] = proxy ? hostAndPort(proxy.url) : hostAndPort(this.origin);
+    const onread = this.onread();
+    const socket = https
       ? // tls sockets honour onread too (Node's types only declare it for net).
-        tls.connect({ host, port, servername: net.isIP(host) ? undefined : host, ca: this.options.ca, onread, ALPNProtocols: ['http/1.1'] } as tls.ConnectionOptions)
+        tls.connect({ ...this.tlsOptions(), port, onread } as tls.ConnectionOptions)
       : net.connect({ host, port, onread });
+    this.attach(socket);
+    socket.write(request, 'latin1');
+  }
+
+  /** Bytes that arrived as a 'data' chunk: copied where onread would have read them. */
+  private receivedChunk(chunk: Buffer): void {
+    for (let at = 0; at < chunk.length && !this.closed; ) {
+      const into = this.nextBuffer();
+      const n = Math.min(into.length, chunk.length - at);
+      if (n === 0) return this.fail(new ProtocolError('no room for the bytes the server sent'));
+      into.set(chunk.subarray(at, at + n));
+      at += n;
+      this.received(n);
+    }
+  }
+
+  private onread() {
+    return { buffer: () => this.nextBuffer(), callback: (n: number) => this.received(n) };
+  }
+
+  private tlsOptions(): tls.ConnectionOptions {
+    const [host] = hostAndPort(this.origin);
+    // host: the name the certificate must carry (also through a tunnel, where the socket is the proxy's).
+    return { host, servername: net.isIP(host) ? undefined : host, ca: this.options.ca, ALPNProtocols: ['http/1.1'] };
+  }
+
+  private attach(socket: net.Socket): void {
     socket.setNoDelay(true);
     const lost = (e: Error) => {
       if (socket === this.socket) this.lost(e);
@@ -232,6 +266,52 @@ class Connection {
     socket.on('close', () => lost(Object.assign(new Error('the connection closed'), { code: 'ECONNRESET' })));
     this.socket = socket;
     socket.resume();
+  }
+
+  /**
+   * An https origin through an http proxy: CONNECT, read the proxy's answer, then TLS with
+   * the origin over the same socket. Until the tunnel stands, `socket` is the plain one (so
+   * a timeout or close destroys it) and the request waits.
+   */
+  private tunnel(proxy: Proxy, request: string): void {
+    const [host, port] = hostAndPort(proxy.url);
+    const plain = net.connect({ host, port });
+    plain.setNoDelay(true);
+    this.socket = plain;
+    const lost = (e: Error) => {
+      if (plain === this.socket) this.lost(e);
+    };
+    const closed = () => lost(Object.assign(new Error('the proxy closed the connection'), { code: 'ECONNRESET' }));
+    let answer = Buffer.alloc(0);
+    const onData = (data: Buffer) => {
+      answer = Buffer.concat([answer, data]);
+      const end = answer.indexOf(CRLF2);
+      if (end < 0) {
+        if (answer.length > HEAD_LIMIT) this.fail(new ProtocolError(`the proxy's answer to CONNECT is longer than ${HEAD_LIMIT / 1024} KiB`));
+        return;
+      }
+      plain.off('data', onData).off('error', lost).off('end', closed).off('close', closed);
+      try {
+        const { status } = parseResponseHead(answer.toString('latin1', 0, end));
+        if (status < 200 || status > 299) {
+          const reason = /^HTTP\/1\.[01] \d{3} ?([^\r\n]*)/.exec(answer.toString('latin1', 0, end))?.[1] ?? '';
+          throw new ProxyRefusedError(status, reason.slice(0, 80), proxy, this.origin);
+        }
+        // The origin speaks first only after our TLS hello: anything more is not a tunnel.
+        if (answer.length > end + 4) throw new ProtocolError('the proxy sent bytes after its answer to CONNECT');
+      } catch (e) {
+        this.fail(e as Error);
+        return;
+      }
+      // Node ignores onread for a TLS socket made over an existing one: its 'data' chunks
+      // are copied into the buffers onread would have offered.
+      const secure = tls.connect({ socket: plain, ...this.tlsOptions() });
+      secure.on('data', (chunk: Buffer) => this.receivedChunk(chunk));
+      this.attach(secure);
+      secure.write(request, 'latin1');
+    };
+    plain.on('data', onData).on('error', lost).on('end', closed).on('close', closed);
+    plain.write(connectRequest(this.origin, proxy), 'latin1');
   }
 
   /** Where the next socket read goes: the caller's buffer while a sized body comes in, else our own. */
@@ -460,10 +540,22 @@ function first(value: string | string[] | undefined): string | undefined {
 
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
-/** The request line and headers, refusing anything that could split the request. */
-export function requestHead(exchange: Pick<Exchange, 'method' | 'path' | 'headers'>, origin: URL): string {
+/** `[host, port]` to connect to for a URL (IPv6 brackets removed, default ports filled in). */
+function hostAndPort(u: URL): [string, number] {
+  return [u.hostname.replace(/^\[(.*)\]$/, '$1'), Number(u.port) || (u.protocol === 'https:' ? 443 : 80)];
+}
+
+/**
+ * The request line and headers, refusing anything that could split the request. Through
+ * a proxy, an http request names the whole URL (absolute form) and carries the proxy's
+ * credentials; an https one goes through a tunnel and looks as it would without one.
+ */
+export function requestHead(exchange: Pick<Exchange, 'method' | 'path' | 'headers'>, origin: URL, proxy?: Proxy): string {
   if (/[\s\x00-\x1f\x7f]/.test(exchange.path)) throw new ProtocolError('the request path holds white space or control characters');
-  let head = `${exchange.method} ${exchange.path || '/'} HTTP/1.1\r\nhost: ${origin.host}\r\n`;
+  const viaProxy = proxy !== undefined && origin.protocol === 'http:';
+  const target = viaProxy ? `${origin.protocol}//${origin.host}${exchange.path || '/'}` : exchange.path || '/';
+  let head = `${exchange.method} ${target} HTTP/1.1\r\nhost: ${origin.host}\r\n`;
+  if (viaProxy && proxy.authorization) head += `proxy-authorization: ${proxy.authorization}\r\n`;
   for (const [name, value] of Object.entries(exchange.headers)) {
     if (!TOKEN.test(name) || /[\r\n\x00]/.test(value)) throw new ProtocolError(`header '${name.slice(0, 40)}' holds characters a request cannot carry`);
     head += `${name}: ${value}\r\n`;

@@ -13,6 +13,7 @@ import { provider } from '../../core/registry';
 import { parseSize } from '../../core/size';
 import { HttpClient, type ObjectInfo } from './client';
 import { RangeReader } from './reader';
+import { NO_PROXY_OPTION, parseProxy } from './proxy';
 import { parseHeaderOption, redactUrl } from './url';
 
 const DEFAULTS = {
@@ -41,6 +42,8 @@ interface HttpSettings {
   headers: Record<string, string>;
   ca?: string;
   caPath?: string;
+  /** The proxy option, percent-decoded (a URL or `none`); unset: from the environment. */
+  proxy?: string;
 }
 
 /**
@@ -69,7 +72,7 @@ function positiveNumber(text: string, what: string, spec: string): number {
   kind: 'source',
   description: 'a read-only object on a web server or object store, read with range requests (http://…, https://…)',
   schemes: ['http', 'https'],
-  options: ['timeout', 'retries', 'connections', 'readahead', 'ca', 'header'],
+  options: ['timeout', 'retries', 'connections', 'readahead', 'ca', 'header', 'proxy'],
 })
 export class HttpProvider implements Provider {
   readonly name = 'http';
@@ -113,6 +116,7 @@ export class HttpProvider implements Provider {
       headers: this.settings.headers,
       ca: this.settings.ca,
       connections: this.settings.connections,
+      proxy: this.settings.proxy,
     });
   }
 
@@ -142,6 +146,17 @@ export class HttpProvider implements Provider {
       } catch (e) {
         throw new SpecError('EINVAL', `http: ${(e as Error).message} in spec '${spec}'`, true);
       }
+    }
+    if (options.proxy !== undefined) {
+      // Percent-encoded like header (a spec's option values hold no ':' or ',').
+      let proxy: string;
+      try {
+        proxy = decodeURIComponent(options.proxy);
+        if (proxy !== NO_PROXY_OPTION) parseProxy(proxy, 'option proxy');
+      } catch (e) {
+        throw new SpecError('EINVAL', `http: ${e instanceof URIError ? 'malformed percent-encoding in option proxy' : (e as Error).message} in spec '${spec}'`, true);
+      }
+      settings.proxy = proxy;
     }
     if (options.ca !== undefined) {
       try {
@@ -230,6 +245,8 @@ export class HttpProvider implements Provider {
     if (this.object.validator.lastModified) facts.lastModified = this.object.validator.lastModified;
     facts.validator = this.validator();
     if (this.object.server) facts.server = this.object.server;
+    const proxy = this.client.proxyOf(this.url);
+    if (proxy) facts.proxy = proxy;
     return facts;
   }
 

@@ -4,6 +4,11 @@
  * flush = fdatasync; FUA = fdatasync after the write; trim and zero punch holes
  * (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE; BLKDISCARD, BLKZEROOUT on devices);
  * extents from SEEK_DATA/SEEK_HOLE; a block device's size from BLKGETSIZE64.
+ *
+ * Reads and writes run on libuv's thread pool, except for a file in memory (tmpfs,
+ * ramfs; option `io`): there a read or write is a copy that never waits for a device,
+ * and the pool's hand-off (a thread woken per request, its completion posted back to the
+ * event loop) costs more than the copy itself, so they run on the event loop.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -17,6 +22,7 @@ import * as libc from '../../native/libc';
   name: 'raw',
   kind: 'source',
   description: 'a regular file or block device, byte for byte (raw:PATH, or a bare path)',
+  options: ['io'],
 })
 export class RawProvider implements Provider {
   readonly name = 'raw';
@@ -28,10 +34,16 @@ export class RawProvider implements Provider {
   /** Set when the file system refuses a fallocate mode, so later calls skip straight to the fallback. */
   private noPunchHole = false;
   private noZeroRange = false;
+  /** Reads and writes on the event loop (synchronous calls) rather than the thread pool. */
+  private syncIo = false;
 
   constructor(private readonly request: OpenRequest) {
     if (request.arg === '') throw new SpecError('EINVAL', `raw needs a path (raw:/path/to/disk) in spec '${request.spec}'`, true);
     this.location = path.resolve(request.arg);
+    const io = request.options.io ?? 'auto';
+    if (io !== 'auto' && io !== 'sync' && io !== 'threads') {
+      throw new SpecError('EINVAL', `raw: option io must be auto, sync or threads (got '${io}') in spec '${request.spec}'`, true);
+    }
   }
 
   async open(): Promise<void> {
@@ -63,6 +75,8 @@ export class RawProvider implements Provider {
       } else {
         this.size = stat.size;
       }
+      const io = this.request.options.io ?? 'auto';
+      this.syncIo = io === 'sync' || (io === 'auto' && !this.isBlockDevice && isInMemory(this.location));
     } catch (e) {
       await this.handle.close();
       throw e;
@@ -79,6 +93,7 @@ export class RawProvider implements Provider {
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.syncIo) return this.readNow(buf, offset);
     let done = 0;
     while (done < buf.length) {
       const bytesRead = await this.io(() => pread(this.handle.fd, buf, done, buf.length - done, offset + done), 'read', offset);
@@ -92,6 +107,11 @@ export class RawProvider implements Provider {
   }
 
   async write(buf: Uint8Array, offset: number, options: WriteOptions): Promise<void> {
+    if (this.syncIo) {
+      this.writeNow(buf, offset);
+      if (options.fua) await this.flush();
+      return;
+    }
     let done = 0;
     while (done < buf.length) {
       const bytesWritten = await this.io(() => pwrite(this.handle.fd, buf, done, buf.length - done, offset + done), 'write', offset);
@@ -199,8 +219,34 @@ export class RawProvider implements Provider {
     return stat.blocks * 512;
   }
 
+  /** read() for a file in memory: synchronous calls, no thread hand-off. */
+  private readNow(buf: Uint8Array, offset: number): void {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const bytesRead = fs.readSync(this.handle.fd, buf, done, buf.length - done, offset + done);
+        if (bytesRead === 0) {
+          buf.fill(0, done);
+          return;
+        }
+        done += bytesRead;
+      }
+    } catch (e) {
+      throw fromSystemError(e, `raw: read at ${offset} in ${this.location}`);
+    }
+  }
+
+  private writeNow(buf: Uint8Array, offset: number): void {
+    let done = 0;
+    try {
+      while (done < buf.length) done += fs.writeSync(this.handle.fd, buf, done, buf.length - done, offset + done);
+    } catch (e) {
+      throw fromSystemError(e, `raw: write at ${offset} in ${this.location}`);
+    }
+  }
+
   describe(): Record<string, unknown> {
-    return { path: this.location, type: this.isBlockDevice ? 'block device' : 'file' };
+    return { path: this.location, type: this.isBlockDevice ? 'block device' : 'file', io: this.syncIo ? 'sync' : 'threads' };
   }
 
   async close(): Promise<void> {
@@ -226,4 +272,17 @@ function pread(fd: number, buf: Uint8Array, at: number, length: number, position
 
 function pwrite(fd: number, buf: Uint8Array, at: number, length: number, position: number): Promise<number> {
   return new Promise((resolve, reject) => fs.write(fd, buf, at, length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+/** Whether `file` lives on a file system kept in memory (tmpfs, ramfs): its I/O never waits for a device. */
+function isInMemory(file: string): boolean {
+  try {
+    const type = Number(fs.statfsSync(file).type);
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+  } catch {
+    return false;
+  }
 }

@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { BlockError, CorruptImageError } from '../../core/errors';
 import { OpenRequest } from '../../core/open-request';
 import type { Capabilities, DiskInfo, Extent, Provider, WriteOptions, ZeroOptions } from '../../core/provider';
+import { forEachPiece } from '../../core/pieces';
 import { provider } from '../../core/registry';
 import { bitRuns, setBits, testBit } from './bitmap';
 import { BitmapCache } from './bitmap-cache';
@@ -603,16 +604,7 @@ export class VhdProvider implements Provider {
   }
 
   forEachBlock(offset: number, length: number, fn: (block: number, within: number, length: number, done: number) => void): void {
-    const bs = this.blockSize;
-    let done = 0;
-    while (done < length) {
-      const pos = offset + done;
-      const block = Math.floor(pos / bs);
-      const within = pos - block * bs;
-      const n = Math.min(bs - within, length - done);
-      fn(block, within, n, done);
-      done += n;
-    }
+    forEachPiece(offset, length, this.blockSize, fn);
   }
 }
 

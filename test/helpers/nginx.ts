@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { stopChild } from './run';
 
 export interface Nginx {
   /** `http://127.0.0.1:PORT` */
@@ -86,13 +87,7 @@ http {
       throw new Error(`${(e as Error).message} ${stderr}`);
     }
     const stop = async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        const exited = new Promise((r) => child.once('exit', r));
-        child.kill('SIGTERM');
-        const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-        await exited;
-        clearTimeout(timer);
-      }
+      await stopChild(child);
       fs.rmSync(prefix, { recursive: true, force: true });
     };
     return { base: `http://127.0.0.1:${port}`, port, root, stop };

@@ -5,7 +5,7 @@
  * the timers of every other test in the same file (a slow qemu-img once tripped other
  * tests' hang timers). Always bounded: past its timeout the program is killed with SIGKILL.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 
 /** The built CLI (`dist/core/cli/main.js`; this file is compiled to dist/test/helpers/). */
@@ -122,4 +122,14 @@ export async function must(command: string, args: readonly string[], options: Ru
 /** Runs the built tapkit CLI with this Node (never rejects; see run). */
 export function tapkit(args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
   return run(process.execPath, [CLI, ...args], options);
+}
+
+/** Stops a server the test started: SIGTERM, then SIGKILL after `graceMs`; resolves once it has exited. */
+export async function stopChild(child: ChildProcess, graceMs = 5000): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+  await exited;
+  clearTimeout(timer);
 }

@@ -71,7 +71,7 @@ test('Linux PV guests read and write through tapkit on backend/vbd, backend/qdis
     qdisk: readIf(path.join(dir, 'tapkit-qdisk-disk.vhd.log')),
     vbd3: readIf(path.join(dir, 'tapkit-vbd3.log')),
   };
-  for (const [way, log] of Object.entries(logs)) ok(t.regex(log, /connected: x86_64-abi, .*data by grant copy/, `${way}: tapkit's log:\n${log}`));
+  for (const [way, log] of Object.entries(logs)) ok(t.regex(log, new RegExp(`\\b${way} \\d+/\\d+: connected: x86_64-abi, .*data by grant copy`), `${way}: tapkit's log:\n${log}`));
   ok(t.regex(logs.qdisk, /qemu-stub for domain \d+ .*-xen-domid/, 'libxl started the stub with its QEMU arguments'));
   ok(t.regex(logs.qdisk, /qemu-stub for domain \d+: stopped/, 'the stub stopped with the domain'));
 

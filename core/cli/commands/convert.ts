@@ -1,13 +1,17 @@
-/** `tapkit convert SRC DST [-O raw] [--progress]`: copies any disk to a sparse raw file (or a block device). */
+/**
+ * `tapkit convert SRC DST [-O raw|vhd] [-o OPTIONS] [--progress]`: copies any disk to a
+ * sparse raw file (or a block device) or a new VHD (convert-targets.ts).
+ */
 import * as fs from 'node:fs';
 import type { Command } from 'commander';
 import { copyVbd } from '../../copy';
-import { BlockError, fromSystemError } from '../../errors';
+import { BlockError } from '../../errors';
 import type { Provider } from '../../provider';
 import { Opener } from '../../open';
 import { redactSpec } from '../../redact';
 import { Vbd } from '../../vbd';
-import { addOpenOptions, openerFor, UsageError, type OpenCliOptions } from '../context';
+import { addOpenOptions, collect, openerFor, UsageError, type OpenCliOptions } from '../context';
+import { checkDeviceTarget, creationOptions, outputFormat } from '../convert-targets';
 import { progressBar } from '../progress';
 
 export function register(program: Command): void {
@@ -15,35 +19,27 @@ export function register(program: Command): void {
     program
       .command('convert')
       .argument('<src>', 'the disk to copy (any spec)')
-      .argument('<dst>', 'the raw file to write (created or truncated), or a block device')
-      .description('copy a disk to a raw file, keeping it sparse'),
+      .argument('<dst>', 'the file to write (created or replaced), or a block device (raw only)')
+      .description('copy a disk to a raw file or a VHD, keeping it sparse'),
   )
-    .option('-O, --output-format <format>', 'output format', 'raw')
+    .option('-O, --output-format <format>', 'output format: raw, or vhd (vpc)', 'raw')
+    .option('-o, --options <key=value,...>', 'creation options of the output format: vhd takes subformat=dynamic|fixed, block_size=SIZE', collect, [])
     .option('--progress', 'show a progress bar on a terminal')
-    .action(async (src: string, dst: string, options: OpenCliOptions & { outputFormat: string; progress?: boolean }) => {
-      if (options.outputFormat !== 'raw') throw new UsageError(`unsupported output format '${options.outputFormat}' (supported: raw)`);
+    .action(async (src: string, dst: string, options: OpenCliOptions & { outputFormat: string; options: string[]; progress?: boolean }) => {
+      const format = outputFormat(options.outputFormat);
+      const created = creationOptions(options.outputFormat, options.options);
       const source = new Vbd(await openerFor({ ...options, readOnly: true }).open(src), { name: redactSpec(src) });
       try {
         const existing = statOrUndefined(dst);
         if (existing && readsFrom(source.top, existing)) {
           throw new UsageError(`${dst} is what ${src} reads from: refusing to overwrite the source`);
         }
-        if (existing?.isDirectory()) throw new BlockError('EISDIR', `${dst} is a directory (convert writes a raw file or a block device)`);
+        if (existing?.isDirectory()) throw new BlockError('EISDIR', `${dst} is a directory (convert writes a file or a block device)`);
         const targetIsDevice = !!existing?.isBlockDevice();
-        if (!targetIsDevice) {
-          // A fresh, truncated file reads as zeros everywhere: holes need no writes.
-          try {
-            const fd = fs.openSync(dst, 'w');
-            try {
-              fs.ftruncateSync(fd, source.info().size);
-            } finally {
-              fs.closeSync(fd);
-            }
-          } catch (e) {
-            throw fromSystemError(e, `cannot create ${dst}`);
-          }
-        }
-        const target = new Vbd(await new Opener({}).open(`raw:${dst}`), { name: dst });
+        if (targetIsDevice) checkDeviceTarget(options.outputFormat, dst);
+        // A fresh image reads as zeros everywhere: holes need no writes.
+        const targetSpec = targetIsDevice ? `raw:${dst}` : format.create(dst, source.info().size, created);
+        const target = new Vbd(await new Opener({}).open(targetSpec), { name: dst });
         try {
           if (target.info().size < source.info().size) {
             throw new UsageError(`${dst} holds ${target.info().size} bytes, less than the ${source.info().size} of ${src}`);

@@ -4,7 +4,9 @@ import { runDaemon } from '../../daemon/daemon';
 // Contributes the `snapshot` control operation (live VHD snapshots).
 import '../../daemon/snapshot';
 import '../../nbd/daemon-export'; // registers the nbd export kind
-import '../../fuse/daemon-export'; // registers the fuse export kind
+import { DAEMON_READERS } from '../../fuse/daemon-export'; // also registers the fuse export kind
+import { SPARE_THREADS } from '../../fuse/export';
+import { sizeThreadPool } from '../thread-pool';
 import { isLevel, Logger } from '../../daemon/log';
 import { UsageError } from '../context';
 import '../../ring/export'; // the `xen` export kind
@@ -13,10 +15,9 @@ import '../../ring/export'; // the `xen` export kind
 const DAEMON_THREADPOOL = 128;
 
 export function register(program: Command): void {
-  // Before the program's preAction hook (plugins loaded as ES modules start the pool),
-  // since the pool's size is fixed when it starts.
+  // Many mounts by default; an inherited pool too small for one mount is raised (thread-pool.ts).
   program.hook('preSubcommand', (_program, sub) => {
-    if (sub.name() === 'daemon') process.env.UV_THREADPOOL_SIZE ??= String(DAEMON_THREADPOOL);
+    if (sub.name() === 'daemon') sizeThreadPool({ minimum: DAEMON_READERS + SPARE_THREADS, preferred: DAEMON_THREADPOOL });
   });
   program
     .command('daemon')

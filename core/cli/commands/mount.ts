@@ -20,6 +20,7 @@ import { ServedMount } from '../../fuse/served';
 import { abortConnection, connectionOf, findMount, resolveMountpoint } from '../../fuse/mounts';
 import { MOUNT_EBUSY, umount2 } from '../../../native/mount';
 import type { NativeError } from '../../../native/libc';
+import { sizeThreadPool } from '../thread-pool';
 import { addOpenOptions, describeError, openerFor, UsageError, type OpenCliOptions } from '../context';
 
 interface MountCliOptions extends OpenCliOptions {
@@ -30,14 +31,11 @@ interface MountCliOptions extends OpenCliOptions {
 
 export function register(program: Command): void {
   // Each outstanding /dev/fuse read holds a thread-pool thread; leave room for the
-  // provider's own file I/O. Set before the program's preAction hook (plugins loaded as
-  // ES modules start the pool), since the pool's size is fixed when it starts. A smaller
-  // UV_THREADPOOL_SIZE inherited from the caller (an xl hotplug script inherits the
-  // toolstack's environment) is raised: the one mount could never be served with it.
+  // provider's own file I/O. An inherited smaller pool is raised (thread-pool.ts).
   program.hook('preSubcommand', (_program, sub) => {
     if (sub.name() !== 'mount') return;
     const needed = DEFAULT_READERS + 8;
-    if (!(Number(process.env.UV_THREADPOOL_SIZE) >= needed)) process.env.UV_THREADPOOL_SIZE = String(needed);
+    sizeThreadPool({ minimum: needed, preferred: needed });
   });
   addOpenOptions(
     program

@@ -17,6 +17,7 @@ const BACKLOG_LIMIT = 256 * 1024;
 class GuestConnection {
   domid?: number;
   private pending: Buffer = Buffer.alloc(0);
+  /** Ports raised while bytes were unsent, written together at the end of the stretch. */
   private readonly toSend = new Set<number>();
   private flushScheduled = false;
 
@@ -48,24 +49,36 @@ class GuestConnection {
     this.pending = this.pending.subarray(at);
   }
 
+  /**
+   * Written at once when nothing is waiting to be sent: a queue raises its channel when
+   * it publishes responses the frontend waits for, and the frontend should hear about
+   * them while the backend goes on with its next requests, not at the end of the
+   * backend's turn. While earlier bytes are still unsent (a guest slow to read), ports
+   * raised in the same synchronous stretch coalesce and go out in one write at its end.
+   */
   deliver(port: number): void {
     if (this.socket.destroyed) return;
+    if (this.socket.writableLength === 0 && !this.flushScheduled) {
+      this.send([port]);
+      return;
+    }
     this.toSend.add(port);
     if (this.flushScheduled) return;
     this.flushScheduled = true;
-    // Notifications raised in the same synchronous stretch (a publish of several queues)
-    // go out in one write, at its end: no extra turn of the event loop before the guest
-    // hears about its responses.
     queueMicrotask(() => {
       this.flushScheduled = false;
       if (this.socket.destroyed || this.toSend.size === 0) return;
-      const out = Buffer.alloc(4 * this.toSend.size);
-      let i = 0;
-      for (const p of this.toSend) out.writeUInt32LE(p, 4 * i++);
+      const ports = [...this.toSend];
       this.toSend.clear();
-      this.socket.write(out);
-      if (this.socket.writableLength > BACKLOG_LIMIT) this.socket.destroy();
+      this.send(ports);
     });
+  }
+
+  private send(ports: number[]): void {
+    const out = Buffer.allocUnsafe(4 * ports.length);
+    ports.forEach((p, i) => out.writeUInt32LE(p, 4 * i));
+    this.socket.write(out);
+    if (this.socket.writableLength > BACKLOG_LIMIT) this.socket.destroy();
   }
 }
 
