@@ -87,8 +87,18 @@ export interface Provider {
    * summing to `length`. The caller only reads them. A view held after the call (a socket
    * still sending it) shows what later writes put there: use it only where a read concurrent
    * with those writes may return any mix of old and new bytes (an NBD reply not yet sent).
+   * A provider that holds only part of the disk in memory (a readahead window) may answer
+   * later (a promise) or not at all (undefined): the caller then reads the range with `read`.
    */
-  readViews?(offset: number, length: number): Uint8Array[];
+  readViews?(offset: number, length: number): Uint8Array[] | undefined | Promise<Uint8Array[] | undefined>;
+  /**
+   * Optional: the caller is done with views readViews lent (a socket has written them), so
+   * a provider that reuses its memory may reuse theirs. Callers need not call it: views
+   * never given back are left to the garbage collector, so a provider must not reuse memory
+   * it lent before it gets it back. Each lend is given back at most once; views the
+   * provider did not lend are ignored.
+   */
+  returnViews?(views: readonly Uint8Array[]): void;
   write?(buf: Uint8Array, offset: number, options: WriteOptions): Promise<void>;
   flush?(): Promise<void>;
   trim?(offset: number, length: number, options: WriteOptions): Promise<void>;

@@ -120,21 +120,30 @@ export class Vbd {
 
   /**
    * A zero-copy read: the bytes at [offset, offset+length) as views of the provider's
-   * memory, with the caveat of Provider.readViews. A provider without it (swapped in by a
-   * snapshot meanwhile) is read into a fresh buffer instead.
+   * memory, with the caveat of Provider.readViews. Where the provider lends nothing (it has
+   * no readViews, e.g. swapped in by a snapshot meanwhile, or not for this range), the
+   * range is read into `into()` (`length` bytes, e.g. a pooled buffer), or a fresh buffer.
    */
-  readViews(offset: number, length: number): Promise<Uint8Array[]> {
+  readViews(offset: number, length: number, into?: () => Uint8Array): Promise<Uint8Array[]> {
     return this.run('read', length, () => {
       this.checkRange(offset, length, 'EINVAL');
       if (length === 0) return [];
       return this.call(async () => {
         const provider = this.provider;
-        if (provider.readViews) return provider.readViews(offset, length);
-        const buf = new Uint8Array(length);
+        // Not awaited when the answer is already there (a declined random read stays cheap).
+        const answer = provider.readViews?.(offset, length);
+        const lent = answer instanceof Promise ? await answer : answer;
+        if (lent) return lent;
+        const buf = into?.() ?? new Uint8Array(length);
         await provider.read(buf, offset);
         return [buf];
       });
     });
+  }
+
+  /** Gives views from readViews back once nothing uses them (Provider.returnViews). */
+  returnViews(views: readonly Uint8Array[]): void {
+    this.provider.returnViews?.(views);
   }
 
   write(buf: Uint8Array, offset: number, options: WriteOptions = {}): Promise<void> {

@@ -156,6 +156,32 @@ test('an object replaced while open is EIO naming the URL, for every later read'
   t.regex(again!.message, /changed/);
 });
 
+test('through lent readahead views (the NBD path), an object replaced while open is EIO too, for every later read', async (t) => {
+  const big = crypto.randomBytes(8 << 20);
+  const server = await serve(t, big);
+  server.put('/big.img', big);
+  // A 1 MiB window in 256 KiB requests.
+  const vbd = new Vbd(await open(t, `http,readahead=1M:${server.base}/big.img`));
+  const views = async (offset: number, length: number) => Buffer.concat(await vbd.readViews(offset, length));
+  let offset = 0;
+  for (; offset < 2 << 20; offset += 64 << 10) t.deepEqual(await views(offset, 64 << 10), big.subarray(offset, offset + (64 << 10)));
+  const ranges = server.log.filter((r) => r.method === 'GET' && r.path === '/big.img').length;
+  t.true(ranges < 16, `${ranges} GETs for 32 sequential 64 KiB reads (readahead)`);
+  server.put('/big.img', crypto.randomBytes(big.length));
+  // Reading on reaches chunks fetched after the change: refused, never the new bytes.
+  const e = await t.throwsAsync<BlockError>(async () => {
+    for (; offset < big.length; offset += 64 << 10) {
+      const got = await views(offset, 64 << 10);
+      if (!got.equals(big.subarray(offset, offset + (64 << 10)))) throw new Error(`new bytes at ${offset}`);
+    }
+  });
+  t.is(e!.code, 'EIO');
+  t.true(isSourceChanged(e), e!.message);
+  // Every later read fails, even of ranges read (or read ahead) before the change.
+  await t.throwsAsync(views(0, 64 << 10), { message: /changed/ });
+  await t.throwsAsync(views(offset - (64 << 10), 64 << 10), { message: /changed/ });
+});
+
 test('the cache filter serves no stale block once the source reported a change', async (t) => {
   const server = await serve(t, data);
   const p = await open(t, `cache,size=1M,block=64K:http,readahead=0:${server.base}/disk.img`);

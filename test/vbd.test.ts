@@ -400,3 +400,31 @@ test('readViews reads into a fresh buffer when the provider lends nothing', asyn
   t.is(views[0][2000], 5);
   await t.throwsAsync(vbd.readViews(1 << 20, 1), { code: 'EINVAL' });
 });
+
+test('readViews: a provider that lends only some ranges has the rest read into the caller\'s buffer; views go back to it', async (t) => {
+  const p = new Recorder();
+  p.data.fill(7, 0, 8192);
+  const lentViews = [p.data.subarray(0, 4096)];
+  const returned: Array<readonly Uint8Array[]> = [];
+  // Lends its first 4 KiB (after a turn of the event loop), nothing else.
+  Object.assign(p, {
+    readViews: async (offset: number, length: number) => (offset === 0 && length === 4096 ? lentViews : undefined),
+    returnViews: (views: readonly Uint8Array[]) => returned.push(views),
+  });
+  const vbd = new Vbd(p);
+  t.true(vbd.lendsReads);
+  let given = 0;
+  const into = () => {
+    given++;
+    return new Uint8Array(4096);
+  };
+  t.is(await vbd.readViews(0, 4096, into), lentViews);
+  t.is(given, 0, 'a lent range needs no buffer of the caller');
+  const read = await vbd.readViews(4096, 4096, into);
+  t.is(given, 1);
+  t.is(read.length, 1);
+  t.is(read[0][0], 7);
+  t.is(p.calls.filter((c) => c.op === 'read').length, 1, 'the declined range was read with read()');
+  vbd.returnViews(lentViews);
+  t.deepEqual(returned, [lentViews]);
+});

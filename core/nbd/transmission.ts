@@ -86,6 +86,8 @@ interface DataReply {
   views: Uint8Array[];
   /** `first` came from the buffer pool and goes back once written. */
   pooled: boolean;
+  /** `views` were lent by the VBD and are given back once written. */
+  lent?: boolean;
 }
 
 interface Request {
@@ -451,14 +453,17 @@ export class Transmission {
 
   /**
    * `length` bytes at `offset` behind `header` bytes of room for a reply header. A VBD
-   * that lends its memory gives views sent as they are (no copy); otherwise the data is
-   * read into one pooled buffer right after the header, so header and data leave as one.
+   * that lends its memory gives views sent as they are (no copy); otherwise (or where it
+   * lends nothing for this range) the data is read into one pooled buffer right after the
+   * header, so header and data leave as one.
    */
   private async readData(offset: number, length: number, header: number): Promise<DataReply> {
     const vbd = this.negotiated.export.vbd;
     if (vbd.lendsReads && length > 0) {
-      const views = await vbd.readViews(offset, length);
-      return { first: Buffer.allocUnsafe(header), views, pooled: false };
+      let pooled: Buffer | undefined;
+      const views = await vbd.readViews(offset, length, () => (pooled = this.buffers.take(header + length)).subarray(header));
+      if (pooled) return { first: pooled, views: [], pooled: true };
+      return { first: Buffer.allocUnsafe(header), views, pooled: false, lent: true };
     }
     const buf = this.buffers.take(header + length);
     if (length > 0) await vbd.read(buf.subarray(header), offset);
@@ -470,7 +475,11 @@ export class Transmission {
     const { first } = reply;
     if (reply.pooled) this.out.send(first, () => this.buffers.give(first));
     else this.out.send(first);
-    for (const view of reply.views) this.out.send(view);
+    const { views } = reply;
+    const last = views.length - 1;
+    for (let i = 0; i < last; i++) this.out.send(views[i]);
+    // Written in order: once the last view is written, all of them are.
+    if (last >= 0) this.out.send(views[last], reply.lent ? () => this.negotiated.export.vbd.returnViews(views) : undefined);
   }
 
   /**

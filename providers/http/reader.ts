@@ -2,13 +2,22 @@
  * Turns the reads a disk receives into range requests:
  *  - at most `maxInFlight` requests at once; reads waiting for a slot that touch end to
  *    end are merged into one request (up to `maxRequest` bytes);
- *  - a run of small sequential reads starts readahead: the next `readahead` bytes are
- *    fetched in chunks before they are asked for, and reads inside fetched chunks are
- *    copied from them (reads of half a chunk or more go straight to the server).
+ *  - a run of sequential reads starts readahead: the next `readahead` bytes are fetched in
+ *    chunks of `chunkSize` before they are asked for. `lend` hands out views of those
+ *    chunks (no copy: the NBD server sends them as they are); `read` copies from them for
+ *    small reads, while its reads of half a chunk or more go straight to the server
+ *    (readahead would only add a copy).
  * A merged request fills its readers' buffers straight, one after the other (no scratch
  * buffer, no copy). Reads the disk was asked for go before readahead chunks waiting for a
  * slot: a guest never waits behind a guess. It knows nothing of HTTP: `fetch(targets,
  * offset)` fills buffers.
+ *
+ * Chunk buffers are reused (a fresh buffer of megabytes per chunk cost more in garbage
+ * collection than the whole HTTP exchange). A buffer goes back to the spare list only when
+ * all of these hold: its chunk left the readahead window, its request settled (nothing
+ * writes into it any more), and every view of it that was lent has been given back
+ * (`giveBack`) and every copy out of it is done. Views never given back keep their buffer
+ * out of reuse; the garbage collector takes it once nothing holds them.
  */
 
 /** Fills `targets`, one after the other, with the bytes from `offset` on. */
@@ -21,6 +30,8 @@ export interface ReaderOptions {
   maxRequest: number;
   /** Bytes fetched ahead of a sequential reader (0: no readahead). */
   readahead: number;
+  /** Bytes per readahead request (default 1 MiB; at most `readahead`). */
+  chunkSize?: number;
 }
 
 interface Job {
@@ -36,10 +47,20 @@ interface Chunk {
   index: number;
   buf: Uint8Array;
   ready: Promise<void>;
+  /** Its request finished, well or not: nothing writes into `buf` any more. */
+  settled: boolean;
+  /** No longer in the readahead window. */
+  dropped: boolean;
+  /** Lent views not given back yet, and copies running out of it. */
+  pins: number;
+  /** Its buffer went back to the spare list (it may belong to another chunk now). */
+  recycled: boolean;
 }
 
 /** Sequential reads in a row before readahead starts. */
 const SEQUENTIAL_RUN = 2;
+/** Spare chunk buffers kept for reuse, beyond the window. */
+const SPARE_CHUNKS = 4;
 
 export class RangeReader {
   /** Reads asked for, waiting for a slot (served first). */
@@ -50,6 +71,10 @@ export class RangeReader {
   private pumpScheduled = false;
   private readonly chunkSize: number;
   private readonly chunks = new Map<number, Chunk>();
+  /** The chunk behind each buffer that was lent, to recognise views given back. */
+  private readonly lentFrom = new WeakMap<ArrayBufferLike, Chunk>();
+  private readonly spare: Uint8Array[] = [];
+  private lastStart = -1;
   private lastEnd = -1;
   private sequentialRun = 0;
 
@@ -57,30 +82,67 @@ export class RangeReader {
     private readonly fetch: FetchRange,
     private readonly options: ReaderOptions,
   ) {
-    this.chunkSize = Math.max(4096, Math.min(options.readahead || 1, 1 << 20));
+    this.chunkSize = Math.max(4096, Math.min(options.readahead || 1, options.chunkSize ?? 1 << 20));
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
     const end = offset + buf.length;
     if (this.options.readahead > 0) {
-      const sequential = this.lastEnd >= 0 && offset >= this.lastEnd - this.chunkSize && offset <= this.lastEnd + this.chunkSize;
-      this.sequentialRun = sequential ? this.sequentialRun + 1 : 0;
-      this.lastEnd = end;
       // Large reads are already efficient requests: readahead would only add a copy.
-      if (this.sequentialRun >= SEQUENTIAL_RUN && buf.length < this.chunkSize / 2) {
-        this.dropChunksBefore(offset - this.chunkSize);
-        this.ensureChunks(offset, Math.min(this.options.size, end + this.options.readahead));
-      }
+      if (this.followsOn(offset, end) && buf.length < this.chunkSize / 2) this.readAhead(offset, end);
       if (this.coveredByChunks(offset, end)) return this.copyFromChunks(buf, offset);
     }
     return this.enqueue(buf, offset);
   }
 
+  /**
+   * Views of readahead chunks holding [offset, offset+length), when a sequential reader's
+   * window covers it (starting or moving the window as `read` does, for reads of any size:
+   * a lent view costs no copy); undefined otherwise (then `read` it: the same range asked
+   * right after is not counted twice). Give the views back with `giveBack` once done.
+   */
+  lend(offset: number, length: number): Promise<Uint8Array[]> | undefined {
+    const end = offset + length;
+    if (this.options.readahead <= 0 || length === 0) return undefined;
+    if (this.followsOn(offset, end)) this.readAhead(offset, end);
+    if (!this.coveredByChunks(offset, end)) return undefined;
+    const needed = this.pin(offset, end);
+    return this.viewsOf(needed, offset, end).catch((e) => {
+      for (const chunk of needed) this.unpin(chunk);
+      throw e;
+    });
+  }
+
+  /** Views from `lend` that are no longer used; views this reader did not lend are ignored. */
+  giveBack(views: readonly Uint8Array[]): void {
+    for (const view of views) {
+      const chunk = this.lentFrom.get(view.buffer);
+      if (chunk && chunk.pins > 0 && !chunk.recycled) this.unpin(chunk);
+    }
+  }
+
   /** Forgets readahead (the object changed, or the disk closes). */
   reset(): void {
+    for (const chunk of this.chunks.values()) this.drop(chunk);
     this.chunks.clear();
     this.sequentialRun = 0;
+    this.lastStart = -1;
     this.lastEnd = -1;
+  }
+
+  /** Records a read; true once it continues a run of sequential reads long enough to read ahead. */
+  private followsOn(offset: number, end: number): boolean {
+    if (offset === this.lastStart && end === this.lastEnd) return this.sequentialRun >= SEQUENTIAL_RUN;
+    const sequential = this.lastEnd >= 0 && offset >= this.lastEnd - this.chunkSize && offset <= this.lastEnd + this.chunkSize;
+    this.sequentialRun = sequential ? this.sequentialRun + 1 : 0;
+    this.lastStart = offset;
+    this.lastEnd = end;
+    return this.sequentialRun >= SEQUENTIAL_RUN;
+  }
+
+  private readAhead(offset: number, end: number): void {
+    this.dropChunksBefore(offset - this.chunkSize);
+    this.ensureChunks(offset, Math.min(this.options.size, end + this.options.readahead));
   }
 
   private enqueue(target: Uint8Array, offset: number, alone = false): Promise<void> {
@@ -151,25 +213,36 @@ export class RangeReader {
     for (let index = first; index <= last; index++) {
       if (this.chunks.has(index)) continue;
       const offset = index * this.chunkSize;
-      const buf = Buffer.allocUnsafe(Math.min(this.chunkSize, this.options.size - offset));
-      const chunk: Chunk = { index, buf, ready: this.enqueue(buf, offset, true) };
-      // A failed chunk is forgotten; the read that needed it reports the error.
-      chunk.ready.catch(() => {
-        if (this.chunks.get(index) === chunk) this.chunks.delete(index);
-      });
+      const buf = this.bufferFor(Math.min(this.chunkSize, this.options.size - offset));
+      const chunk: Chunk = { index, buf, ready: this.enqueue(buf, offset, true), settled: false, dropped: false, pins: 0, recycled: false };
+      chunk.ready.then(
+        () => this.settle(chunk),
+        () => {
+          // A failed chunk is forgotten; the read that needed it reports the error.
+          if (this.chunks.get(index) === chunk) this.chunks.delete(index);
+          this.drop(chunk);
+          this.settle(chunk);
+        },
+      );
       this.chunks.set(index, chunk);
     }
   }
 
   private dropChunksBefore(offset: number): void {
-    for (const index of this.chunks.keys()) {
-      if ((index + 1) * this.chunkSize <= offset) this.chunks.delete(index);
+    for (const [index, chunk] of this.chunks) {
+      if ((index + 1) * this.chunkSize <= offset) {
+        this.chunks.delete(index);
+        this.drop(chunk);
+      }
     }
     // Bounded memory even when a reader jumps around inside the window.
     const limit = Math.ceil(this.options.readahead / this.chunkSize) * 2 + 2;
     if (this.chunks.size > limit) {
       const sorted = [...this.chunks.keys()].sort((a, b) => a - b);
-      for (const index of sorted.slice(0, this.chunks.size - limit)) this.chunks.delete(index);
+      for (const index of sorted.slice(0, this.chunks.size - limit)) {
+        this.drop(this.chunks.get(index)!);
+        this.chunks.delete(index);
+      }
     }
   }
 
@@ -181,15 +254,70 @@ export class RangeReader {
   }
 
   private async copyFromChunks(buf: Uint8Array, offset: number): Promise<void> {
-    const end = offset + buf.length;
+    const needed = this.pin(offset, offset + buf.length);
+    try {
+      let at = 0;
+      for (const view of await this.viewsOf(needed, offset, offset + buf.length)) {
+        buf.set(view, at);
+        at += view.length;
+      }
+    } finally {
+      for (const chunk of needed) this.unpin(chunk);
+    }
+  }
+
+  /** The window's chunks holding [offset, end), pinned: none is reused until unpinned. */
+  private pin(offset: number, end: number): Chunk[] {
     const needed: Chunk[] = [];
-    for (let index = Math.floor(offset / this.chunkSize); index * this.chunkSize < end; index++) needed.push(this.chunks.get(index)!);
+    for (let index = Math.floor(offset / this.chunkSize); index * this.chunkSize < end; index++) {
+      const chunk = this.chunks.get(index)!;
+      chunk.pins++;
+      needed.push(chunk);
+    }
+    return needed;
+  }
+
+  /** The bytes of [offset, end) in `needed` (pinned chunks, in order), once fetched. */
+  private async viewsOf(needed: Chunk[], offset: number, end: number): Promise<Uint8Array[]> {
+    const views: Uint8Array[] = [];
     for (const chunk of needed) {
       await chunk.ready;
       const chunkStart = chunk.index * this.chunkSize;
       const from = Math.max(offset, chunkStart);
       const to = Math.min(end, chunkStart + chunk.buf.length);
-      buf.set(chunk.buf.subarray(from - chunkStart, to - chunkStart), from - offset);
+      views.push(chunk.buf.subarray(from - chunkStart, to - chunkStart));
+      this.lentFrom.set(chunk.buf.buffer, chunk);
     }
+    return views;
+  }
+
+  // ---- chunk buffers: reused only once nothing can see or write them --------------------
+
+  private bufferFor(size: number): Uint8Array {
+    if (size === this.chunkSize && this.spare.length > 0) return this.spare.pop()!;
+    // Its own memory (never a slice of a shared pool): views of it are recognised by it.
+    return Buffer.allocUnsafeSlow(size);
+  }
+
+  private drop(chunk: Chunk): void {
+    chunk.dropped = true;
+    this.recycle(chunk);
+  }
+
+  private settle(chunk: Chunk): void {
+    chunk.settled = true;
+    this.recycle(chunk);
+  }
+
+  private unpin(chunk: Chunk): void {
+    chunk.pins--;
+    this.recycle(chunk);
+  }
+
+  private recycle(chunk: Chunk): void {
+    if (chunk.recycled || !chunk.dropped || !chunk.settled || chunk.pins > 0) return;
+    chunk.recycled = true;
+    if (this.lentFrom.get(chunk.buf.buffer) === chunk) this.lentFrom.delete(chunk.buf.buffer);
+    if (chunk.buf.length === this.chunkSize && this.spare.length < SPARE_CHUNKS) this.spare.push(chunk.buf);
   }
 }
