@@ -42,11 +42,11 @@ int main(void) {
   printf("source_gref %d\\ndest_gref %d\\n", GNTCOPY_source_gref, GNTCOPY_dest_gref);
   seg_t in, out;
   memset(&in, 0, sizeof in); memset(&out, 0, sizeof out);
-  /* From grant 0x12345678 at offset 512 of domain 7 into local memory at 0x1122334455667788. */
+  /* From grant 0x12345678 at offset 512 of domain 7 into local memory at 0x7f1122334455. */
   in.source.foreign.ref = 0x12345678; in.source.foreign.offset = 512; in.source.foreign.domid = 7;
-  in.dest.virt = (void *)0x1122334455667788ULL; in.len = 1024; in.flags = GNTCOPY_source_gref;
+  in.dest.virt = (void *)0x7f1122334455ULL; in.len = 1024; in.flags = GNTCOPY_source_gref;
   /* From local memory to grant 9 at offset 3584 of domain 7. */
-  out.source.virt = (void *)0x1122334455667788ULL;
+  out.source.virt = (void *)0x7f1122334455ULL;
   out.dest.foreign.ref = 9; out.dest.foreign.offset = 3584; out.dest.foreign.domid = 7;
   out.len = 512; out.flags = GNTCOPY_dest_gref;
   dump(&in); dump(&out);
@@ -74,12 +74,12 @@ test('the grant copy segment table matches xengnttab.h (layout and encoded bytes
       { local, ref: 0x12345678, offset: 512, direction: 'in' },
       { local: local.subarray(0, 512), ref: 9, offset: 3584, direction: 'out' },
     ],
-    (buf, at) => buf.writeBigUInt64LE(0x1122334455667788n, at),
+    () => 0x7f1122334455,
   );
   const [cIn, cOut] = lines.filter((l) => /^[0-9a-f]+$/.test(l));
   t.is(table.subarray(0, 24).toString('hex'), cIn);
   t.is(table.subarray(24, 48).toString('hex'), cOut);
-  t.throws(() => encodeCopySegments(7, [{ local: Buffer.alloc(1024), ref: 1, offset: 3584, direction: 'in' }], () => undefined), { message: /crosses a page/ });
+  t.throws(() => encodeCopySegments(7, [{ local: Buffer.alloc(1024), ref: 1, offset: 3584, direction: 'in' }], () => 0), { message: /crosses a page/ });
 });
 
 /** A guest of `pages` pages whose grant r is page r (a stand-in for a domain, to test the mapper's logic). */

@@ -31,6 +31,9 @@ export interface GrantCopier {
   copy(domid: number, pieces: CopyPiece[]): number[];
 }
 
+/** At most this much of released bounce buffers is kept for reuse, per connection. */
+const SPARE_BYTES = 8 * 1024 * 1024;
+
 /** The copy call failed as a whole (no grant copy here): fall back to mapping. */
 export class CopyUnavailable extends Error {}
 
@@ -70,7 +73,7 @@ export class CopyingGrantMapper implements GrantMapper {
 
   mapPages(refs: number[], writable: boolean, spans?: PageSpan[]): PageMapping {
     if (this.fallback) return this.mapper.mapPages(refs, writable, spans);
-    const bounce = Buffer.allocUnsafe(refs.length * PAGE);
+    const bounce = this.takeBounce(refs.length);
     const pages = refs.map((_, i) => bounce.subarray(i * PAGE, (i + 1) * PAGE));
     const pieces = (direction: 'in' | 'out'): CopyPiece[] =>
       refs.map((ref, i) => {
@@ -80,17 +83,54 @@ export class CopyingGrantMapper implements GrantMapper {
         if (offset < 0 || end <= offset || end > PAGE) throw new GrantError(`segment ${i} spans bytes ${offset}..${end}, outside a page`);
         return { local: pages[i].subarray(offset, end), ref, offset, direction };
       });
-    if (!writable && !this.run(pieces('in'))) return this.mapper.mapPages(refs, writable, spans);
+    if (!writable) {
+      let copied = false;
+      try {
+        copied = this.run(pieces('in'));
+      } finally {
+        if (!copied) this.giveBounce(bounce);
+      }
+      if (!copied) return this.mapper.mapPages(refs, writable, spans);
+    }
     let released = false;
     return {
       pages,
       release: (completed = true) => {
-        if (released || !writable || !completed) return;
+        if (released) return;
         released = true;
-        const out = pieces('out');
-        if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
+        try {
+          if (!writable || !completed) return;
+          const out = pieces('out');
+          if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
+        } finally {
+          this.giveBounce(bounce);
+        }
       },
     };
+  }
+
+  /**
+   * Bounce buffers of released requests are kept (up to SPARE_BYTES a connection) and
+   * reused by later requests of the same size: a fresh 128 KiB buffer per request kept
+   * the garbage collector busy. They only ever hold this connection's guest's data.
+   */
+  private readonly spare = new Map<number, Buffer[]>();
+  private spareBytes = 0;
+
+  private takeBounce(pages: number): Buffer {
+    const bounce = this.spare.get(pages)?.pop();
+    if (!bounce) return Buffer.allocUnsafe(pages * PAGE);
+    this.spareBytes -= bounce.length;
+    return bounce;
+  }
+
+  private giveBounce(bounce: Buffer): void {
+    if (this.spareBytes + bounce.length > SPARE_BYTES) return;
+    const pages = bounce.length / PAGE;
+    let list = this.spare.get(pages);
+    if (!list) this.spare.set(pages, (list = []));
+    list.push(bounce);
+    this.spareBytes += bounce.length;
   }
 
   /** READ data already in the bounce buffer, written to the guest through a mapping. */
@@ -104,6 +144,8 @@ export class CopyingGrantMapper implements GrantMapper {
   }
 
   close(): void {
+    this.spare.clear();
+    this.spareBytes = 0;
     this.mapper.close();
   }
 }
