@@ -158,6 +158,32 @@ test('the copying mapper moves only the segments\' sectors, skips failed READs, 
   t.is(mapped.pages[0].buffer, guest.memory.buffer, 'from now on the pages are mapped');
 });
 
+test('the copying mapper reuses a released bounce buffer, never one in use, and keeps none after a refused copy', (t) => {
+  const guest = new PagesGuest(4);
+  const mapper = new CopyingGrantMapper(guest, { copy: (d, pieces) => guest.copy(d, pieces) }, 3);
+  const a = mapper.mapPages([0, 1], true);
+  const b = mapper.mapPages([2, 3], true);
+  t.not(a.pages[0].buffer, b.pages[0].buffer, 'two requests in flight: two buffers');
+  a.pages[0].fill(0x61);
+  a.release(true);
+  const c = mapper.mapPages([1, 0], false);
+  t.is(c.pages[0].buffer, a.pages[0].buffer, 'the released buffer of the same size is reused');
+  t.not(c.pages[0].buffer, b.pages[0].buffer);
+  // Released twice (idempotent): handed out once only.
+  c.release();
+  c.release();
+  const d = mapper.mapPages([0, 1], true);
+  const e = mapper.mapPages([2, 3], true);
+  t.not(d.pages[0].buffer, e.pages[0].buffer);
+  // A refused copy-in: the request fails, its buffer goes back and is handed out again.
+  const before = d.pages[0].buffer;
+  d.release(false);
+  t.throws(() => mapper.mapPages([9, 0], false), { instanceOf: GrantError });
+  const f = mapper.mapPages([0, 1], false);
+  t.is(f.pages[0].buffer, before);
+  t.deepEqual([...f.pages[0].subarray(0, 4)], [0x61, 0x61, 0x61, 0x61], 'and holds the data copied in for its own request');
+});
+
 test.serial('xen serve --grant-access copy on the sim: the C frontend reads and writes, indirect and refused grants', async (t) => {
   const dir = fileTempDir('tapkit-xen-copy-');
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
