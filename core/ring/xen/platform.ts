@@ -17,6 +17,7 @@ import { XsHandle } from '../../../native/xenstore';
 import { PAGE } from '../abi';
 import type { GrantAccess } from '../platforms';
 import { CopyingGrantMapper, CopyUnavailable, type CopyPiece } from '../grant-copy';
+import { PersistentGrantMapper } from '../persistent-grants';
 import { GrantError, type EventChannel, type EventChannels, type GrantMapper, type PageMapping, type Platform, type RingMapping, type TxId, type Watch, type XenStore } from '../platform';
 
 /**
@@ -221,8 +222,12 @@ export class XenPlatform implements Platform {
   readonly name = 'xen';
   readonly store: XenStore;
   readonly events: XenEventChannels;
-  /** What this platform does for request data: 'copy' or 'map', and why when not asked. */
-  readonly grantAccess: { mode: 'copy' | 'map'; reason?: string };
+  /**
+   * What this platform does for request data: 'copy' or 'map', and why when not asked;
+   * `keepPersistent`: grants of frontends that use persistent grants are kept mapped
+   * (persistent-grants.ts) unless grant copy was asked for (`--grant-access copy`).
+   */
+  readonly grantAccess: { mode: 'copy' | 'map'; reason?: string; keepPersistent: boolean };
   private readonly xs: XsHandle;
   private readonly gnttab: GntTab;
   readonly counts: XenCallCounts = { grantCopies: 0, grantCopySegments: 0, grantMaps: 0, grantUnmaps: 0, notifies: 0, pendings: 0, unmasks: 0 };
@@ -244,36 +249,43 @@ export class XenPlatform implements Platform {
     this.store = new XenStoreOverLibxenstore(this.xs);
     this.log = options.log;
     const wanted = options.grants ?? 'auto';
-    if (wanted === 'map') this.grantAccess = { mode: 'map' };
+    const keepPersistent = wanted !== 'copy';
+    if (wanted === 'map') this.grantAccess = { mode: 'map', keepPersistent };
     else {
       const probe = this.gnttab.probeCopy();
-      if (probe.ok) this.grantAccess = { mode: 'copy' };
+      if (probe.ok) this.grantAccess = { mode: 'copy', keepPersistent };
       else if (wanted === 'copy') {
         void this.close();
         throw new Error(`grant copy is not available here (${probe.reason}); use --grant-access map`);
-      } else this.grantAccess = { mode: 'map', reason: probe.reason };
+      } else this.grantAccess = { mode: 'map', reason: probe.reason, keepPersistent };
     }
   }
 
   private readonly log?: (message: string) => void;
 
-  grantsFor(domid: number): GrantMapper {
+  /**
+   * A connection's grant access: per request by grant copy or mapping; with persistent
+   * grants (and not `--grant-access copy`) the grants kept mapped, per request only what
+   * cannot be kept.
+   */
+  grantsFor(domid: number, options: { persistent: boolean } = { persistent: false }): GrantMapper {
     const mapper = new XenGrantMapper(this.gnttab, domid, this.counts);
-    if (this.grantAccess.mode === 'map') return mapper;
-    const copier = {
-      copy: (d: number, pieces: CopyPiece[]) => {
-        trace(`copy ${d} ${pieces.length} piece(s)`);
-        this.counts.grantCopies++;
-        this.counts.grantCopySegments += pieces.length;
-        try {
-          return this.gnttab.copy(d, pieces);
-        } catch (e) {
-          throw new CopyUnavailable((e as Error).message);
-        }
-      },
-    };
-    return new CopyingGrantMapper(mapper, copier, domid, this.log);
+    const perRequest = this.grantAccess.mode === 'map' ? mapper : new CopyingGrantMapper(mapper, this.copier, domid, this.log);
+    return options.persistent && this.grantAccess.keepPersistent ? new PersistentGrantMapper(mapper, perRequest) : perRequest;
   }
+
+  private readonly copier = {
+    copy: (d: number, pieces: CopyPiece[]) => {
+      trace(`copy ${d} ${pieces.length} piece(s)`);
+      this.counts.grantCopies++;
+      this.counts.grantCopySegments += pieces.length;
+      try {
+        return this.gnttab.copy(d, pieces);
+      } catch (e) {
+        throw new CopyUnavailable((e as Error).message);
+      }
+    },
+  };
 
   async close(): Promise<void> {
     const c = this.counts;
