@@ -15,7 +15,10 @@
 #   XENLAB_PROFILE=1   tapkit runs under `node --cpu-prof`; the .cpuprofile is kept
 #   XENLAB_STRACE=1    tapkit runs under `strace -c -f` (the host's strace, copied into the
 #                      run); the syscall summary is kept
-#   XENLAB_GRANTS=map  tapkit maps grants instead of copying them (default auto: copy)
+#   XENLAB_GRANTS=map  tapkit's --grant-access (default auto: persistent grants kept
+#                      mapped, else grant copy)
+#   XENLAB_ALSO="copy map"  the direct ring again in the same boot with these modes (each
+#                      one more guest; printed as more lines and ratios)
 #   XENLAB_KEEP=DIR    the run's logs (consoles, tapkit's log, profiles) are copied to DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +29,8 @@ run=$(mktemp -d "${TMPDIR:-/tmp}/tapkit-xenlab-bench-XXXXXX")
 trap 'rm -rf "$run"' EXIT
 head -c "$((size * 1024 * 1024))" /dev/urandom > "$run/disk.raw"
 cp test/xenlab/scenario.sh "$run/scenario.sh"
-printf 'XENLAB_DIRECT="disk.raw"\nXENLAB_LOOP="disk.raw"\nXENLAB_BENCH=1\nXENLAB_GRANTS=%s\nXENLAB_PROFILE=%s\nXENLAB_STRACE=%s\n' \
-  "${XENLAB_GRANTS:-auto}" "${XENLAB_PROFILE:-0}" "${XENLAB_STRACE:-0}" > "$run/params"
+printf 'XENLAB_DIRECT="disk.raw"\nXENLAB_DIRECT_ALSO="%s"\nXENLAB_LOOP="disk.raw"\nXENLAB_BENCH=1\nXENLAB_GRANTS=%s\nXENLAB_PROFILE=%s\nXENLAB_STRACE=%s\n' \
+  "${XENLAB_ALSO:-}" "${XENLAB_GRANTS:-auto}" "${XENLAB_PROFILE:-0}" "${XENLAB_STRACE:-0}" > "$run/params"
 if [ "${XENLAB_STRACE:-0}" = 1 ]; then
   # dom0's libraries are the host's (build.sh copies them): strace's own go alongside it.
   cp "$(command -v strace)" "$run/strace"
@@ -43,10 +46,15 @@ median() { grep -a XENLAB-DOMU-BENCH-SECONDS "$1" | awk '{ print $3 - $2 }' | so
 direct=$(median "$run/console-direct-disk.raw.log")
 loop=$(median "$run/console-loop-disk.raw.log")
 echo "sequential read of ${size} MiB by the guest (median of 3 rounds, guest seconds):"
-echo "  tapkit direct ring:        ${direct} s"
+echo "  tapkit direct ring (--grant-access ${XENLAB_GRANTS:-auto}): ${direct} s"
 echo "  blkback on a loop device:  ${loop} s"
 awk -v d="$direct" -v l="$loop" 'BEGIN { printf "  ratio tapkit/blkback time: %.2f (above 1: tapkit slower)\n", d / l }'
+for mode in ${XENLAB_ALSO:-}; do
+  other=$(median "$run/console-direct-$mode-disk.raw.log")
+  echo "  tapkit direct ring (--grant-access $mode): ${other} s"
+  awk -v d="$other" -v l="$loop" -v m="$mode" 'BEGIN { printf "  ratio tapkit (%s)/blkback time: %.2f\n", m, d / l }'
+done
 echo "  host load average: ${load_before} before, ${load_after} after; CPUs: $(nproc)"
 echo "dom0 (whole guest runs: boot, 3 rounds, poweroff) and tapkit:"
-grep -a -o -e 'direct disk.raw: domu[0-9]* gone after.*' -e 'loop disk.raw: domu[0-9]* gone after.*' -e 'tapkit xen serve (direct) CPU.*' "$run/dom0.log" | sed 's/^/  /'
+grep -a -o -e 'direct[-a-z]* disk.raw: domu[0-9]* gone after.*' -e 'loop disk.raw: domu[0-9]* gone after.*' -e 'tapkit xen serve (direct[-a-z]*) CPU.*' -e 'ended (.*' -e 'xen platform calls.*' "$run/dom0.log" | sed 's/^/  /'
 

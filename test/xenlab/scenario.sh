@@ -2,6 +2,7 @@
 # Runs in the lab's dom0 (as /lab/scenario.sh); settings from /lab/params:
 #   XENLAB_DIRECT="disk.raw disk.vhd"   images served on the direct ring: tapkit is the
 #                                       blkif backend on backend/vbd (blkback not loaded)
+#   XENLAB_DIRECT_ALSO="copy map"       the direct ring again with these --grant-access modes
 #   XENLAB_KERNEL="disk.vhd"            images served on the kernel-device path: the
 #                                       block-tapkit-mount hotplug script gives the stock
 #                                       blkback a loop device over tapkit's FUSE export
@@ -67,6 +68,13 @@ fi
 
 # ---- the direct ring ---------------------------------------------------------------
 [ -n "${XENLAB_DIRECT:-}" ] && direct_ring direct /lab/tapkit-serve.log $XENLAB_DIRECT
+# The same again with other --grant-access modes (bench/xenlab-seqread.sh compares them):
+# console-direct-MODE-IMAGE.log, tapkit-serve-MODE.log.
+for mode in ${XENLAB_DIRECT_ALSO:-}; do
+  all=$grants; grants=$mode
+  direct_ring direct-$mode /lab/tapkit-serve-$mode.log $XENLAB_DIRECT
+  grants=$all
+done
 
 # ---- the kernel-device path ----------------------------------------------------------
 if [ -n "${XENLAB_KERNEL:-}" ]; then
