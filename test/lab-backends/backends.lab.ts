@@ -17,14 +17,15 @@
  * `bash test/xenlab/run-backends.sh`.
  */
 import test from 'ava';
-import { bootLab, buildLab, checkGuestRun, Checks, makeImages, MiB, readIfPresent, runDirectory } from '../lab/harness';
+import { bootLab, buildLab, checkGuestRuns, Checks, makeImages, MiB, readIfPresent, runDirectory } from '../lab/harness';
 import * as crypto from 'node:crypto';
 import * as path from 'node:path';
 
 test('Linux PV guests read and write through tapkit on backend/vbd, backend/qdisk (tapkit as the device model) and backend/vbd3 (hot-plugged), data by grant copy', async (t) => {
   t.timeout(50 * 60_000);
   if (!(await buildLab(t))) return;
-  const { dir, passed } = runDirectory(t, 'xenlab-backends');
+  const labRun = runDirectory(t, 'xenlab-backends');
+  const { dir } = labRun;
   const content = Buffer.concat([crypto.randomBytes(8 * MiB), Buffer.alloc(8 * MiB), crypto.randomBytes(8 * MiB)]);
   const expected = makeImages(t, dir, content);
 
@@ -45,16 +46,9 @@ test('Linux PV guests read and write through tapkit on backend/vbd, backend/qdis
   checks.ok(t.regex(logs.qdisk, /qemu-stub for domain \d+ .*-xen-domid/, 'libxl started the stub with its QEMU arguments'), 'qdisk stub started with QEMU arguments');
   checks.ok(t.regex(logs.qdisk, /qemu-stub for domain \d+: stopped/, 'the stub stopped with the domain'), 'qdisk stub stopped');
 
-  for (const [way, image, format] of [
+  await checkGuestRuns(t, checks, labRun, [
     ['vbd', 'disk.raw', 'raw'],
     ['qdisk', 'disk.vhd', 'vpc'],
     ['vbd3', 'disk.raw', 'raw'],
-  ] as const) {
-    await checkGuestRun(t, checks, dir, way, image, format, content, expected);
-  }
-  checks.report(t, dir);
-  if (checks.failures === 0) {
-    passed();
-    t.pass();
-  }
+  ] as const, content, expected);
 });

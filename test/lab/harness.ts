@@ -151,3 +151,23 @@ export async function checkGuestRun(t: ExecutionContext, checks: Checks, dir: st
   ok(t.is(fsck.code, 0, `${way} ${image}: e2fsck on the host: ${fsck.output}`), 'host e2fsck');
   fs.rmSync(fsImage);
 }
+
+/**
+ * Every guest run's checks (checkGuestRun for each [way, image, format]), then the tally
+ * logged and written; the run passes (its directory is not kept) only when no check failed.
+ */
+export async function checkGuestRuns(
+  t: ExecutionContext,
+  checks: Checks,
+  run: { dir: string; passed(): void },
+  ways: ReadonlyArray<readonly [string, string, 'raw' | 'vpc']>,
+  content: Buffer,
+  expected: string,
+): Promise<void> {
+  for (const [way, image, format] of ways) await checkGuestRun(t, checks, run.dir, way, image, format, content, expected);
+  checks.report(t, run.dir);
+  if (checks.failures === 0) {
+    run.passed();
+    t.pass();
+  }
+}
