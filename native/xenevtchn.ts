@@ -6,31 +6,31 @@
 import * as fs from 'node:fs';
 import { BlockError } from '../core/errors';
 import { NativeError } from './libc';
-import { ffiModules, lastErrno, lazyLibrary } from './ffi';
+import { ffiModules, lastErrno, lazyLibrary, preparedFunction } from './ffi';
 
 interface Evtchn {
   xenevtchn_open(logger: Buffer | null, flags: number): Buffer;
   xenevtchn_close(handle: Buffer): number;
   xenevtchn_fd(handle: Buffer): number;
-  xenevtchn_notify(handle: Buffer, port: number): number;
   xenevtchn_bind_interdomain(handle: Buffer, domid: number, remotePort: number): number;
   xenevtchn_bind_unbound_port(handle: Buffer, domid: number): number;
   xenevtchn_unbind(handle: Buffer, port: number): number;
   xenevtchn_pending: ((handle: Buffer) => number) & { async(handle: Buffer, cb: (err: Error | null, port: number) => void): void };
-  xenevtchn_unmask(handle: Buffer, port: number): number;
 }
 
 const evtchn = lazyLibrary<Evtchn>('libxenevtchn.so.1', 'the Xen platform (event channels)', {
   xenevtchn_open: ['pointer', ['pointer', 'uint']],
   xenevtchn_close: ['int', ['pointer']],
   xenevtchn_fd: ['int', ['pointer']],
-  xenevtchn_notify: ['int', ['pointer', 'uint32']],
   xenevtchn_bind_interdomain: ['int', ['pointer', 'uint32', 'uint32']],
   xenevtchn_bind_unbound_port: ['int', ['pointer', 'uint32']],
   xenevtchn_unbind: ['int', ['pointer', 'uint32']],
   xenevtchn_pending: ['int', ['pointer']],
-  xenevtchn_unmask: ['int', ['pointer', 'uint32']],
 });
+
+// Called for every notification sent and received: prepared calls (native/ffi.ts).
+const notifyCall = preparedFunction('libxenevtchn.so.1', 'the Xen platform (event channels)', 'xenevtchn_notify', ['pointer', 'uint32']);
+const unmaskCall = preparedFunction('libxenevtchn.so.1', 'the Xen platform (event channels)', 'xenevtchn_unmask', ['pointer', 'uint32']);
 
 export function requireEvtchnDevice(): void {
   if (process.platform !== 'linux') throw new BlockError('ENOSYS', `the Xen platform's event channels are only bound for Linux dom0 here (this is ${process.platform})`);
@@ -69,11 +69,17 @@ export class EvtchnHandle {
   }
 
   notify(localPort: number): void {
-    if (evtchn().xenevtchn_notify(this.h, localPort) !== 0) throw new NativeError('xenevtchn_notify', lastErrno());
+    const call = notifyCall();
+    call.pointer(0, this.h);
+    call.integer(1, localPort);
+    if (call.call() !== 0) throw new NativeError('xenevtchn_notify', lastErrno());
   }
 
   unmask(localPort: number): void {
-    if (evtchn().xenevtchn_unmask(this.h, localPort) !== 0) throw new NativeError('xenevtchn_unmask', lastErrno());
+    const call = unmaskCall();
+    call.pointer(0, this.h);
+    call.integer(1, localPort);
+    if (call.call() !== 0) throw new NativeError('xenevtchn_unmask', lastErrno());
   }
 
   unbind(localPort: number): void {

@@ -9,7 +9,7 @@
 import * as fs from 'node:fs';
 import { BlockError } from '../core/errors';
 import { NativeError } from './libc';
-import { ffiModules, lastErrno, lazyLibrary } from './ffi';
+import { addressOf, ffiModules, lastErrno, lazyLibrary, preparedFunction } from './ffi';
 
 interface Gnttab {
   xengnttab_open(logger: Buffer | null, flags: number): Buffer;
@@ -27,6 +27,9 @@ const gnttab = lazyLibrary<Gnttab>('libxengnttab.so.1', 'the Xen platform (grant
   xengnttab_grant_copy: ['int', ['pointer', 'uint32', 'pointer']],
 });
 
+/** xengnttab_grant_copy(handle, count, segments), called once per copy (the hot path: prepared, native/ffi.ts). */
+const grantCopyCall = preparedFunction('libxengnttab.so.1', 'the Xen platform (grant copy)', 'xengnttab_grant_copy', ['pointer', 'uint32', 'pointer']);
+
 export const XEN_PAGE = 4096;
 const PROT_READ = 1;
 const PROT_WRITE = 2;
@@ -42,13 +45,16 @@ export const GNTCOPY_source_gref = 1;
 export const GNTCOPY_dest_gref = 2;
 
 /**
- * The segment table xengnttab_grant_copy takes. `writePointer(table, at, local)` stores the
- * address of `local` (ref-napi's writePointer; a test passes its own).
+ * The segment table xengnttab_grant_copy takes, written into `table` (from its start; a
+ * new one when it is absent or too small: the one written is returned). `addressOf(local)`
+ * is where `local`'s bytes are (native/ffi.ts's addressOf; a test passes its own).
  */
-export function encodeCopySegments(domid: number, segments: CopySegment[], writePointer: (table: Buffer, at: number, local: Buffer) => void): Buffer {
+export function encodeCopySegments(domid: number, segments: CopySegment[], addressOf: (local: Buffer) => number, table?: Buffer): Buffer {
   const L = COPY_LAYOUT;
-  const table = Buffer.alloc(GRANT_COPY_SEGMENT_SIZE * segments.length);
-  segments.forEach((s, i) => {
+  const bytes = GRANT_COPY_SEGMENT_SIZE * segments.length;
+  if (!table || table.length < bytes) table = Buffer.alloc(bytes);
+  for (let i = 0; i < segments.length; i++) {
+    const s = segments[i];
     if (s.local.length === 0 || s.offset + s.local.length > XEN_PAGE) throw new BlockError('EINVAL', `grant copy segment ${i} is empty or crosses a page`);
     const at = i * GRANT_COPY_SEGMENT_SIZE;
     const foreignAt = at + (s.direction === 'in' ? L.source : L.dest);
@@ -56,10 +62,15 @@ export function encodeCopySegments(domid: number, segments: CopySegment[], write
     table.writeUInt32LE(s.ref >>> 0, foreignAt + L.foreignRef);
     table.writeUInt16LE(s.offset, foreignAt + L.foreignOffset);
     table.writeUInt16LE(domid, foreignAt + L.foreignDomid);
-    writePointer(table, localAt, s.local);
+    // The other union member: a 64-bit pointer, little-endian (x86-64, arm64).
+    const address = addressOf(s.local);
+    table.writeUInt32LE(address % 0x1_0000_0000, localAt);
+    table.writeUInt32LE(Math.floor(address / 0x1_0000_0000), localAt + 4);
     table.writeUInt16LE(s.local.length, at + L.len);
     table.writeUInt16LE(s.direction === 'in' ? GNTCOPY_source_gref : GNTCOPY_dest_gref, at + L.flags);
-  });
+    table.writeInt16LE(0, at + L.status);
+    table.writeUInt16LE(0, at + L.status + 2);
+  }
   return table;
 }
 /** GNTST_okay; other statuses are negative (GNTST_bad_gntref -4, ...). */
@@ -88,6 +99,7 @@ export interface CopySegment {
 
 export class GntTab {
   private handle?: Buffer;
+  private copyTable?: Buffer;
 
   constructor() {
     requireGntdev();
@@ -132,10 +144,16 @@ export class GntTab {
    * FreeBSD; ENOTTY on a kernel without the ioctl).
    */
   copy(domid: number, segments: CopySegment[]): number[] {
-    const { ref } = ffiModules('the Xen platform');
-    const table = encodeCopySegments(domid, segments, (buf, at, local) => ref.writePointer(buf, at, local));
-    if (gnttab().xengnttab_grant_copy(this.h, segments.length, table) !== 0) throw new NativeError('xengnttab_grant_copy', lastErrno());
-    return segments.map((_, i) => table.readInt16LE(i * GRANT_COPY_SEGMENT_SIZE + COPY_LAYOUT.status));
+    // One table for every copy, grown when needed (the caller is the event loop: never two at once).
+    const table = (this.copyTable = encodeCopySegments(domid, segments, addressOf, this.copyTable));
+    const call = grantCopyCall();
+    call.pointer(0, this.h);
+    call.integer(1, segments.length);
+    call.pointer(2, table);
+    if (call.call() !== 0) throw new NativeError('xengnttab_grant_copy', lastErrno());
+    const statuses = new Array<number>(segments.length);
+    for (let i = 0; i < segments.length; i++) statuses[i] = table.readInt16LE(i * GRANT_COPY_SEGMENT_SIZE + COPY_LAYOUT.status);
+    return statuses;
   }
 
   /** Whether grant copy works here: a copy of no segments reaches the ioctl and checks nothing. */

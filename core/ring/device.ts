@@ -336,7 +336,8 @@ export class BlkifDevice {
     for (const w of this.watches) await w.cancel();
     this.watches = [];
     if (!this.options.vbd) await this.vbd?.close().catch(() => undefined);
-    this.log('ended');
+    const s = this.stats();
+    this.log(`ended (${s.requests} requests in ${s.batches} batches, ${s.kicksReceived} notifications received, ${s.kicksSent} sent)`);
     this.options.onEnd?.();
   }
 

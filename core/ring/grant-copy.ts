@@ -31,11 +31,56 @@ export interface GrantCopier {
   copy(domid: number, pieces: CopyPiece[]): number[];
 }
 
+/**
+ * Bounce buffers of released requests, kept (up to `limit` bytes) and handed to later
+ * requests of the same size: a fresh 128 KiB buffer per request kept the garbage
+ * collector busy. One pool per connection: a buffer only ever holds that guest's data.
+ */
+export class BouncePool {
+  private readonly spare = new Map<number, Buffer[]>();
+  private bytes = 0;
+
+  constructor(private readonly limit = 8 * 1024 * 1024) {}
+
+  /** A buffer of `pages` pages (its contents are whatever was there). */
+  take(pages: number): Buffer {
+    const bounce = this.spare.get(pages)?.pop();
+    if (!bounce) return Buffer.allocUnsafe(pages * PAGE);
+    this.bytes -= bounce.length;
+    return bounce;
+  }
+
+  /** Back to the pool: the caller no longer touches it. */
+  give(bounce: Buffer): void {
+    if (this.bytes + bounce.length > this.limit) return;
+    const pages = bounce.length / PAGE;
+    let list = this.spare.get(pages);
+    if (!list) this.spare.set(pages, (list = []));
+    list.push(bounce);
+    this.bytes += bounce.length;
+  }
+
+  clear(): void {
+    this.spare.clear();
+    this.bytes = 0;
+  }
+}
+
+/** Bytes `offset..end` of a page a segment uses (its sectors; the whole page without spans). */
+export function spanBytes(spans: PageSpan[] | undefined, i: number): { offset: number; end: number } {
+  const span = spans?.[i];
+  const offset = span ? span.firstSect * SECTOR : 0;
+  const end = span ? (span.lastSect + 1) * SECTOR : PAGE;
+  if (offset < 0 || end <= offset || end > PAGE) throw new GrantError(`segment ${i} spans bytes ${offset}..${end}, outside a page`);
+  return { offset, end };
+}
+
 /** The copy call failed as a whole (no grant copy here): fall back to mapping. */
 export class CopyUnavailable extends Error {}
 
 export class CopyingGrantMapper implements GrantMapper {
   private fallback?: string;
+  private readonly bounces = new BouncePool();
 
   constructor(
     private readonly mapper: GrantMapper,
@@ -70,25 +115,35 @@ export class CopyingGrantMapper implements GrantMapper {
 
   mapPages(refs: number[], writable: boolean, spans?: PageSpan[]): PageMapping {
     if (this.fallback) return this.mapper.mapPages(refs, writable, spans);
-    const bounce = Buffer.allocUnsafe(refs.length * PAGE);
+    const bounce = this.bounces.take(refs.length);
     const pages = refs.map((_, i) => bounce.subarray(i * PAGE, (i + 1) * PAGE));
     const pieces = (direction: 'in' | 'out'): CopyPiece[] =>
       refs.map((ref, i) => {
-        const span = spans?.[i];
-        const offset = span ? span.firstSect * SECTOR : 0;
-        const end = span ? (span.lastSect + 1) * SECTOR : PAGE;
-        if (offset < 0 || end <= offset || end > PAGE) throw new GrantError(`segment ${i} spans bytes ${offset}..${end}, outside a page`);
+        const { offset, end } = spanBytes(spans, i);
         return { local: pages[i].subarray(offset, end), ref, offset, direction };
       });
-    if (!writable && !this.run(pieces('in'))) return this.mapper.mapPages(refs, writable, spans);
+    if (!writable) {
+      let copied = false;
+      try {
+        copied = this.run(pieces('in'));
+      } finally {
+        if (!copied) this.bounces.give(bounce);
+      }
+      if (!copied) return this.mapper.mapPages(refs, writable, spans);
+    }
     let released = false;
     return {
       pages,
       release: (completed = true) => {
-        if (released || !writable || !completed) return;
+        if (released) return;
         released = true;
-        const out = pieces('out');
-        if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
+        try {
+          if (!writable || !completed) return;
+          const out = pieces('out');
+          if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
+        } finally {
+          this.bounces.give(bounce);
+        }
       },
     };
   }
@@ -104,6 +159,7 @@ export class CopyingGrantMapper implements GrantMapper {
   }
 
   close(): void {
+    this.bounces.clear();
     this.mapper.close();
   }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boots the Xen lab in QEMU (TCG): Xen, the PV dom0 from build.sh, the project shared
 # read-only and RUN_DIR shared read-write into dom0. dom0 runs RUN_DIR/scenario.sh if
-# there is one (otherwise a smoke check) and powers off. The serial console goes to
+# there is one (otherwise a smoke check; lab-lib.sh, the functions scenarios share, is
+# copied next to it) and powers off. The serial console goes to
 # RUN_DIR/serial.log (and stdout with --verbose). Bounded: QEMU is killed after
 # TIMEOUT seconds (default 900).
 #
@@ -29,6 +30,8 @@ ln -f "$(readlink -f "$(command -v node)")" "$run/node" 2>/dev/null || cp "$(rea
     --exclude='*.d.ts' --exclude='*.map' --exclude='*.md' --exclude='node_modules/*/test' --exclude='node_modules/*/example' --exclude='.github' \
     package.json dist \
     $(npm ls --omit=dev --parseable --all 2>/dev/null | sed "s#^$repo/##" | grep '^node_modules/' | sort -u) )
+# The shell functions the scenarios source (as /lab/lab-lib.sh): this checkout's.
+cp "$here/lab-lib.sh" "$run/lab-lib.sh"
 rm -f "$run/exit-status"
 # -cpu max,-fsgsbase,-xsave: with FSGSBASE or XSAVE (and so AVX), dom0's processes
 # (busybox, xl, node) segfault once a domU runs under QEMU 7.2 TCG + Xen 4.17: their FS

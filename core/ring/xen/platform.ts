@@ -17,7 +17,22 @@ import { XsHandle } from '../../../native/xenstore';
 import { PAGE } from '../abi';
 import type { GrantAccess } from '../platforms';
 import { CopyingGrantMapper, CopyUnavailable, type CopyPiece } from '../grant-copy';
+import { PersistentGrantMapper } from '../persistent-grants';
 import { GrantError, type EventChannel, type EventChannels, type GrantMapper, type PageMapping, type Platform, type RingMapping, type TxId, type Watch, type XenStore } from '../platform';
+
+/**
+ * How many calls into the Xen libraries the platform made (each is an ffi-napi call, and
+ * most a system call): logged when the platform closes, to see what a request costs.
+ */
+export interface XenCallCounts {
+  grantCopies: number;
+  grantCopySegments: number;
+  grantMaps: number;
+  grantUnmaps: number;
+  notifies: number;
+  pendings: number;
+  unmasks: number;
+}
 
 /** TAPKIT_XEN_TRACE=1: every grant and event-channel call on stderr, written synchronously. */
 const tracing = process.env.TAPKIT_XEN_TRACE === '1';
@@ -75,7 +90,10 @@ class XenEventChannels implements EventChannels {
   /** Our two ends of the loopback channel that wakes the waiting thread. */
   private wake?: { listen: number; raise: number };
 
-  constructor(private readonly handle: EvtchnHandle) {}
+  constructor(
+    private readonly handle: EvtchnHandle,
+    private readonly counts: XenCallCounts,
+  ) {}
 
   bind(domid: number, remotePort: number, onEvent: () => void): EventChannel {
     if (this.closing) throw new Error('event channels are closing');
@@ -88,7 +106,9 @@ class XenEventChannels implements EventChannels {
       remotePort,
       notify: () => {
         trace(`notify ${local}`);
-        if (bound) this.handle.notify(local);
+        if (!bound) return;
+        this.counts.notifies++;
+        this.handle.notify(local);
       },
       close: () => {
         if (!bound) return;
@@ -102,12 +122,16 @@ class XenEventChannels implements EventChannels {
   private async wait(): Promise<void> {
     for (;;) {
       const port = await this.handle.pending();
+      this.counts.pendings++;
       trace(`pending ${port}`);
       if (this.closing) return;
       const handler = this.handlers.get(port);
       // Unmask before handling: a notification that comes while the ring is being
       // read is then seen again rather than lost.
-      if (handler) this.handle.unmask(port);
+      if (handler) {
+        this.counts.unmasks++;
+        this.handle.unmask(port);
+      }
       handler?.();
     }
   }
@@ -147,6 +171,7 @@ class XenGrantMapper implements GrantMapper {
   constructor(
     private readonly gnttab: GntTab,
     readonly domid: number,
+    private readonly counts: XenCallCounts,
   ) {}
 
   private map(refs: number[], writable: boolean): GrantMapping {
@@ -156,6 +181,7 @@ class XenGrantMapper implements GrantMapper {
     let mapping: GrantMapping;
     try {
       trace(`map ${this.domid} [${refs.join(',')}] ${writable ? 'rw' : 'ro'}`);
+      this.counts.grantMaps++;
       mapping = this.gnttab.map(this.domid, refs, writable);
       trace(`mapped at ${mapping.bytes.byteOffset}+${mapping.bytes.length}`);
     } catch (e) {
@@ -167,7 +193,9 @@ class XenGrantMapper implements GrantMapper {
 
   private unmap(mapping: GrantMapping): void {
     trace('unmap');
-    if (this.live.delete(mapping)) mapping.unmap();
+    if (!this.live.delete(mapping)) return;
+    this.counts.grantUnmaps++;
+    mapping.unmap();
   }
 
   mapRing(refs: number[]): RingMapping {
@@ -194,10 +222,15 @@ export class XenPlatform implements Platform {
   readonly name = 'xen';
   readonly store: XenStore;
   readonly events: XenEventChannels;
-  /** What this platform does for request data: 'copy' or 'map', and why when not asked. */
-  readonly grantAccess: { mode: 'copy' | 'map'; reason?: string };
+  /**
+   * What this platform does for request data: 'copy' or 'map', and why when not asked;
+   * `keepPersistent`: grants of frontends that use persistent grants are kept mapped
+   * (persistent-grants.ts) unless grant copy was asked for (`--grant-access copy`).
+   */
+  readonly grantAccess: { mode: 'copy' | 'map'; reason?: string; keepPersistent: boolean };
   private readonly xs: XsHandle;
   private readonly gnttab: GntTab;
+  readonly counts: XenCallCounts = { grantCopies: 0, grantCopySegments: 0, grantMaps: 0, grantUnmaps: 0, notifies: 0, pendings: 0, unmasks: 0 };
 
   /**
    * Opens the three libraries; fails clearly (ENODEV, ENOSYS) where there is no Xen dom0.
@@ -208,7 +241,7 @@ export class XenPlatform implements Platform {
     this.xs = new XsHandle();
     try {
       this.gnttab = new GntTab();
-      this.events = new XenEventChannels(new EvtchnHandle());
+      this.events = new XenEventChannels(new EvtchnHandle(), this.counts);
     } catch (e) {
       void this.xs.close();
       throw e;
@@ -216,36 +249,50 @@ export class XenPlatform implements Platform {
     this.store = new XenStoreOverLibxenstore(this.xs);
     this.log = options.log;
     const wanted = options.grants ?? 'auto';
-    if (wanted === 'map') this.grantAccess = { mode: 'map' };
+    const keepPersistent = wanted !== 'copy';
+    if (wanted === 'map') this.grantAccess = { mode: 'map', keepPersistent };
     else {
       const probe = this.gnttab.probeCopy();
-      if (probe.ok) this.grantAccess = { mode: 'copy' };
+      if (probe.ok) this.grantAccess = { mode: 'copy', keepPersistent };
       else if (wanted === 'copy') {
         void this.close();
         throw new Error(`grant copy is not available here (${probe.reason}); use --grant-access map`);
-      } else this.grantAccess = { mode: 'map', reason: probe.reason };
+      } else this.grantAccess = { mode: 'map', reason: probe.reason, keepPersistent };
     }
   }
 
   private readonly log?: (message: string) => void;
 
-  grantsFor(domid: number): GrantMapper {
-    const mapper = new XenGrantMapper(this.gnttab, domid);
-    if (this.grantAccess.mode === 'map') return mapper;
-    const copier = {
-      copy: (d: number, pieces: CopyPiece[]) => {
-        trace(`copy ${d} ${pieces.length} piece(s)`);
-        try {
-          return this.gnttab.copy(d, pieces);
-        } catch (e) {
-          throw new CopyUnavailable((e as Error).message);
-        }
-      },
-    };
-    return new CopyingGrantMapper(mapper, copier, domid, this.log);
+  /**
+   * A connection's grant access: per request by grant copy or mapping; with persistent
+   * grants (and not `--grant-access copy`) the grants kept mapped, per request only what
+   * cannot be kept.
+   */
+  grantsFor(domid: number, options: { persistent: boolean } = { persistent: false }): GrantMapper {
+    const mapper = new XenGrantMapper(this.gnttab, domid, this.counts);
+    const perRequest = this.grantAccess.mode === 'map' ? mapper : new CopyingGrantMapper(mapper, this.copier, domid, this.log);
+    return options.persistent && this.grantAccess.keepPersistent ? new PersistentGrantMapper(mapper, perRequest) : perRequest;
   }
 
+  private readonly copier = {
+    copy: (d: number, pieces: CopyPiece[]) => {
+      trace(`copy ${d} ${pieces.length} piece(s)`);
+      this.counts.grantCopies++;
+      this.counts.grantCopySegments += pieces.length;
+      try {
+        return this.gnttab.copy(d, pieces);
+      } catch (e) {
+        throw new CopyUnavailable((e as Error).message);
+      }
+    },
+  };
+
   async close(): Promise<void> {
+    const c = this.counts;
+    this.log?.(
+      `xen platform calls: ${c.grantCopies} grant copies (${c.grantCopySegments} segments), ${c.grantMaps} grant maps, ${c.grantUnmaps} unmaps, ` +
+        `${c.notifies} notifies, ${c.pendings} pending waits, ${c.unmasks} unmasks`,
+    );
     await this.events.close();
     this.gnttab.close();
     await this.xs.close();
