@@ -6,7 +6,7 @@
 import 'reflect-metadata';
 import '../providers';
 import test from 'ava';
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -19,6 +19,7 @@ import type { Capabilities, DiskInfo, Provider } from '../core/provider';
 import { provider } from '../core/registry';
 import { Vbd } from '../core/vbd';
 import { FaultServer } from './helpers/fault-server';
+import { must } from './helpers/run';
 import * as fc from 'fast-check';
 import { parseContentRange } from '../providers/http/client';
 import { parseHeaderOption } from '../providers/http/url';
@@ -328,7 +329,7 @@ test('a certificate the client does not trust is refused; ca= makes it trusted',
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const key = path.join(dir, 'key.pem');
   const cert = path.join(dir, 'cert.pem');
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore', timeout: 60_000 });
+  await must('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1']);
   const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
   const e = await t.throwsAsync<BlockError>(openSpec(`${server.base}/disk.img`, { readOnly: true }));
   t.regex(e!.message, /TLS certificate refused .*--ca FILE/);
@@ -379,7 +380,7 @@ test('--ca and --header on the command line reach the http source; a spec option
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const key = path.join(dir, 'key.pem');
   const cert = path.join(dir, 'cert.pem');
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore', timeout: 60_000 });
+  await must('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1']);
   const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
   const token = `Bearer ${SECRET}, with: a colon`;
   server.faults.basicAuth = undefined;
@@ -540,7 +541,7 @@ test('a certificate for another host name is refused even when its CA is trusted
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const key = path.join(dir, 'key.pem');
   const cert = path.join(dir, 'cert.pem');
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=images.example', '-addext', 'subjectAltName=DNS:images.example'], { stdio: 'ignore', timeout: 60_000 });
+  await must('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=images.example', '-addext', 'subjectAltName=DNS:images.example']);
   const server = await serve(t, data, { key: fs.readFileSync(key, 'utf8'), cert: fs.readFileSync(cert, 'utf8') });
   const e = await t.throwsAsync<BlockError>(openSpec(`http,ca=${cert}:${server.base}/disk.img`, { readOnly: true }));
   t.is(e!.code, 'EIO');
@@ -551,10 +552,10 @@ test('a certificate for another host name is refused even when its CA is trusted
 test('an expired certificate is refused even when its CA is trusted, and says so', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-tls-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const run = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore', timeout: 60_000 });
+  const openssl = (args: string[]) => must('openssl', args, { cwd: dir });
   // A CA, and a server certificate it signed that was valid for one day in 2020.
-  run(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=tapkit test CA']);
-  run(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1']);
+  await openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=tapkit test CA']);
+  await openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1']);
   fs.mkdirSync(path.join(dir, 'db'));
   fs.writeFileSync(path.join(dir, 'db/index.txt'), '');
   fs.writeFileSync(path.join(dir, 'db/serial'), '01\n');
@@ -562,7 +563,7 @@ test('an expired certificate is refused even when its CA is trusted, and says so
     path.join(dir, 'ca.cnf'),
     '[ca]\ndefault_ca=c\n[c]\ndatabase=db/index.txt\nnew_certs_dir=db\nserial=db/serial\ndefault_md=sha256\npolicy=p\nx509_extensions=ext\n[p]\ncommonName=supplied\n[ext]\nsubjectAltName=IP:127.0.0.1\n',
   );
-  run(['ca', '-batch', '-config', 'ca.cnf', '-cert', 'ca.pem', '-keyfile', 'ca.key', '-in', 'srv.csr', '-out', 'srv.pem', '-startdate', '20200101000000Z', '-enddate', '20200102000000Z']);
+  await openssl(['ca', '-batch', '-config', 'ca.cnf', '-cert', 'ca.pem', '-keyfile', 'ca.key', '-in', 'srv.csr', '-out', 'srv.pem', '-startdate', '20200101000000Z', '-enddate', '20200102000000Z']);
   const server = await serve(t, data, { key: fs.readFileSync(path.join(dir, 'srv.key'), 'utf8'), cert: fs.readFileSync(path.join(dir, 'srv.pem'), 'utf8') });
   const e = await t.throwsAsync<BlockError>(openSpec(`http,ca=${path.join(dir, 'ca.pem')}:${server.base}/disk.img`, { readOnly: true }));
   t.is(e!.code, 'EIO');

@@ -8,7 +8,7 @@
 import 'reflect-metadata';
 import '../providers';
 import test from 'ava';
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -45,8 +45,8 @@ let nginx: Nginx;
 let root: string;
 let work: string;
 
-function qemuImg(args: string[]): void {
-  execFileSync('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 60_000 });
+async function qemuImg(args: string[]): Promise<void> {
+  await must('qemu-img', args);
 }
 
 /** A raw source with data, zeros and holes, written by us: the images are converted from it by qemu-img. */
@@ -65,12 +65,12 @@ function makeSource(file: string): void {
  * base.qcow2 (the source) and top.qcow2 naming it by a relative name, with qemu-io
  * writes of its own over parts of the base; both served by nginx.
  */
-function makeBackedQcow2(source: string): void {
-  qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', source, path.join(root, 'base.qcow2')]);
-  qemuImg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path.join(root, 'top.qcow2')]);
+async function makeBackedQcow2(source: string): Promise<void> {
+  await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', source, path.join(root, 'base.qcow2')]);
+  await qemuImg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path.join(root, 'top.qcow2')]);
   const writes = ['write -P 0x5a 0 64k', 'write -P 0xa5 3000k 1500k', 'write -z 5M 256k', 'write -P 0x11 8388096 512'];
-  execFileSync('qemu-io', ['-f', 'qcow2', ...writes.flatMap((c) => ['-c', c]), path.join(root, 'top.qcow2')], { stdio: 'ignore', timeout: 60_000 });
-  qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', path.join(root, 'top.qcow2'), path.join(work, 'top.qcow2.expected')]);
+  await must('qemu-io', ['-f', 'qcow2', ...writes.flatMap((c) => ['-c', c]), path.join(root, 'top.qcow2')]);
+  await qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', path.join(root, 'top.qcow2'), path.join(work, 'top.qcow2.expected')]);
 }
 
 /** Writes the VHD child makes over its parent: [offset, length, byte]. */
@@ -88,7 +88,7 @@ const CHILD_WRITES: Array<[number, number, number]> = [
  */
 async function makeVhdChild(): Promise<void> {
   const child = path.join(root, 'child.vhd');
-  execFileSync(process.execPath, [CLI, 'vhd', 'snapshot', child, '--parent', path.join(root, 'disk.vhd')], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 60_000 });
+  await must(process.execPath, [CLI, 'vhd', 'snapshot', child, '--parent', path.join(root, 'disk.vhd')]);
   const p = await openSpec(`vhd:${child}`, { warn: () => {} });
   const expected = fs.readFileSync(path.join(work, 'disk.vhd.expected'));
   for (const [offset, length, byte] of CHILD_WRITES) {
@@ -98,7 +98,7 @@ async function makeVhdChild(): Promise<void> {
   }
   await p.close();
   const extracted = path.join(work, '7z-child');
-  execFileSync('7zz', ['x', '-y', `-o${extracted}`, child], { stdio: 'ignore', timeout: 60_000 });
+  await must('7zz', ['x', '-y', `-o${extracted}`, child]);
   const [name] = fs.readdirSync(extracted);
   if (!fs.readFileSync(path.join(extracted, name)).equals(expected)) throw new Error('7-Zip reads child.vhd differently from the writes made to it');
   fs.writeFileSync(path.join(work, 'child.vhd.expected'), expected);
@@ -111,12 +111,12 @@ test.before(async () => {
   const source = path.join(work, 'source.raw');
   makeSource(source);
   for (const image of IMAGES) {
-    qemuImg(['convert', '-f', 'raw', '-O', image.format, source, path.join(root, image.file)]);
+    await qemuImg(['convert', '-f', 'raw', '-O', image.format, source, path.join(root, image.file)]);
     // What the image holds, as qemu-img reads it.
-    qemuImg(['convert', '-f', image.format, '-O', 'raw', path.join(root, image.file), path.join(work, `${image.file}.expected`)]);
+    await qemuImg(['convert', '-f', image.format, '-O', 'raw', path.join(root, image.file), path.join(work, `${image.file}.expected`)]);
   }
   fs.copyFileSync(source, path.join(root, 'object.raw'));
-  makeBackedQcow2(source);
+  await makeBackedQcow2(source);
   await makeVhdChild();
   nginx = await startNginx(root);
 });
