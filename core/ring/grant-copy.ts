@@ -64,6 +64,35 @@ export class BouncePool {
     this.spare.clear();
     this.bytes = 0;
   }
+
+  /** A buffer of `count` pages from the pool and its pages as views. */
+  takePages(count: number): { bounce: Buffer; pages: Buffer[] } {
+    const bounce = this.take(count);
+    const pages: Buffer[] = [];
+    for (let i = 0; i < count; i++) pages.push(bounce.subarray(i * PAGE, (i + 1) * PAGE));
+    return { bounce, pages };
+  }
+
+  /**
+   * The PageMapping a request gets over bounce pages: releasing it the first time runs
+   * `copyOut` (a READ's data out to the guest) when the request completed, then gives the
+   * buffer back to the pool, whatever copyOut did.
+   */
+  mapping(bounce: Buffer, pages: Buffer[], copyOut: (() => void) | undefined): PageMapping {
+    let released = false;
+    return {
+      pages,
+      release: (completed = true) => {
+        if (released) return;
+        released = true;
+        try {
+          if (completed) copyOut?.();
+        } finally {
+          this.give(bounce);
+        }
+      },
+    };
+  }
 }
 
 /** Bytes `offset..end` of a page a segment uses (its sectors; the whole page without spans). */
@@ -115,8 +144,7 @@ export class CopyingGrantMapper implements GrantMapper {
 
   mapPages(refs: number[], writable: boolean, spans?: PageSpan[]): PageMapping {
     if (this.fallback) return this.mapper.mapPages(refs, writable, spans);
-    const bounce = this.bounces.take(refs.length);
-    const pages = refs.map((_, i) => bounce.subarray(i * PAGE, (i + 1) * PAGE));
+    const { bounce, pages } = this.bounces.takePages(refs.length);
     const pieces = (direction: 'in' | 'out'): CopyPiece[] =>
       refs.map((ref, i) => {
         const { offset, end } = spanBytes(spans, i);
@@ -131,21 +159,10 @@ export class CopyingGrantMapper implements GrantMapper {
       }
       if (!copied) return this.mapper.mapPages(refs, writable, spans);
     }
-    let released = false;
-    return {
-      pages,
-      release: (completed = true) => {
-        if (released) return;
-        released = true;
-        try {
-          if (!writable || !completed) return;
-          const out = pieces('out');
-          if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
-        } finally {
-          this.bounces.give(bounce);
-        }
-      },
-    };
+    return this.bounces.mapping(bounce, pages, writable ? () => {
+      const out = pieces('out');
+      if (this.fallback || !this.run(out)) this.copyOutByMapping(refs, out);
+    } : undefined);
   }
 
   /** READ data already in the bounce buffer, written to the guest through a mapping. */

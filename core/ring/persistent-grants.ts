@@ -12,7 +12,6 @@
  * pages, or the hypervisor refuses the mapping, e.g. a read-only grant) goes the
  * per-request way for that request (`perRequest`: grant copy or a mapping per request).
  */
-import { PAGE } from './abi';
 import { BouncePool, spanBytes } from './grant-copy';
 import { GrantError, type GrantMapper, type PageMapping, type PageSpan, type RingMapping } from './platform';
 
@@ -54,23 +53,15 @@ export class PersistentGrantMapper implements GrantMapper {
     const guest = this.keptPagesFor(refs);
     if (!guest) return this.perRequest.mapPages(refs, writable, spans);
     const spansBytes = refs.map((_, i) => spanBytes(spans, i));
-    const bounce = this.bounces.take(refs.length);
-    const pages = refs.map((_, i) => bounce.subarray(i * PAGE, (i + 1) * PAGE));
+    const { bounce, pages } = this.bounces.takePages(refs.length);
     if (!writable) {
       // A WRITE (or indirect descriptors): the guest's bytes in before the VBD sees anything.
       spansBytes.forEach(({ offset, end }, i) => pages[i].set(guest[i].subarray(offset, end), offset));
     }
-    let released = false;
-    return {
-      pages,
-      release: (completed = true) => {
-        if (released) return;
-        released = true;
-        // A READ that completed: its sectors out to the guest's pages, nothing else of them.
-        if (writable && completed && !this.closed) spansBytes.forEach(({ offset, end }, i) => guest[i].set(pages[i].subarray(offset, end), offset));
-        this.bounces.give(bounce);
-      },
-    };
+    // A READ that completed: its sectors out to the guest's pages, nothing else of them.
+    return this.bounces.mapping(bounce, pages, writable ? () => {
+      if (!this.closed) spansBytes.forEach(({ offset, end }, i) => guest[i].set(pages[i].subarray(offset, end), offset));
+    } : undefined);
   }
 
   /** The kept pages of `refs`, mapping the ones not kept yet (all or nothing); undefined when they cannot all be kept. */
