@@ -20,9 +20,10 @@
 import { type ChildProcess, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+// The same nginx configuration the tests use.
+import { freePort, nginxConfig } from '../../test/helpers/nginx';
 import {
   benchWorkdir, CLK_TCK, roundsFromEnv, fioNbd, fmtRange, output, pairedRatios, placement, processTicks, recordRatios, requireTools,
   startCpuMeter, startNbdServer, startProcess, stopProcess, waitQuiet, waitUntil,
@@ -64,36 +65,13 @@ function makeObject(dir: string): void {
   fs.closeSync(fd);
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const port = (server.address() as net.AddressInfo).port;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
 /** nginx serving `root` on 127.0.0.1, pinned with the servers (it is part of the path they are measured on). */
 async function startNginx(root: string): Promise<{ child: ChildProcess; url: string; pids: () => number[] }> {
   const dir = path.join(workdir, 'nginx');
   fs.mkdirSync(dir, { recursive: true });
   const port = await freePort();
   const conf = path.join(dir, 'nginx.conf');
-  const temp = ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map((name) => `  ${name === 'body' ? 'client_body' : name}_temp_path ${dir}/${name};`).join('\n');
-  fs.writeFileSync(conf, `${process.getuid?.() === 0 ? 'user root;\n' : ''}worker_processes 1;
-pid ${dir}/nginx.pid;
-error_log ${dir}/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-${temp}
-  sendfile on;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:${port}; root ${root}; }
-}
-`);
+  fs.writeFileSync(conf, nginxConfig(dir, port, root));
   const child = startProcess([...pin.server, 'nginx', '-c', conf, '-p', dir, '-g', 'daemon off;']);
   const url = `http://127.0.0.1:${port}/disk.raw`;
   try {

@@ -45,6 +45,28 @@ async function waitForPort(port: number, child: ChildProcess, log: string, deadl
   throw new Error(`nginx did not listen on ${port} within ${deadlineMs} ms`);
 }
 
+/**
+ * The one nginx configuration of the project (tests and bench/http): `root` on
+ * 127.0.0.1:`port`, static files with sendfile and long keep-alive, pid, logs and temp
+ * directories under `dir`.
+ */
+export function nginxConfig(dir: string, port: number, root: string): string {
+  const temps = ['client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map((name) => `  ${name}_temp_path ${dir}/${name.replace('client_', '')};`).join('\n');
+  return `${process.getuid?.() === 0 ? 'user root;\n' : ''}worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+${temps}
+  default_type application/octet-stream;
+  sendfile on;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:${port}; root ${root}; }
+}
+`;
+}
+
 /** Starts nginx serving `root` (retries on a port race). */
 export async function startNginx(root: string): Promise<Nginx> {
   const prefix = fs.mkdtempSync(path.join(os.tmpdir(), 'tapkit-nginx-'));
@@ -52,30 +74,7 @@ export async function startNginx(root: string): Promise<Nginx> {
     const port = await freePort();
     const log = path.join(prefix, 'error.log');
     const conf = path.join(prefix, 'nginx.conf');
-    fs.writeFileSync(
-      conf,
-      `user root;
-worker_processes 1;
-pid ${prefix}/nginx.pid;
-error_log ${log} warn;
-events { worker_connections 256; }
-http {
-  access_log off;
-  client_body_temp_path ${prefix}/body;
-  proxy_temp_path ${prefix}/proxy;
-  fastcgi_temp_path ${prefix}/fastcgi;
-  uwsgi_temp_path ${prefix}/uwsgi;
-  scgi_temp_path ${prefix}/scgi;
-  default_type application/octet-stream;
-  sendfile on;
-  keepalive_requests 100000;
-  server {
-    listen 127.0.0.1:${port};
-    root ${root};
-  }
-}
-`,
-    );
+    fs.writeFileSync(conf, nginxConfig(prefix, port, root));
     const child = spawn('nginx', ['-c', conf, '-p', prefix, '-g', 'daemon off;'], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     child.stderr!.on('data', (d) => (stderr += d));
