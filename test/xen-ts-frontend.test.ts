@@ -21,14 +21,25 @@ const DOMID = 5;
 const DEVID = 51712;
 const SPEC = 'memory:64M';
 
-async function setup(t: ExecutionContext, options: FrontendOptions = {}, spec = SPEC, readOnly = false): Promise<{ sim: SimBackend; fe: TsFrontend }> {
-  const sim = await SimBackend.start();
+async function setup(
+  t: ExecutionContext,
+  options: FrontendOptions = {},
+  spec = SPEC,
+  readOnly = false,
+  simOptions: Parameters<typeof SimBackend.start>[0] = {},
+): Promise<{ sim: SimBackend; fe: TsFrontend }> {
+  const sim = await SimBackend.start(simOptions);
   t.teardown(() => sim.close());
   await sim.attach(DOMID, DEVID, spec, readOnly);
   await sim.waitForDevice(DOMID, DEVID);
   const fe = await TsFrontend.open(sim.dir, DOMID, DEVID, options);
   t.teardown(() => fe.close());
   return { sim, fe };
+}
+
+/** Waits (at most 30 s) until the backend serves no device any more. */
+async function untilNoDevice(sim: SimBackend): Promise<void> {
+  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
 }
 
 async function holdsPattern(t: ExecutionContext, sim: SimBackend, sector: number, pages: number, seed: number, spec = SPEC): Promise<void> {
@@ -521,7 +532,7 @@ test.serial('ts: hot-unplug (online=0) asks a connected frontend to close; the d
   t.true(await detached, 'the backend reached Closed');
   t.is(await client.read(fe.be + '/state'), undefined);
   t.is(await client.read(fe.fe + '/state'), undefined);
-  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+  await untilNoDevice(sim);
   t.is(sim.backend.active.size, 0);
   // The same vbd may be attached again and serves.
   await sim.attach(DOMID, DEVID, 'memory:8M');
@@ -532,19 +543,14 @@ test.serial('ts: hot-unplug (online=0) asks a connected frontend to close; the d
 });
 
 test.serial('ts: hot-unplug with a frontend that never closes: the backend gives up after its timeout, writes Closed and frees the device', async (t) => {
-  const sim = await SimBackend.start({ unplugTimeoutMs: 300 });
-  t.teardown(() => sim.close());
-  await sim.attach(DOMID, DEVID, SPEC);
-  await sim.waitForDevice(DOMID, DEVID);
-  const fe = await TsFrontend.open(sim.dir, DOMID, DEVID);
-  t.teardown(() => fe.close());
+  const { sim, fe } = await setup(t, {}, SPEC, false, { unplugTimeoutMs: 300 });
   await fe.connect();
   await fe.writeAndRead(0, 2, 1);
   await fe.xs.write(`${fe.be}/online`, '0');
   await fe.waitBackend(XenbusState.Closing);
   // The frontend stays Connected and never answers.
   await fe.waitBackend(XenbusState.Closed);
-  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+  await untilNoDevice(sim);
   t.is(sim.backend.active.size, 0, 'the device ended');
   t.regex(sim.log.join('\n'), /did not close within 300 ms/);
   t.regex(sim.log.join('\n'), /ended/);
@@ -568,7 +574,7 @@ test.serial('ts: detach with a frontend that never closes gives up after its own
   t.false(await detach(client, DOMID, DEVID, 300), 'the backend could not reach Closed');
   t.is(await client.read(`${fe.be}/state`), undefined);
   t.is(await client.read(`${fe.fe}/state`), undefined);
-  for (const deadline = Date.now() + 30_000; sim.backend.active.size > 0 && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+  await untilNoDevice(sim);
   t.is(sim.backend.active.size, 0, 'the device ended with its nodes');
   t.regex(sim.log.join('\n'), /ended/);
 });
@@ -637,12 +643,7 @@ class ConflictingStore implements XenStore {
 
 test.serial('ts: every other commit of the device meets a real conflict (EAGAIN); its transactions are retried and it serves', async (t) => {
   let store: ConflictingStore | undefined;
-  const sim = await SimBackend.start({ store: (platform) => (store = new ConflictingStore(platform.store)) });
-  t.teardown(() => sim.close());
-  await sim.attach(DOMID, DEVID, SPEC);
-  await sim.waitForDevice(DOMID, DEVID);
-  const fe = await TsFrontend.open(sim.dir, DOMID, DEVID);
-  t.teardown(() => fe.close());
+  const { sim, fe } = await setup(t, {}, SPEC, false, { store: (platform) => (store = new ConflictingStore(platform.store)) });
   await fe.connect();
   await fe.writeAndRead(0, 8, 6);
   await holdsPattern(t, sim, 0, 8, 6);
