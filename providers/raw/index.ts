@@ -34,6 +34,8 @@ export class RawProvider implements Provider {
   /** Set when the file system refuses a fallocate mode, so later calls skip straight to the fallback. */
   private noPunchHole = false;
   private noZeroRange = false;
+  /** The `io` option as given (checked in the constructor). */
+  private readonly ioOption: 'auto' | 'sync' | 'threads';
   /** Reads and writes on the event loop (synchronous calls) rather than the thread pool. */
   private syncIo = false;
 
@@ -44,6 +46,7 @@ export class RawProvider implements Provider {
     if (io !== 'auto' && io !== 'sync' && io !== 'threads') {
       throw new SpecError('EINVAL', `raw: option io must be auto, sync or threads (got '${io}') in spec '${request.spec}'`, true);
     }
+    this.ioOption = io;
   }
 
   async open(): Promise<void> {
@@ -75,8 +78,7 @@ export class RawProvider implements Provider {
       } else {
         this.size = stat.size;
       }
-      const io = this.request.options.io ?? 'auto';
-      this.syncIo = io === 'sync' || (io === 'auto' && !this.isBlockDevice && isInMemory(this.location));
+      this.syncIo = this.ioOption === 'sync' || (this.ioOption === 'auto' && !this.isBlockDevice && isInMemory(this.location));
     } catch (e) {
       await this.handle.close();
       throw e;
