@@ -292,11 +292,8 @@ class Connection {
       }
       plain.off('data', onData).off('error', lost).off('end', closed).off('close', closed);
       try {
-        const { status } = parseResponseHead(answer.toString('latin1', 0, end));
-        if (status < 200 || status > 299) {
-          const reason = /^HTTP\/1\.[01] \d{3} ?([^\r\n]*)/.exec(answer.toString('latin1', 0, end))?.[1] ?? '';
-          throw new ProxyRefusedError(status, reason.slice(0, 80), proxy, this.origin);
-        }
+        const { status, reason } = parseResponseHead(answer.toString('latin1', 0, end));
+        if (status < 200 || status > 299) throw new ProxyRefusedError(status, reason.slice(0, 80), proxy, this.origin);
         // The origin speaks first only after our TLS hello: anything more is not a tunnel.
         if (answer.length > end + 4) throw new ProtocolError('the proxy sent bytes after its answer to CONNECT');
       } catch (e) {
@@ -564,9 +561,9 @@ export function requestHead(exchange: Pick<Exchange, 'method' | 'path' | 'header
 }
 
 /** Parses a status line and header lines (without the blank line that ends them). */
-export function parseResponseHead(text: string): { status: number; version: string; headers: ResponseHeaders } {
+export function parseResponseHead(text: string): { status: number; reason: string; version: string; headers: ResponseHeaders } {
   const lines = text.split('\r\n');
-  const m = /^HTTP\/1\.([01]) (\d{3})(?: [^\r\n]*)?$/.exec(lines[0]);
+  const m = /^HTTP\/1\.([01]) (\d{3})(?: ([^\r\n]*))?$/.exec(lines[0]);
   if (!m) throw new ProtocolError(`not an HTTP/1.x status line: '${lines[0].slice(0, 60)}'`);
   const headers: ResponseHeaders = Object.create(null);
   for (let i = 1; i < lines.length; i++) {
@@ -580,5 +577,5 @@ export function parseResponseHead(text: string): { status: number; version: stri
     else if (Array.isArray(seen)) seen.push(value);
     else headers[name] = [seen, value];
   }
-  return { status: Number(m[2]), version: `1.${m[1]}`, headers };
+  return { status: Number(m[2]), reason: m[3] ?? '', version: `1.${m[1]}`, headers };
 }
